@@ -1,0 +1,123 @@
+"""COCO keypoints folders: round trip and precise errors on bad input."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from usn_offline.data import load_split, write_split
+from usn_offline.data.coco import annotation_path
+from usn_offline.errors import DatasetError
+from usn_offline.runtime.preprocess import PreprocessConfig
+
+
+def _write_small(root, n=5, size=32, k=4, seed=0):
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, size=(size, size), dtype=np.uint8) for _ in range(n)]
+    keypoints = rng.uniform(0, size - 1, size=(n, k, 2))
+    names = tuple(f"kp{i}" for i in range(k))
+    write_split(root, "train", images, keypoints, names, skeleton=((1, 2),))
+    return images, keypoints, names
+
+
+def test_round_trip_preserves_images_and_keypoints(tmp_path):
+    images, keypoints, names = _write_small(tmp_path)
+    ds = load_split(tmp_path, "train")
+    assert ds.keypoint_names == names
+    np.testing.assert_allclose(ds.keypoints, keypoints, atol=1e-5)
+    np.testing.assert_allclose(ds.images, np.stack(images) / 255.0, atol=1e-6)
+    assert ds.file_names[0] == "train/train_000000.png"
+
+
+def test_generated_dataset_loads_every_split(tiny_dataset):
+    for split, n in (("train", 96), ("val", 24), ("test", 24)):
+        ds = load_split(tiny_dataset, split)
+        assert len(ds) == n and ds.images.shape[1:] == (64, 64) and ds.num_keypoints == 4
+
+
+def test_resizing_to_the_input_size_rescales_keypoints(tmp_path):
+    image = np.zeros((40, 80), np.uint8)
+    image[10, 20] = 255
+    write_split(tmp_path, "train", [image], np.array([[[20.0, 10.0]] * 4]), ("a", "b", "c", "d"))
+    ds = load_split(tmp_path, "train", PreprocessConfig(20, 40))
+    np.testing.assert_allclose(ds.keypoints[0, 0], [(20.5) / 2 - 0.5, (10.5) / 2 - 0.5])
+
+
+def test_color_images_are_converted_to_gray(tmp_path):
+    import cv2
+
+    _write_small(tmp_path, n=1)
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 2] = 255  # pure red in OpenCV's BGR order
+    cv2.imwrite(str(tmp_path / "images/train/train_000000.png"), rgb)
+    ds = load_split(tmp_path, "train")
+    assert ds.images[0].mean() == pytest.approx(0.299, abs=0.01)
+
+
+def test_missing_annotation_file_names_it(tmp_path):
+    tmp_path.joinpath("annotations").mkdir()
+    with pytest.raises(DatasetError, match=r"annotation file not found: .*val\.json"):
+        load_split(tmp_path, "val")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DatasetError, match="dataset folder not found"):
+        load_split(tmp_path / "nope", "train")
+
+
+def test_wrong_keypoint_count_names_the_image(tmp_path):
+    _write_small(tmp_path)
+    path = annotation_path(tmp_path, "train")
+    doc = json.loads(path.read_text())
+    doc["annotations"][2]["keypoints"] = doc["annotations"][2]["keypoints"][:9]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match=r"train_000002\.png' has 3 keypoints, expected 4"):
+        load_split(tmp_path, "train")
+
+
+def test_expected_keypoint_count_is_checked(tmp_path):
+    _write_small(tmp_path)
+    with pytest.raises(DatasetError, match="has 4 keypoints per object, the model expects 5"):
+        load_split(tmp_path, "train", expected_keypoints=5)
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    _write_small(tmp_path)
+    (tmp_path / "images/train/train_000003.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    with pytest.raises(DatasetError, match=r"cannot decode image .*train_000003\.png"):
+        load_split(tmp_path, "train")
+
+
+def test_missing_image_names_the_file(tmp_path):
+    _write_small(tmp_path)
+    (tmp_path / "images/train/train_000001.png").unlink()
+    with pytest.raises(DatasetError, match=r"image file not found: .*train_000001\.png"):
+        load_split(tmp_path, "train")
+
+
+def test_invalid_json(tmp_path):
+    _write_small(tmp_path)
+    annotation_path(tmp_path, "train").write_text("{not json")
+    with pytest.raises(DatasetError, match=r"train\.json: not valid JSON"):
+        load_split(tmp_path, "train")
+
+
+def test_empty_split_is_an_error(tmp_path):
+    write_split(tmp_path, "test", [], np.zeros((0, 4, 2)), ("a", "b", "c", "d"))
+    with pytest.raises(DatasetError, match="split 'test' has no usable images"):
+        load_split(tmp_path, "test")
+
+
+def test_skipped_images_are_counted_in_the_log(tmp_path, caplog):
+    _write_small(tmp_path)
+    path = annotation_path(tmp_path, "train")
+    doc = json.loads(path.read_text())
+    doc["annotations"] = doc["annotations"][:3]  # images 3 and 4 lose their annotation
+    doc["annotations"][0]["keypoints"][2] = 0  # first keypoint of image 0 not visible
+    path.write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING):
+        ds = load_split(tmp_path, "train")
+    assert len(ds) == 2
+    assert "skipped 2 image(s): no annotation" in caplog.text
+    assert "skipped 1 image(s): keypoint not visible" in caplog.text

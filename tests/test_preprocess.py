@@ -1,0 +1,49 @@
+"""Preprocessing and coordinate conventions (torch-free runtime module)."""
+
+import numpy as np
+import pytest
+
+from usn_offline.runtime.preprocess import (
+    PreprocessConfig,
+    normalised_to_pixels,
+    pixels_to_normalised,
+    preprocess,
+    scale_keypoints,
+    to_gray_float,
+)
+
+
+def test_normalised_coordinates_span_the_image_edges():
+    edges = np.array([[-0.5, -0.5], [63.5, 31.5]])
+    np.testing.assert_allclose(pixels_to_normalised(edges, 32, 64), [[-1, -1], [1, 1]])
+    pts = np.random.default_rng(0).uniform(-0.5, 63.5, size=(10, 2))
+    np.testing.assert_allclose(normalised_to_pixels(pixels_to_normalised(pts, 64, 64), 64, 64), pts)
+
+
+def test_scale_keypoints_matches_the_pixel_grid():
+    # Pixel (1, 1) of a 4x4 image covers pixels (2..3, 2..3) of an 8x8 one: centre 2.5.
+    np.testing.assert_allclose(scale_keypoints(np.array([1.0, 1.0]), (4, 4), (8, 8)), [2.5, 2.5])
+
+
+@pytest.mark.parametrize("dtype,maxval", [(np.uint8, 255), (np.uint16, 65535)])
+def test_gray_conversion_scales_by_dtype(dtype, maxval):
+    img = np.full((4, 4), maxval // 2, dtype=dtype)
+    assert to_gray_float(img).max() == pytest.approx(0.5, abs=0.01)
+
+
+def test_rgb_and_rgba_use_luma_weights():
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[..., 1] = 255
+    assert to_gray_float(rgb)[0, 0] == pytest.approx(0.587, abs=1e-6)
+    rgba = np.concatenate([rgb, np.full((2, 2, 1), 7, np.uint8)], axis=2)
+    np.testing.assert_allclose(to_gray_float(rgba), to_gray_float(rgb))
+
+
+def test_preprocess_resizes_to_the_input_size():
+    out = preprocess(np.zeros((480, 640, 3), np.uint8), PreprocessConfig(64, 64))
+    assert out.shape == (64, 64) and out.dtype == np.float32
+
+
+def test_unsupported_channel_count():
+    with pytest.raises(ValueError, match="channel count 2"):
+        to_gray_float(np.zeros((4, 4, 2), np.uint8))

@@ -1,0 +1,17 @@
+"""Modules the robot-side node imports must work without torch installed."""
+
+import subprocess
+import sys
+
+TORCH_FREE_MODULES = ["usn_offline.runtime", "usn_offline.runtime.preprocess", "usn_offline.perturb",
+                      "usn_offline.errors"]
+
+
+def test_runtime_modules_import_without_torch():
+    # A None entry in sys.modules makes "import torch" fail, as on a robot without torch.
+    code = ("import sys; sys.modules['torch'] = None\n"
+            + "".join(f"import {m}\n" for m in TORCH_FREE_MODULES)
+            + "assert sys.modules['torch'] is None\nprint('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"

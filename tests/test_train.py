@@ -1,0 +1,143 @@
+"""Training: the loss drops, checkpoints round-trip, resume continues exactly."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from usn_offline.data import load_split
+from usn_offline.errors import CheckpointError, ConfigError
+from usn_offline.models import build_model, model_config_for
+from usn_offline.runtime.preprocess import PreprocessConfig
+from usn_offline.train import TrainConfig, evaluate_model, load_checkpoint, train_model
+from usn_offline.train.checkpoint import CheckpointInfo, config_path, save_checkpoint
+from usn_offline.train.device import resolve_device
+
+SMALL = dict(widths=(8, 8, 8, 8, 8), hidden=32)
+
+
+@pytest.fixture(scope="module")
+def splits(tiny_dataset):
+    return load_split(tiny_dataset, "train"), load_split(tiny_dataset, "val")
+
+
+def test_short_training_run_reduces_the_loss(splits, tmp_path):
+    train, val = splits
+    result = train_model(train, val, model_config_for("cnn7", **SMALL),
+                         TrainConfig(epochs=6, batch_size=16, lr=3e-3, device="cpu"),
+                         tmp_path / "m.pt", progress=False)
+    assert len(result.loss_history) == 6
+    assert result.loss_history[-1] < 0.6 * result.loss_history[0]
+
+
+def test_resnet_trains_one_epoch(splits, tmp_path):
+    train, val = splits
+    config = model_config_for("resnet", widths=(4, 4, 8), hidden=16)
+    result = train_model(train, val, config, TrainConfig(epochs=1, batch_size=32, device="cpu"),
+                         tmp_path / "r.pt", progress=False)
+    model, _ = load_checkpoint(result.checkpoint)
+    assert np.isfinite(evaluate_model(model, val).mean_px_error)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(splits, tmp_path):
+    train, val = splits
+    model_config = model_config_for("cnn7", **SMALL)
+    config = TrainConfig(epochs=3, batch_size=32, device="cpu", seed=4)
+    full = train_model(train, val, model_config, config, tmp_path / "full.pt", progress=False)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first(epoch, loss, val_err):
+        if epoch == 1:
+            raise Interrupted
+
+    out = tmp_path / "part.pt"
+    with pytest.raises(Interrupted):
+        train_model(train, val, model_config, config, out, progress=False, on_epoch_end=stop_after_first)
+    resumed = train_model(train, val, model_config, config, out, resume=True, progress=False)
+    assert resumed.epochs_run == 2
+    assert resumed.loss_history == pytest.approx(full.loss_history, rel=1e-6)
+    a, _ = load_checkpoint(tmp_path / "full.pt")
+    b, _ = load_checkpoint(out)
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    config = model_config_for("resnet", widths=(4, 4, 8), hidden=16)
+    model = build_model(config)
+    with torch.no_grad():  # non-default BatchNorm statistics must survive too
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    info = CheckpointInfo(model=config, preprocess=PreprocessConfig(64, 64),
+                          keypoint_names=("a", "b", "c", "d"), training={"note": "x"})
+    path = save_checkpoint(tmp_path / "ck.pt", model, info)
+    loaded, loaded_info = load_checkpoint(path)
+    assert loaded_info.model == config and loaded_info.keypoint_names == info.keypoint_names
+    x = torch.rand(2, 1, 64, 64)
+    model.eval()
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def _saved(tmp_path):
+    config = model_config_for("cnn7", **SMALL)
+    info = CheckpointInfo(model=config, preprocess=PreprocessConfig(64, 64),
+                          keypoint_names=("a", "b", "c", "d"))
+    return save_checkpoint(tmp_path / "ck.pt", build_model(config), info)
+
+
+def test_checkpoint_errors_are_specific(tmp_path):
+    path = _saved(tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "other.pt")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_config_mismatch(tmp_path):
+    path = _saved(tmp_path)
+    doc = json.loads(config_path(path).read_text())
+    doc["model"]["hidden"] = 64
+    config_path(path).write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="weights do not match the architecture"):
+        load_checkpoint(path)
+    doc["schema_version"] = 99
+    config_path(path).write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="unsupported schema_version 99"):
+        load_checkpoint(path)
+    config_path(path).unlink()
+    with pytest.raises(CheckpointError, match="checkpoint config not found"):
+        load_checkpoint(path)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = _saved(tmp_path)
+    torch.save({"w": torch.zeros(1), "evil": object()}, path)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(path)
+
+
+def test_train_config_validation(splits, tmp_path):
+    with pytest.raises(ConfigError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="augment_contrast"):
+        TrainConfig(augment_contrast=(1.5, 0.5))
+    train, val = splits
+    with pytest.raises(ConfigError, match="model expects 5 keypoints|dataset has 4 keypoints"):
+        train_model(train, val, model_config_for("cnn7", num_keypoints=5, **SMALL), TrainConfig(epochs=1),
+                    tmp_path / "x.pt", progress=False)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="invalid device"):
+        resolve_device("tpu:x")

@@ -1,0 +1,159 @@
+"""``usn-offline``: thin command-line wrappers over the library functions.
+
+Every user error ends as one line ``usn-offline: error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from usn_offline import __version__
+from usn_offline.errors import UsnError
+
+log = logging.getLogger("usn_offline")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    from usn_offline.data import GeneratorConfig, RenderConfig, generate_dataset
+
+    config = GeneratorConfig(num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
+                             seed=args.seed, render=RenderConfig(image_size=args.image_size))
+    paths = generate_dataset(args.out, config, progress=not args.quiet)
+    counts = config.split_sizes()
+    for split, path in paths.items():
+        print(f"{split:>5}: {counts[split]:6d} images  {path}")
+    print(f"dataset written to {args.out}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from usn_offline.data import load_split
+    from usn_offline.models import build_model, count_parameters, model_config_for
+    from usn_offline.runtime.preprocess import PreprocessConfig
+    from usn_offline.train import TrainConfig, train_model
+
+    pre = PreprocessConfig(args.input_size, args.input_size)
+    train_set = load_split(args.data, "train", pre)
+    val_set = load_split(args.data, "val", pre, expected_keypoints=train_set.num_keypoints)
+    overrides = {"num_keypoints": train_set.num_keypoints, "input_height": args.input_size,
+                 "input_width": args.input_size}
+    if args.widths:
+        overrides["widths"] = tuple(args.widths)
+    if args.hidden:
+        overrides["hidden"] = args.hidden
+    model_config = model_config_for(args.model, **overrides)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         device=args.device)
+    print(f"model {args.model}: {count_parameters(build_model(model_config)):,} parameters; "
+          f"{len(train_set)} train / {len(val_set)} val images")
+    result = train_model(train_set, val_set, model_config, config, args.out, resume=args.resume,
+                         progress=not args.quiet)
+    print(f"trained {result.epochs_run} epoch(s) in {result.seconds:.1f} s: final loss "
+          f"{result.final_train_loss:.5f}, val mean pixel error {result.val_mean_px_error:.3f} px")
+    print(f"checkpoint written to {result.checkpoint}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from usn_offline.data import load_split
+    from usn_offline.train import evaluate_model, evaluation_table, load_checkpoint
+    from usn_offline.train.device import resolve_device
+
+    device = resolve_device(args.device)
+    model, info = load_checkpoint(args.checkpoint, device)
+    dataset = load_split(args.data, args.split, info.preprocess, expected_keypoints=info.model.num_keypoints)
+    result = evaluate_model(model, dataset, device, tuple(args.pck))
+    print(evaluation_table(result))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**result.to_dict(), "checkpoint": str(args.checkpoint)}, indent=2))
+        print(f"evaluation written to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="usn-offline",
+        description="Train, prune, certify and export keypoint networks robust to brightness/contrast.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="generate the built-in landing-pad dataset (COCO keypoints folder)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--num-train", type=_positive_int, default=8000)
+    p.add_argument("--num-val", type=_positive_int, default=500)
+    p.add_argument("--num-test", type=_positive_int, default=1000)
+    p.add_argument("--image-size", type=_positive_int, default=64, help="square image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("train", help="train a keypoint network on a COCO keypoints folder")
+    p.add_argument("--data", required=True, type=Path, help="dataset folder (train and val splits)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint path (.pt; a .json is written beside)")
+    p.add_argument("--model", default="cnn7", choices=["cnn7", "resnet"])
+    p.add_argument("--widths", type=_positive_int, nargs="+", help="backbone channel widths")
+    p.add_argument("--hidden", type=_positive_int, help="hidden units of the regression head")
+    p.add_argument("--input-size", type=_positive_int, default=64, help="network input side in pixels")
+    p.add_argument("--epochs", type=_positive_int, default=20)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=_positive_float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="mean pixel error and PCK of a checkpoint on a split")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--split", default="test")
+    p.add_argument("--pck", type=_positive_float, nargs="+", default=[2.0, 5.0], help="PCK thresholds (px)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, help="write the result as JSON (e.g. eval.json)")
+    p.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except UsnError as exc:
+        print(f"usn-offline: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("usn-offline: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

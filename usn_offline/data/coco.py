@@ -1,0 +1,194 @@
+"""COCO keypoints folders: the on-disk dataset format (images + annotations JSON).
+
+Layout::
+
+    root/images/<split>/<file>.png
+    root/annotations/<split>.json   # COCO "person_keypoints"-style file, one per split
+
+Keypoints are stored as [x, y, v] triples in pixels of the stored image, using the
+pixel-centre convention of :mod:`usn_offline.runtime.preprocess` (stated in ``info``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from usn_offline.data.dataset import KeypointDataset
+from usn_offline.errors import DatasetError
+from usn_offline.runtime.preprocess import PreprocessConfig, preprocess, scale_keypoints
+
+log = logging.getLogger(__name__)
+
+COORDINATE_CONVENTION = "pixel centres at integer coordinates (OpenCV); image spans [-0.5, W-0.5]"
+
+
+def annotation_path(root: Path | str, split: str) -> Path:
+    return Path(root) / "annotations" / f"{split}.json"
+
+
+def write_split(
+    root: Path | str,
+    split: str,
+    images: list[np.ndarray],
+    keypoints: np.ndarray,
+    keypoint_names: tuple[str, ...],
+    skeleton: tuple[tuple[int, int], ...] = (),
+    info: dict | None = None,
+) -> Path:
+    """Write uint8 grayscale images and their (N, K, 2) pixel keypoints as a COCO split."""
+    root = Path(root)
+    image_dir = root / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    coco_images, coco_annotations = [], []
+    for i, (image, kps) in enumerate(zip(images, keypoints, strict=True)):
+        file_name = f"{split}/{split}_{i:06d}.png"
+        if not cv2.imwrite(str(root / "images" / file_name), image):
+            raise DatasetError(f"cannot write image {root / 'images' / file_name}")
+        h, w = image.shape[:2]
+        coco_images.append({"id": i, "file_name": file_name, "height": h, "width": w})
+        x0, y0 = kps.min(axis=0)
+        x1, y1 = kps.max(axis=0)
+        flat = [v for x, y in kps for v in (float(x), float(y), 2)]
+        coco_annotations.append({
+            "id": i, "image_id": i, "category_id": 1, "iscrowd": 0,
+            "keypoints": flat, "num_keypoints": len(kps),
+            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+            "area": float((x1 - x0) * (y1 - y0)),
+        })
+    doc = {
+        "info": {"description": f"usn_offline keypoint dataset, split '{split}'",
+                 "coordinate_convention": COORDINATE_CONVENTION, **(info or {})},
+        "images": coco_images,
+        "annotations": coco_annotations,
+        "categories": [{"id": 1, "name": "target", "supercategory": "target",
+                        "keypoints": list(keypoint_names),
+                        "skeleton": [list(e) for e in skeleton]}],
+    }
+    path = annotation_path(root, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DatasetError(f"annotation file not found: {path}")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise DatasetError(f"{path}: expected a JSON object at top level")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(doc.get(key), list):
+            raise DatasetError(f"{path}: missing or invalid '{key}' list")
+    return doc
+
+
+def _read_image(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DatasetError(f"image file not found: {path}")
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise DatasetError(f"cannot decode image (corrupt or unsupported format): {path}")
+    if image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    return image
+
+
+def read_keypoint_names(root: Path | str, split: str) -> tuple[str, ...]:
+    doc = _read_json(annotation_path(root, split))
+    return _category(doc, annotation_path(root, split))[1]
+
+
+def _category(doc: dict, path: Path) -> tuple[int, tuple[str, ...]]:
+    cats = [c for c in doc["categories"] if isinstance(c, dict) and c.get("keypoints")]
+    if len(cats) != 1:
+        raise DatasetError(f"{path}: expected exactly one category with 'keypoints', found {len(cats)}")
+    names = cats[0]["keypoints"]
+    if not all(isinstance(n, str) for n in names):
+        raise DatasetError(f"{path}: category keypoint names must be strings")
+    return cats[0].get("id", 1), tuple(names)
+
+
+def load_split(
+    root: Path | str,
+    split: str,
+    preprocess_config: PreprocessConfig | None = None,
+    expected_keypoints: int | None = None,
+) -> KeypointDataset:
+    """Load one split, preprocessing every image to the network input size.
+
+    Images without exactly one fully visible annotation are skipped and counted in the
+    log; anything malformed raises :class:`DatasetError` naming the file.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder not found: {root}")
+    path = annotation_path(root, split)
+    doc = _read_json(path)
+    category_id, names = _category(doc, path)
+    k = len(names)
+    if expected_keypoints is not None and k != expected_keypoints:
+        raise DatasetError(f"{path}: has {k} keypoints per object, the model expects {expected_keypoints}")
+
+    by_image: dict[int, list[dict]] = {}
+    for ann in doc["annotations"]:
+        if not isinstance(ann, dict) or "image_id" not in ann:
+            raise DatasetError(f"{path}: annotation without 'image_id': {str(ann)[:80]}")
+        if ann.get("category_id", category_id) == category_id:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+
+    skipped: Counter[str] = Counter()
+    images, keypoints, files = [], [], []
+    config = preprocess_config
+    for entry in doc["images"]:
+        if not isinstance(entry, dict) or "file_name" not in entry or "id" not in entry:
+            raise DatasetError(f"{path}: image entry without 'id'/'file_name': {str(entry)[:80]}")
+        anns = by_image.get(entry["id"], [])
+        if len(anns) != 1:
+            skipped["no annotation" if not anns else "several annotations"] += 1
+            continue
+        raw = anns[0].get("keypoints")
+        if not isinstance(raw, list) or len(raw) != 3 * k:
+            got = len(raw) // 3 if isinstance(raw, list) else "no"
+            raise DatasetError(
+                f"{path}: annotation {anns[0].get('id')} of image '{entry['file_name']}' has "
+                f"{got} keypoints, expected {k}")
+        triples = np.asarray(raw, dtype=np.float64).reshape(k, 3)
+        if np.any(triples[:, 2] <= 0):
+            skipped["keypoint not visible"] += 1
+            continue
+        image_path = root / "images" / entry["file_name"]
+        image = _read_image(image_path)
+        if config is None:
+            config = PreprocessConfig(input_height=image.shape[0], input_width=image.shape[1])
+        try:
+            net_image = preprocess(image, config)
+        except ValueError as exc:
+            raise DatasetError(f"{image_path}: {exc}") from exc
+        kps = scale_keypoints(triples[:, :2], image.shape[:2], (config.input_height, config.input_width))
+        images.append(net_image)
+        keypoints.append(kps)
+        files.append(entry["file_name"])
+
+    for reason, count in skipped.items():
+        log.warning("%s: skipped %d image(s): %s", path, count, reason)
+    if not images:
+        raise DatasetError(f"{path}: split '{split}' has no usable images"
+                           + (f" (skipped: {dict(skipped)})" if skipped else ""))
+    return KeypointDataset(
+        images=np.stack(images).astype(np.float32),
+        keypoints=np.stack(keypoints).astype(np.float32),
+        keypoint_names=names,
+        file_names=tuple(files),
+        split=split,
+    )

@@ -1,0 +1,103 @@
+"""Image preprocessing and keypoint coordinate conventions (torch-free).
+
+One implementation, used by dataset loading, training, evaluation and (later) the node,
+so the network always sees images prepared exactly the same way.
+
+Conventions:
+- Pixel coordinates: (x, y) with the centre of pixel (col, row) at (col, row), i.e.
+  the image spans [-0.5, W-0.5] x [-0.5, H-0.5] (OpenCV convention).
+- Normalised coordinates: u = 2 (x + 0.5) / W - 1, so the image spans [-1, 1].
+  The network regresses normalised coordinates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a camera image becomes a network input of shape (1, height, width) in [0, 1]."""
+
+    input_height: int = 64
+    input_width: int = 64
+    grayscale: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreprocessConfig:
+        return cls(
+            input_height=int(data["input_height"]),
+            input_width=int(data["input_width"]),
+            grayscale=bool(data.get("grayscale", True)),
+        )
+
+
+def to_gray_float(image: np.ndarray) -> np.ndarray:
+    """Convert an HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA) uint8/uint16/float image to
+    float32 grayscale in [0, 1]."""
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.dtype == np.uint8:
+        scale = 1.0 / 255.0
+    elif image.dtype == np.uint16:
+        scale = 1.0 / 65535.0
+    else:
+        scale = 1.0
+    img = image.astype(np.float32) * np.float32(scale)
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = img[:, :, :3]
+        if img.shape[2] != 3:
+            raise ValueError(f"unsupported channel count {img.shape[2]}")
+        # ITU-R BT.601 luma, as cv2.cvtColor(RGB2GRAY).
+        img = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    elif img.ndim != 2:
+        raise ValueError(f"unsupported image shape {image.shape}")
+    return np.clip(img, 0.0, 1.0)
+
+
+def resize_image(gray: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Resize a float grayscale image to the network input size (area interpolation)."""
+    h, w = gray.shape
+    if (h, w) == (config.input_height, config.input_width):
+        return gray
+    interp = cv2.INTER_AREA if (h >= config.input_height and w >= config.input_width) else cv2.INTER_LINEAR
+    return cv2.resize(gray, (config.input_width, config.input_height), interpolation=interp)
+
+
+def preprocess(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Camera image -> float32 network input of shape (input_height, input_width) in [0, 1]."""
+    return resize_image(to_gray_float(image), config)
+
+
+def scale_keypoints(
+    keypoints_px: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int, int]
+) -> np.ndarray:
+    """Map pixel keypoints (..., 2) from an image of size src_hw to one of size dst_hw
+    (pixel-centre convention: x' + 0.5 = (x + 0.5) * W'/W)."""
+    sy = dst_hw[0] / src_hw[0]
+    sx = dst_hw[1] / src_hw[1]
+    out = np.asarray(keypoints_px, dtype=np.float64).copy()
+    out[..., 0] = (out[..., 0] + 0.5) * sx - 0.5
+    out[..., 1] = (out[..., 1] + 0.5) * sy - 0.5
+    return out
+
+
+def pixels_to_normalised(keypoints_px: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pixel coordinates (..., 2) -> normalised coordinates in [-1, 1]."""
+    kp = np.asarray(keypoints_px, dtype=np.float64)
+    size = np.array([width, height], dtype=np.float64)
+    return 2.0 * (kp + 0.5) / size - 1.0
+
+
+def normalised_to_pixels(keypoints_norm: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Normalised coordinates (..., 2) -> pixel coordinates."""
+    kp = np.asarray(keypoints_norm, dtype=np.float64)
+    size = np.array([width, height], dtype=np.float64)
+    return (kp + 1.0) * size / 2.0 - 0.5

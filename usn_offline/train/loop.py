@@ -1,0 +1,179 @@
+"""Training loop: regression of normalised keypoints with photometric augmentation,
+deterministic seeding, per-epoch checkpoints and resume."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from usn_offline.data.dataset import KeypointDataset
+from usn_offline.errors import CheckpointError, ConfigError
+from usn_offline.models import KeypointNet, ModelConfig, build_model
+from usn_offline.perturb import apply_photometric
+from usn_offline.runtime.preprocess import PreprocessConfig, pixels_to_normalised
+from usn_offline.train.checkpoint import CheckpointInfo, save_checkpoint
+from usn_offline.train.device import resolve_device, use_all_cpu_cores
+from usn_offline.train.metrics import evaluate_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and augmentation settings."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"
+    # Random contrast a and brightness b per image: x' = clip(a*x + b, 0, 1).
+    augment_contrast: tuple[float, float] = (0.6, 1.4)
+    augment_brightness: tuple[float, float] = (-0.25, 0.25)
+    augment_probability: float = 0.8
+    smooth_l1_beta: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.augment_probability <= 1.0:
+            raise ConfigError(f"augment_probability must be in [0, 1], got {self.augment_probability}")
+        lo, hi = self.augment_contrast
+        if not 0 <= lo <= hi:
+            raise ConfigError(f"augment_contrast must satisfy 0 <= lo <= hi, got {self.augment_contrast}")
+        if self.augment_brightness[0] > self.augment_brightness[1]:
+            raise ConfigError(f"augment_brightness range is empty: {self.augment_brightness}")
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    epochs_run: int
+    final_train_loss: float
+    val_mean_px_error: float
+    loss_history: list[float]
+    seconds: float
+
+
+def resume_path(checkpoint: Path | str) -> Path:
+    """Where optimiser/scheduler/RNG state for resuming lives, beside the checkpoint."""
+    return Path(checkpoint).with_suffix(".resume.pt")
+
+
+def _augment(x: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    a = torch.empty(n, 1, 1, 1).uniform_(*config.augment_contrast, generator=gen)
+    b = torch.empty(n, 1, 1, 1).uniform_(*config.augment_brightness, generator=gen)
+    keep = torch.rand(n, 1, 1, 1, generator=gen) >= config.augment_probability
+    a = torch.where(keep, torch.ones_like(a), a)
+    b = torch.where(keep, torch.zeros_like(b), b)
+    return apply_photometric(x, a.to(x.device), b.to(x.device))
+
+
+def _targets(dataset: KeypointDataset) -> torch.Tensor:
+    h, w = dataset.image_hw
+    norm = pixels_to_normalised(dataset.keypoints, h, w)
+    return torch.from_numpy(norm.reshape(len(dataset), -1).astype(np.float32))
+
+
+def train_model(
+    train_set: KeypointDataset,
+    val_set: KeypointDataset,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    out: Path | str,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, float, float], None] | None = None,
+) -> TrainResult:
+    """Train a keypoint network and write ``out`` (+ ``.json`` config, + ``.resume.pt``).
+
+    With ``resume=True`` training continues from the state saved after the last
+    completed epoch; the result equals an uninterrupted run with the same seed.
+    """
+    out = Path(out)
+    if train_set.image_hw != (model_config.input_height, model_config.input_width):
+        raise ConfigError(f"dataset images are {train_set.image_hw}, model expects "
+                          f"{(model_config.input_height, model_config.input_width)}")
+    if train_set.num_keypoints != model_config.num_keypoints:
+        raise ConfigError(f"dataset has {train_set.num_keypoints} keypoints, model expects "
+                          f"{model_config.num_keypoints}")
+    device = resolve_device(config.device)
+    use_all_cpu_cores()
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+
+    model: KeypointNet = build_model(model_config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = (len(train_set) + config.batch_size - 1) // config.batch_size
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15)
+    loss_fn = nn.SmoothL1Loss(beta=config.smooth_l1_beta)
+    start_epoch, history = 0, []
+
+    if resume and resume_path(out).is_file():
+        try:
+            state = torch.load(resume_path(out), map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            gen.set_state(state["generator"])
+            start_epoch, history = int(state["epoch"]), list(state["history"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{resume_path(out)}: cannot resume ({str(exc).splitlines()[0]})") from exc
+        log.info("resuming after epoch %d", start_epoch)
+
+    images = torch.from_numpy(train_set.images).unsqueeze(1)
+    targets = _targets(train_set)
+    info = CheckpointInfo(model=model_config,
+                          preprocess=PreprocessConfig(model_config.input_height, model_config.input_width),
+                          keypoint_names=train_set.keypoint_names)
+    started = time.perf_counter()
+    bar = tqdm(range(start_epoch, config.epochs), desc="train", unit="epoch", disable=not progress,
+               initial=start_epoch, total=config.epochs)
+    val_err = float("nan")
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(train_set), generator=gen)
+        total, seen = 0.0, 0
+        for start in range(0, len(order), config.batch_size):
+            idx = order[start:start + config.batch_size]
+            x = _augment(images[idx], config, gen).to(device)
+            y = targets[idx].to(device)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        history.append(total / seen)
+        val_err = evaluate_model(model, val_set, device).mean_px_error
+        bar.set_postfix(loss=f"{history[-1]:.4f}", val_px=f"{val_err:.2f}")
+        log.info("epoch %d: loss %.5f, val mean px error %.3f", epoch + 1, history[-1], val_err)
+        info.training = {"config": asdict(config), "epochs_done": epoch + 1, "loss_history": history,
+                         "val_mean_px_error": val_err, "train_images": len(train_set)}
+        save_checkpoint(out, model, info)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
+                    "epoch": epoch + 1, "history": history}, resume_path(out))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, history[-1], val_err)
+    bar.close()
+    return TrainResult(checkpoint=out, epochs_run=config.epochs - start_epoch,
+                       final_train_loss=history[-1] if history else float("nan"),
+                       val_mean_px_error=val_err, loss_history=history,
+                       seconds=time.perf_counter() - started)
