@@ -40,11 +40,19 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 # The ROS 2 wheels install a .pth hook that re-executes every interpreter once to set
 # LD_LIBRARY_PATH; setting its guard and the path here avoids the double start.
 export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
-echo "setup: installing pinned dependencies (requirements.txt)"
-"${pip[@]}" install -q --upgrade "pip>=24" "setuptools>=68" wheel
-"${pip[@]}" install -q -r "$repo/requirements.txt"
+log="$venv/setup.log"
+echo "setup: installing pinned dependencies (requirements.txt; log: $log)"
+install() {
+    if ! "${pip[@]}" install "$@" >>"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        die "pip install $* failed (full log: $log)"
+    fi
+}
+: > "$log"
+install --upgrade "pip>=24" "setuptools>=77" wheel
+install -r "$repo/requirements.txt"
 # compat mode: a plain path entry, so new sub-packages need no reinstall.
-"${pip[@]}" install -q --no-build-isolation --no-deps --config-settings editable_mode=compat -e "$repo"
+install --no-build-isolation --no-deps --config-settings editable_mode=compat -e "$repo"
 
 echo "$want" > "$stamp"
 echo "setup: done ($venv)"

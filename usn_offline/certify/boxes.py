@@ -1,0 +1,65 @@
+"""Batches of (a, b) boxes and linear functions of (a, b) over them.
+
+A linear function of the two perturbation parameters is stored as a tensor of shape
+(B, 3, *shape): slot 0 is the coefficient of a, slot 1 of b, slot 2 the constant; B
+indexes the boxes of a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from usn_offline.perturb import PhotometricBox
+
+
+@dataclass
+class Boxes:
+    """B boxes [a_lo, a_hi] x [b_lo, b_hi] as (B,) tensors."""
+
+    a_lo: torch.Tensor
+    a_hi: torch.Tensor
+    b_lo: torch.Tensor
+    b_hi: torch.Tensor
+
+    @classmethod
+    def from_boxes(cls, boxes: list[PhotometricBox], dtype=torch.float64, device="cpu") -> Boxes:
+        t = torch.tensor([[bx.a_lo, bx.a_hi, bx.b_lo, bx.b_hi] for bx in boxes], dtype=dtype, device=device)
+        return cls(t[:, 0], t[:, 1], t[:, 2], t[:, 3])
+
+    def __len__(self) -> int:
+        return self.a_lo.shape[0]
+
+    def to_list(self) -> list[PhotometricBox]:
+        rows = torch.stack([self.a_lo, self.a_hi, self.b_lo, self.b_hi], dim=1).tolist()
+        return [PhotometricBox(*r) for r in rows]
+
+    def centres(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.a_lo + self.a_hi) / 2, (self.b_lo + self.b_hi) / 2
+
+    def corners(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 4) contrast and brightness values of each box's corners."""
+        a = torch.stack([self.a_lo, self.a_lo, self.a_hi, self.a_hi], dim=1)
+        b = torch.stack([self.b_lo, self.b_hi, self.b_lo, self.b_hi], dim=1)
+        return a, b
+
+
+def _view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.view(-1, *([1] * ndim))
+
+
+def linear_min(fn: torch.Tensor, boxes: Boxes) -> torch.Tensor:
+    """Minimum over each box of a linear function (B, 3, *shape) -> (B, *shape)."""
+    nd = fn.dim() - 2
+    ca, cb, c = fn[:, 0], fn[:, 1], fn[:, 2]
+    return (c + torch.minimum(ca * _view(boxes.a_lo, nd), ca * _view(boxes.a_hi, nd))
+            + torch.minimum(cb * _view(boxes.b_lo, nd), cb * _view(boxes.b_hi, nd)))
+
+
+def linear_max(fn: torch.Tensor, boxes: Boxes) -> torch.Tensor:
+    """Maximum over each box of a linear function (B, 3, *shape) -> (B, *shape)."""
+    nd = fn.dim() - 2
+    ca, cb, c = fn[:, 0], fn[:, 1], fn[:, 2]
+    return (c + torch.maximum(ca * _view(boxes.a_lo, nd), ca * _view(boxes.a_hi, nd))
+            + torch.maximum(cb * _view(boxes.b_lo, nd), cb * _view(boxes.b_hi, nd)))

@@ -1,0 +1,263 @@
+"""Lower a torch network, preceded by the semantic perturbation layer, into a small graph.
+
+The network is traced with ``torch.fx`` so any feed-forward graph of supported
+operations works (sequential stacks, residual blocks, ...). BatchNorm following a
+convolution is folded into it; any other BatchNorm becomes a per-channel affine op.
+The perturbation layer x'(a, b) = clip(a x + b, 0, 1) is prepended as
+``z = a x + b``, ``x' = relu(z) - relu(z - 1)`` (clipping modelled exactly), or
+``x' = z`` for the unclipped variant.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+from usn_offline.certify.errors import CertificationError
+from usn_offline.certify.ops import (
+    AddOp,
+    AffineOp,
+    AvgPool2dOp,
+    ChannelAffineOp,
+    Conv2dOp,
+    FlattenOp,
+    LinearOp,
+    ReluOp,
+    SemanticInputOp,
+)
+
+
+@dataclass
+class Node:
+    op: object
+    inputs: tuple[int, ...]
+    shape: tuple[int, ...]
+    name: str
+
+
+@dataclass
+class Graph:
+    """Nodes in topological order; node 0 is the semantic input z = a x + b."""
+
+    nodes: list[Node]
+    output: int
+    input_shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    users: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.users = [[] for _ in self.nodes]
+        for i, node in enumerate(self.nodes):
+            for j in node.inputs:
+                self.users[j].append(i)
+
+    def bias_map(self, i: int) -> torch.Tensor:
+        """The bias of affine node i broadcast to its output shape (cached)."""
+        cache = self.__dict__.setdefault("_bias_cache", {})
+        if i not in cache:
+            node = self.nodes[i]
+            zeros = torch.zeros(1, *self.nodes[node.inputs[0]].shape, dtype=self.dtype, device=self.device)
+            cache[i] = node.op.apply(zeros)[0]
+        return cache[i]
+
+    @property
+    def relu_indices(self) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if isinstance(n.op, ReluOp)]
+
+    def evaluate(self, images: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Exact network output on clip(a x + b) for a batch: images (N, C, H, W) (or (1, ...)
+        broadcast), a and b of shape (N,). Differentiable in a and b."""
+        values: list[torch.Tensor | None] = [None] * len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            op = node.op
+            if isinstance(op, SemanticInputOp):
+                view = (-1,) + (1,) * len(self.input_shape)
+                values[i] = images * a.view(view) + b.view(view)
+            elif isinstance(op, AffineOp):
+                values[i] = op.apply(values[node.inputs[0]])
+            elif isinstance(op, ReluOp):
+                values[i] = torch.relu(values[node.inputs[0]])
+            elif isinstance(op, AddOp):
+                values[i] = sum(c * values[j] for c, j in zip(op.coeffs, node.inputs, strict=True))
+            else:  # pragma: no cover - lowering only creates the ops above
+                raise CertificationError(f"cannot evaluate {type(op).__name__}")
+        return values[self.output]
+
+
+def _fold_batchnorm(conv: Conv2dOp, bn: nn.BatchNorm2d, dtype, device) -> Conv2dOp:
+    scale, shift = _bn_affine(bn, dtype, device)
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    bias = (conv.bias if conv.bias is not None else torch.zeros_like(scale)) * scale + shift
+    return Conv2dOp(weight, bias, conv.stride, conv.padding, conv.in_shape, conv.out_shape)
+
+
+def _bn_affine(bn: nn.BatchNorm2d, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if bn.running_mean is None or bn.running_var is None:
+        raise CertificationError("BatchNorm without running statistics cannot be certified")
+    var = bn.running_var.to(device, dtype)
+    mean = bn.running_mean.to(device, dtype)
+    gamma = bn.weight.to(device, dtype) if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.to(device, dtype) if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - mean * scale
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class _Lowering:
+    def __init__(self, input_shape, dtype, device):
+        self.nodes: list[Node] = []
+        self.dtype, self.device = dtype, device
+        self.input_shape = tuple(input_shape)
+
+    def add(self, op, inputs, shape, name) -> int:
+        self.nodes.append(Node(op, tuple(inputs), tuple(shape), name))
+        return len(self.nodes) - 1
+
+    def t(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.detach().to(self.device, self.dtype)
+
+    def module(self, mod: nn.Module, src: int, name: str) -> int:
+        shape = self.nodes[src].shape
+        if isinstance(mod, nn.Conv2d):
+            if mod.groups != 1 or _pair(mod.dilation) != (1, 1) or mod.padding_mode != "zeros":
+                raise CertificationError(f"{name}: only plain Conv2d (groups=1, dilation=1, zero padding)")
+            if isinstance(mod.padding, str):
+                raise CertificationError(f"{name}: string padding '{mod.padding}' is not supported")
+            stride, padding = _pair(mod.stride), _pair(mod.padding)
+            k = mod.weight.shape[2:]
+            out = (mod.out_channels,) + tuple(
+                (shape[1 + i] + 2 * padding[i] - k[i]) // stride[i] + 1 for i in range(2))
+            op = Conv2dOp(self.t(mod.weight), self.t(mod.bias), stride, padding, shape, out)
+            return self.add(op, [src], out, name)
+        if isinstance(mod, nn.BatchNorm2d):
+            prev = self.nodes[src]
+            if isinstance(prev.op, Conv2dOp) and self.uses[src] == 1:
+                prev.op = _fold_batchnorm(prev.op, mod, self.dtype, self.device)
+                prev.name += f"+{name}"
+                return src
+            scale, shift = _bn_affine(mod, self.dtype, self.device)
+            return self.add(ChannelAffineOp(scale, shift, shape, shape), [src], shape, name)
+        if isinstance(mod, nn.Linear):
+            if len(shape) != 1:
+                raise CertificationError(f"{name}: Linear needs a flat input, got shape {shape}")
+            out = (mod.out_features,)
+            return self.add(LinearOp(self.t(mod.weight), self.t(mod.bias), shape, out), [src], out, name)
+        if isinstance(mod, nn.ReLU):
+            return self.add(ReluOp(shape), [src], shape, name)
+        if isinstance(mod, nn.Flatten):
+            if mod.start_dim != 1 or mod.end_dim != -1:
+                raise CertificationError(f"{name}: only Flatten(start_dim=1) is supported")
+            return self.flatten(src, name)
+        if isinstance(mod, nn.AvgPool2d):
+            if _pair(mod.padding) != (0, 0) or mod.ceil_mode:
+                raise CertificationError(f"{name}: only AvgPool2d without padding/ceil_mode")
+            kernel = _pair(mod.kernel_size)
+            stride = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
+            out = (shape[0],) + tuple((shape[1 + i] - kernel[i]) // stride[i] + 1 for i in range(2))
+            return self.add(AvgPool2dOp(kernel, stride, shape, out), [src], out, name)
+        if isinstance(mod, (nn.Identity, nn.Dropout)):
+            return src
+        raise CertificationError(f"unsupported layer {name}: {type(mod).__name__} (supported: Conv2d, "
+                                 "Linear, ReLU, BatchNorm2d, AvgPool2d, Flatten, residual add)")
+
+    def flatten(self, src: int, name: str) -> int:
+        shape = self.nodes[src].shape
+        if len(shape) == 1:
+            return src
+        out = (int(torch.tensor(shape).prod()),)
+        return self.add(FlattenOp(shape, out), [src], out, name)
+
+
+def lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool = True,
+          dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Graph:
+    """Lower ``model`` (in eval mode) for inputs of shape ``input_shape`` = (C, H, W)."""
+    device = torch.device(device)
+    if model.training:
+        raise CertificationError("put the model in eval mode before certification (BatchNorm statistics)")
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as exc:
+        raise CertificationError(f"cannot trace the model with torch.fx: {exc}") from exc
+    low = _Lowering(input_shape, dtype, device)
+    modules = dict(traced.named_modules())
+    low.uses = {}
+
+    z = low.add(SemanticInputOp(tuple(input_shape)), [], input_shape, "semantic_input")
+    if clip:
+        zero = torch.zeros(input_shape[0], dtype=dtype, device=device)
+        one = torch.ones(input_shape[0], dtype=dtype, device=device)
+        shifted = low.add(ChannelAffineOp(one, zero - 1.0, input_shape, input_shape), [z], input_shape,
+                          "clip.shift")
+        r0 = low.add(ReluOp(input_shape), [z], input_shape, "clip.relu0")
+        r1 = low.add(ReluOp(input_shape), [shifted], input_shape, "clip.relu1")
+        x_in = low.add(AddOp((1.0, -1.0), input_shape), [r0, r1], input_shape, "clip")
+    else:
+        x_in = z
+
+    env: dict[str, int] = {}
+    fx_users = {n.name: len(n.users) for n in traced.graph.nodes}
+    output = None
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            if env:
+                raise CertificationError("the model must take exactly one input tensor")
+            env[node.name] = x_in
+            continue
+        if node.op == "output":
+            arg = node.args[0]
+            if not isinstance(arg, torch.fx.Node):
+                raise CertificationError("the model must return a single tensor")
+            output = env[arg.name]
+            continue
+        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        srcs = [env[a.name] for a in args]
+        # Folding BatchNorm into its conv is only valid when nothing else reads the conv output.
+        low.uses = {env[a.name]: fx_users[a.name] for a in args}
+        if node.op == "call_module":
+            env[node.name] = low.module(modules[node.target], srcs[0], node.target)
+        elif node.op == "call_function" and node.target in (operator.add, torch.add):
+            if len(srcs) != 2 or len(node.args) != 2 or node.kwargs:
+                raise CertificationError(f"{node.name}: only tensor + tensor additions are supported")
+            shape = low.nodes[srcs[0]].shape
+            if low.nodes[srcs[1]].shape != shape:
+                raise CertificationError(f"{node.name}: residual add of different shapes")
+            env[node.name] = low.add(AddOp((1.0, 1.0), shape), srcs, shape, node.name)
+        elif node.op == "call_function" and node.target in (torch.relu, torch.nn.functional.relu):
+            env[node.name] = low.add(ReluOp(low.nodes[srcs[0]].shape), srcs[:1], low.nodes[srcs[0]].shape,
+                                     node.name)
+        elif (node.op == "call_function" and node.target is torch.flatten) or (
+                node.op == "call_method" and node.target == "flatten"):
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            if start != 1:
+                raise CertificationError(f"{node.name}: only flatten(x, 1) is supported")
+            env[node.name] = low.flatten(srcs[0], node.name)
+        else:
+            raise CertificationError(f"unsupported operation {node.op} '{node.target}' in {node.name}")
+    if output is None:
+        raise CertificationError("the traced model has no output")
+    nodes = _prune_unused(low.nodes, output)
+    return Graph(nodes=nodes[0], output=nodes[1], input_shape=tuple(input_shape), dtype=dtype, device=device)
+
+
+def _prune_unused(nodes: list[Node], output: int) -> tuple[list[Node], int]:
+    """Drop nodes the output does not depend on (e.g. a BatchNorm folded away)."""
+    needed = set()
+    stack = [output]
+    while stack:
+        i = stack.pop()
+        if i not in needed:
+            needed.add(i)
+            stack.extend(nodes[i].inputs)
+    needed.add(0)
+    remap = {old: new for new, old in enumerate(sorted(needed))}
+    kept = [Node(n.op, tuple(remap[j] for j in n.inputs), n.shape, n.name)
+            for i, n in enumerate(nodes) if i in needed]
+    return kept, remap[output]
