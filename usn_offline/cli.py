@@ -94,6 +94,46 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"evaluation written to {out}")
 
 
+def _grid(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        na, nb = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a grid like 21x21, got '{text}'") from None
+    if na < 1 or nb < 1:
+        raise argparse.ArgumentTypeError(f"grid sides must be >= 1, got '{text}'")
+    return na, nb
+
+
+def _cmd_certify(args: argparse.Namespace) -> None:
+    from usn_offline.certify import BabConfig, CertifyConfig, RadiusConfig, certify_dataset
+    from usn_offline.certify.report import report_to_dict, summary_table, write_report
+    from usn_offline.data import load_split
+    from usn_offline.perturb import PhotometricBox
+    from usn_offline.train import load_checkpoint
+    from usn_offline.train.device import resolve_device
+
+    box = PhotometricBox(args.contrast[0], args.contrast[1], args.brightness[0], args.brightness[1])
+    bab = BabConfig(method=args.method, max_boxes=args.bab_budget, max_depth=args.bab_depth,
+                    time_limit=args.bab_time)
+    radius = None
+    if args.radius_search:
+        radius = RadiusConfig(eps_max=args.eps_max, steps=args.radius_steps,
+                              contrast_scale=args.contrast_scale, brightness_scale=args.brightness_scale)
+    config = CertifyConfig(box=box, delta=args.delta, norm=args.norm, reference=args.reference,
+                           clip=not args.no_clip, bab=bab, radius=radius, eps_list=tuple(args.eps or ()),
+                           region_grid=args.region_grid, coverage=args.coverage, dtype=args.dtype)
+    device = resolve_device(args.device)
+    model, info = load_checkpoint(args.checkpoint, device)
+    dataset = load_split(args.data, args.split, info.preprocess, expected_keypoints=info.model.num_keypoints)
+    if args.num_images:
+        dataset = dataset.subset(slice(0, args.num_images))
+    report = certify_dataset(model, dataset, config, device=device, progress=not args.quiet)
+    print(summary_table(report))
+    path = write_report(args.out, report_to_dict(report, args.checkpoint, args.data, args.split))
+    print(f"certificate written to {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="usn-offline",
@@ -136,6 +176,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="write the result as JSON (e.g. eval.json)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("certify", help="prove keypoints move <= delta px under brightness/contrast changes")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--split", default="test")
+    p.add_argument("--num-images", type=_positive_int, help="certify only the first N images")
+    p.add_argument("--delta", type=float, default=2.0, help="allowed keypoint movement in pixels")
+    p.add_argument("--contrast", type=float, nargs=2, default=[0.8, 1.2], metavar=("A_LO", "A_HI"))
+    p.add_argument("--brightness", type=float, nargs=2, default=[-0.2, 0.2], metavar=("B_LO", "B_HI"))
+    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    p.add_argument("--reference", choices=["prediction", "ground_truth"], default="prediction",
+                   help="stability (the model's own output) or correctness (ground truth)")
+    p.add_argument("--no-clip", action="store_true", help="certify a*x + b without clipping to [0, 1]")
+    p.add_argument("--method", choices=["ibp", "crown", "alpha-crown"], default="crown")
+    p.add_argument("--bab-budget", type=_positive_int, default=512, help="max boxes bounded per call")
+    p.add_argument("--bab-depth", type=int, default=10, help="max splits along one path")
+    p.add_argument("--bab-time", type=_positive_float, default=20.0, help="seconds per branch-and-bound call")
+    p.add_argument("--radius-search", action="store_true", help="find each image's largest certified eps")
+    p.add_argument("--eps-max", type=_positive_float, default=0.4)
+    p.add_argument("--radius-steps", type=_positive_int, default=7)
+    p.add_argument("--contrast-scale", type=float, default=1.0, help="eps_c = eps * this")
+    p.add_argument("--brightness-scale", type=float, default=1.0, help="eps_b = eps * this")
+    p.add_argument("--eps", type=float, nargs="+", help="certified fraction at these symmetric eps")
+    p.add_argument("--region-grid", type=_grid, help="certified-region map over the box, e.g. 21x21")
+    p.add_argument("--coverage", type=float, default=0.95, help="fraction of images the region must cover")
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, type=Path, help="certificate JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_certify)
     return parser
 
 

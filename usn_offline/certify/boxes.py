@@ -31,6 +31,9 @@ class Boxes:
     def __len__(self) -> int:
         return self.a_lo.shape[0]
 
+    def select(self, idx: torch.Tensor) -> Boxes:
+        return Boxes(self.a_lo[idx], self.a_hi[idx], self.b_lo[idx], self.b_hi[idx])
+
     def to_list(self) -> list[PhotometricBox]:
         rows = torch.stack([self.a_lo, self.a_hi, self.b_lo, self.b_hi], dim=1).tolist()
         return [PhotometricBox(*r) for r in rows]

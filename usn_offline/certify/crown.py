@@ -28,31 +28,40 @@ def initial_alphas(graph: Graph, fwd: ForwardBounds, num_rows: int) -> dict[int,
 
 
 def backward_linear(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, rows: torch.Tensor,
-                    alphas: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Linear lower bounds of ``rows @ y`` as functions of (a, b): shape (B, 3, S).
+                    alphas: dict[int, torch.Tensor] | None = None, start: int | None = None) -> torch.Tensor:
+    """Linear lower bounds of ``rows @ v`` as functions of (a, b): shape (B, 3, S), where v
+    is the (flattened) value of node ``start`` (default: the output).
 
-    ``rows`` is (S, outputs) or (B, S, outputs); images (B or 1, C, H, W).
+    ``rows`` is (S, numel) or (B, S, numel); images (B or 1, C, H, W).
     """
+    start = graph.output if start is None else start
     some_relu = next(iter(fwd.relu_input.values()))[0]
     n = some_relu.shape[0]
     if rows.dim() == 2:
         rows = rows.unsqueeze(0).expand(n, *rows.shape)
     s = rows.shape[1]
     lam: list[torch.Tensor | None] = [None] * len(graph.nodes)
-    lam[graph.output] = rows.to(graph.dtype)
+    lam[start] = rows.to(graph.dtype).reshape(n, s, *graph.nodes[start].shape)
     const = rows.new_zeros(n, s, dtype=graph.dtype)
-    coef_a = coef_b = None
 
     def add_to(j: int, value: torch.Tensor) -> None:
         lam[j] = value if lam[j] is None else lam[j] + value
 
-    for i in range(len(graph.nodes) - 1, -1, -1):
+    coef = torch.zeros(n, s, 3, dtype=graph.dtype, device=rows.device)
+    cut = fwd.kept_linear or {}
+    for i in range(start, -1, -1):
         if lam[i] is None:
             continue
         node, l_i = graph.nodes[i], lam[i]
         lam[i] = None
         op = node.op
-        if isinstance(op, AffineOp):
+        if i in cut:
+            # Stop here: bound lambda . v_i by the node's forward linear bounds in (a, b).
+            low, up = cut[i]
+            pos, neg = l_i.clamp(min=0).flatten(2), l_i.clamp(max=0).flatten(2)
+            coef = coef + torch.einsum("bsn,bkn->bsk", pos, low.flatten(2))
+            coef = coef + torch.einsum("bsn,bkn->bsk", neg, up.flatten(2))
+        elif isinstance(op, AffineOp):
             flat = l_i.reshape(n * s, *node.shape)
             const = const + op.bias_dot(flat).view(n, s)
             add_to(node.inputs[0], op.transpose(flat).reshape(n, s, *graph.nodes[node.inputs[0]].shape))
@@ -72,17 +81,40 @@ def backward_linear(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, rows
             add_to(node.inputs[0], pos * lower + neg * su.unsqueeze(1))
         elif isinstance(op, SemanticInputOp):
             x = images if images.shape[0] == n else images.expand(n, *images.shape[1:])
-            coef_a = (l_i * x.unsqueeze(1)).flatten(2).sum(dim=2)
-            coef_b = l_i.flatten(2).sum(dim=2)
-    if coef_a is None:  # the output does not depend on the input
-        coef_a = coef_b = torch.zeros_like(const)
-    return torch.stack([coef_a, coef_b, const], dim=1)
+            coef[:, :, 0] += (l_i * x.unsqueeze(1)).flatten(2).sum(dim=2)
+            coef[:, :, 1] += l_i.flatten(2).sum(dim=2)
+    coef[:, :, 2] += const
+    return coef.transpose(1, 2)
 
 
 def crown_lower(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes,
                 rows: torch.Tensor, alphas: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Lower bound of rows @ y over each box: (B, S)."""
     return linear_min(backward_linear(graph, fwd, images, rows, alphas), boxes)
+
+
+def tighten_relu_inputs(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes,
+                        relus: list[int], max_rows: int = 512) -> None:
+    """Replace the forward bounds of the given ReLUs' inputs by CROWN bounds where tighter
+    (only for neurons the forward bounds leave unstable), in topological order so each
+    ReLU's relaxation uses the already tightened earlier ones."""
+    for r in sorted(relus):
+        lo, hi = fwd.relu_input[r]
+        j = graph.nodes[r].inputs[0]
+        flat_lo, flat_hi = lo.flatten(1), hi.flatten(1)
+        unstable = ((flat_lo < 0) & (flat_hi > 0)).any(dim=0).nonzero().flatten()
+        if unstable.numel() == 0 or unstable.numel() > max_rows:
+            continue
+        numel = flat_lo.shape[1]
+        eye = torch.zeros(unstable.numel(), numel, dtype=graph.dtype, device=lo.device)
+        eye[torch.arange(unstable.numel()), unstable] = 1.0
+        rows = torch.cat([eye, -eye], dim=0)
+        bound = linear_min(backward_linear(graph, fwd, images, rows, start=j), boxes)
+        k = unstable.numel()
+        new_lo, new_hi = flat_lo.clone(), flat_hi.clone()
+        new_lo[:, unstable] = torch.maximum(flat_lo[:, unstable], bound[:, :k])
+        new_hi[:, unstable] = torch.minimum(flat_hi[:, unstable], -bound[:, k:])
+        fwd.relu_input[r] = (new_lo.view_as(lo), new_hi.view_as(hi))
 
 
 def alpha_crown_lower(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes,

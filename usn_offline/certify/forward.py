@@ -25,9 +25,21 @@ class ForwardBounds:
     out_hi: torch.Tensor
     out_lower: torch.Tensor | None = None
     out_upper: torch.Tensor | None = None
+    kept_linear: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def select(self, idx: torch.Tensor) -> ForwardBounds:
+        """The bounds of a subset of the boxes."""
+        pick = lambda pair: (pair[0][idx], pair[1][idx])  # noqa: E731
+        return ForwardBounds(
+            relu_input={k: pick(v) for k, v in self.relu_input.items()},
+            out_lo=self.out_lo[idx], out_hi=self.out_hi[idx],
+            out_lower=None if self.out_lower is None else self.out_lower[idx],
+            out_upper=None if self.out_upper is None else self.out_upper[idx],
+            kept_linear={k: pick(v) for k, v in (self.kept_linear or {}).items()})
 
 
-def relu_slopes(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def relu_slopes(lo: torch.Tensor, hi: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ReLU relaxation on [lo, hi]: (lower slope, upper slope, upper intercept, unstable mask).
 
     Upper: the chord hi/(hi-lo) * (z - lo); lower: alpha * z with alpha = 1 when hi > -lo
@@ -36,7 +48,8 @@ def relu_slopes(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch
     active = lo >= 0
     unstable = (lo < 0) & (hi > 0)
     denom = torch.where(unstable, hi - lo, torch.ones_like(lo))
-    upper_slope = torch.where(active, torch.ones_like(lo), torch.where(unstable, hi / denom, torch.zeros_like(lo)))
+    upper_slope = torch.where(active, torch.ones_like(lo),
+                              torch.where(unstable, hi / denom, torch.zeros_like(lo)))
     upper_intercept = torch.where(unstable, -upper_slope * lo, torch.zeros_like(lo))
     lower_slope = torch.where(active, torch.ones_like(lo),
                               torch.where(unstable, (hi > -lo).to(lo.dtype), torch.zeros_like(lo)))
@@ -51,8 +64,12 @@ def _batched(op: AffineOp, fn: torch.Tensor, use_abs: bool) -> torch.Tensor:
 
 
 def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = True,
-              intersect_ibp: bool = True) -> ForwardBounds:
-    """Propagate bounds for B boxes; ``images`` is (B, C, H, W) or (1, C, H, W)."""
+              intersect_ibp: bool = True, keep_linear: tuple[int, ...] = ()) -> ForwardBounds:
+    """Propagate bounds for B boxes; ``images`` is (B, C, H, W) or (1, C, H, W).
+
+    The forward linear bounds of the nodes in ``keep_linear`` are returned too, for a
+    backward pass that stops there.
+    """
     n = len(boxes)
     images = images.expand(n, *images.shape[1:]) if images.shape[0] == 1 else images
     lo: list[torch.Tensor | None] = [None] * len(graph.nodes)
@@ -61,6 +78,7 @@ def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = T
     up: list[torch.Tensor | None] = [None] * len(graph.nodes)
     remaining = [len(u) for u in graph.users]
     relu_input = {}
+    kept = {}
     nd = len(graph.input_shape)
 
     for i, node in enumerate(graph.nodes):
@@ -112,10 +130,13 @@ def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = T
             lo[i], hi[i] = sum(parts_lo), sum(parts_hi)
             if linear:
                 low[i], up[i] = sum(parts_low), sum(parts_up)
+        if linear and i in keep_linear:
+            kept[i] = (low[i], up[i])
         for j in node.inputs:  # free what no later node reads
             remaining[j] -= 1
             if remaining[j] == 0 and j != graph.output:
                 lo[j] = hi[j] = low[j] = up[j] = None
 
     o = graph.output
-    return ForwardBounds(relu_input=relu_input, out_lo=lo[o], out_hi=hi[o], out_lower=low[o], out_upper=up[o])
+    return ForwardBounds(relu_input=relu_input, out_lo=lo[o], out_hi=hi[o], out_lower=low[o], out_upper=up[o],
+                         kept_linear=kept)

@@ -1,0 +1,206 @@
+"""Soundness of the certification engine: every bound contains every reachable output
+(dense grids, random samples, PGD attack points), tighter methods are never looser, and
+certified boxes resist a strong attack."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from usn_offline.certify import (
+    BabConfig,
+    Boxes,
+    KeypointProperty,
+    Method,
+    Norm,
+    PixelMap,
+    Status,
+    certify_boxes,
+    lower,
+    output_bounds,
+)
+from usn_offline.certify.bounds import BoundOptions
+from usn_offline.certify.falsify import pgd_attack
+from usn_offline.models import build_model, model_config_for
+from usn_offline.perturb import PhotometricBox
+
+SIZE = 16
+METHODS = [Method.IBP, Method.CROWN, Method.ALPHA_CROWN]
+
+
+def _random_model(family: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    widths = (3, 4, 4, 5, 5) if family == "cnn7" else (3, 4, 5)
+    model = build_model(model_config_for(family, num_keypoints=2, input_height=SIZE, input_width=SIZE,
+                                         widths=widths, hidden=12))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def _image(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(1, 1, SIZE, SIZE, generator=g, dtype=torch.float64)
+    img[0, 0, :3, :3] = 0.0  # saturated pixels exercise the clip relaxation
+    img[0, 0, -3:, -3:] = 1.0
+    return img
+
+
+def _random_box(rng: np.random.Generator) -> PhotometricBox:
+    a0, b0 = rng.uniform(0.7, 1.3), rng.uniform(-0.2, 0.2)
+    ea, eb = rng.uniform(0.0, 0.15), rng.uniform(0.0, 0.15)
+    return PhotometricBox(max(0.0, a0 - ea), a0 + ea, b0 - eb, b0 + eb)
+
+
+def _samples(box: PhotometricBox, n_grid: int, n_random: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    ga, gb = np.meshgrid(np.linspace(box.a_lo, box.a_hi, n_grid), np.linspace(box.b_lo, box.b_hi, n_grid))
+    ra, rb = rng.uniform(box.a_lo, box.a_hi, n_random), rng.uniform(box.b_lo, box.b_hi, n_random)
+    a = np.concatenate([ga.ravel(), ra])
+    b = np.concatenate([gb.ravel(), rb])
+    return torch.tensor(a), torch.tensor(b)
+
+
+@pytest.mark.parametrize("family", ["cnn7", "resnet"])
+@pytest.mark.parametrize("clip", [True, False])
+def test_bounds_contain_grid_random_and_attack_points(family, clip):
+    rng = np.random.default_rng(0)
+    pixels = PixelMap.for_image(2, SIZE, SIZE)
+    for seed in range(3):
+        model = _random_model(family, seed)
+        graph = lower(model, (1, SIZE, SIZE), clip=clip)
+        image = _image(seed)
+        boxes = [_random_box(rng) for _ in range(4)]
+        batch = Boxes.from_boxes(boxes)
+        for method in METHODS:
+            opts = BoundOptions(alpha_steps=5, cut=None if seed == 0 else "auto", tighten_rows=8 * seed)
+            lo, hi = output_bounds(graph, image, batch, pixels, method, opts)
+            for k, box in enumerate(boxes):
+                a, b = _samples(box, 15, 200, rng)
+                with torch.no_grad():
+                    px = pixels(graph.evaluate(image, a, b))
+                assert (px >= lo[k]).all() and (px <= hi[k]).all(), (family, method, seed, k)
+                # Attack each coordinate's bound directly: push it up and down.
+                for sign in (1.0, -1.0):
+                    ref = lo[k] if sign > 0 else hi[k]
+                    prop = KeypointProperty(ref.clone(), 0.0)
+                    pa, pb, _ = pgd_attack(graph, image, prop, pixels, Boxes.from_boxes([box]), 8, 15)
+                    with torch.no_grad():
+                        p = pixels(graph.evaluate(image, pa, pb))
+                    assert (p >= lo[k]).all() and (p <= hi[k]).all()
+
+
+def test_lowered_graph_matches_the_torch_model():
+    for family in ("cnn7", "resnet"):
+        model = _random_model(family, 5)
+        graph = lower(model, (1, SIZE, SIZE))
+        image = _image(5)
+        a, b = torch.tensor([0.5, 1.0, 1.7]).double(), torch.tensor([0.3, 0.0, -0.4]).double()
+        x = (image * a.view(-1, 1, 1, 1) + b.view(-1, 1, 1, 1)).clamp(0, 1)
+        with torch.no_grad():
+            expected = model(x.float()).double()
+            got = graph.evaluate(image, a, b)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["cnn7", "resnet"])
+def test_tighter_methods_are_never_looser(family):
+    rng = np.random.default_rng(1)
+    pixels = PixelMap.for_image(2, SIZE, SIZE)
+    model = _random_model(family, 2)
+    graph = lower(model, (1, SIZE, SIZE))
+    image = _image(2)
+    batch = Boxes.from_boxes([_random_box(rng) for _ in range(6)])
+    widths = {}
+    for method in METHODS:
+        lo, hi = output_bounds(graph, image, batch, pixels, method, BoundOptions(alpha_steps=10))
+        widths[method] = (lo, hi)
+    ibp_lo, ibp_hi = widths[Method.IBP]
+    crown_lo, crown_hi = widths[Method.CROWN]
+    alpha_lo, alpha_hi = widths[Method.ALPHA_CROWN]
+    assert (crown_lo >= ibp_lo).all() and (crown_hi <= ibp_hi).all()
+    assert (alpha_lo >= crown_lo - 1e-9).all() and (alpha_hi <= crown_hi + 1e-9).all()
+
+
+def test_bounds_shrink_when_the_box_shrinks():
+    pixels = PixelMap.for_image(2, SIZE, SIZE)
+    graph = lower(_random_model("cnn7", 3), (1, SIZE, SIZE))
+    image = _image(3)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        a0, b0 = rng.uniform(0.8, 1.2), rng.uniform(-0.1, 0.1)
+        scales = (0.2, 0.1, 0.05, 0.02, 0.005, 0.0)
+        nested = [PhotometricBox(a0 - s, a0 + s * 0.7, b0 - s * 0.5, b0 + s) for s in scales]
+        for method in METHODS:
+            lo, hi = output_bounds(graph, image, Boxes.from_boxes(nested), pixels, method,
+                                   BoundOptions(alpha_steps=5))
+            assert (lo[1:] >= lo[:-1] - 1e-9).all() and (hi[1:] <= hi[:-1] + 1e-9).all(), method
+
+
+def test_certified_boxes_resist_a_strong_attack():
+    pixels = PixelMap.for_image(2, SIZE, SIZE)
+    certified = 0
+    for seed in range(4):
+        graph = lower(_random_model("cnn7", 10 + seed), (1, SIZE, SIZE))
+        image = _image(seed)
+        with torch.no_grad():
+            ref = pixels(graph.evaluate(image, torch.ones(1).double(), torch.zeros(1).double()))[0]
+        prop = KeypointProperty(ref, 0.05)
+        boxes = [PhotometricBox.symmetric(e, e) for e in (0.01, 0.03, 0.1)]
+        for box, out in zip(boxes, certify_boxes(graph, image, prop, pixels, boxes, BabConfig(max_boxes=64)),
+                            strict=True):
+            if out.status is not Status.CERTIFIED:
+                continue
+            certified += 1
+            a, b, dev = pgd_attack(graph, image, prop, pixels, Boxes.from_boxes([box]), 32, 30, seed=seed)
+            assert dev.item() <= prop.delta
+            a, b = _samples(box, 30, 500, np.random.default_rng(seed))
+            assert (prop.deviation(pixels(graph.evaluate(image, a, b).detach())) <= prop.delta).all()
+    assert certified >= 3  # the check above must have had something to check
+
+
+@pytest.mark.parametrize("norm", [Norm.LINF, Norm.L2])
+def test_falsified_with_a_valid_counterexample(norm):
+    """A network whose keypoints follow the brightness: shifting b moves them far."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 4))
+    with torch.no_grad():
+        model[1].weight.fill_(1.0 / (SIZE * SIZE))
+        model[1].bias.zero_()
+    model.eval()
+    graph = lower(model, (1, SIZE, SIZE))
+    pixels = PixelMap.for_image(2, SIZE, SIZE)
+    image = torch.full((1, 1, SIZE, SIZE), 0.5, dtype=torch.float64)
+    with torch.no_grad():
+        ref = pixels(graph.evaluate(image, torch.ones(1).double(), torch.zeros(1).double()))[0]
+    prop = KeypointProperty(ref, 1.0, norm)
+    box = PhotometricBox(0.9, 1.1, -0.3, 0.3)  # b = 0.3 moves every output by 0.3 * 8 px = 2.4 px
+    out = certify_boxes(graph, image, prop, pixels, [box])[0]
+    assert out.status is Status.FALSIFIED
+    a, b = out.counterexample
+    assert box.contains(a, b)
+    x = (image * a + b).clamp(0, 1).float()
+    with torch.no_grad():
+        px = pixels(model(x).double())
+    assert prop.deviation(px).item() > prop.delta
+    assert out.counterexample_deviation > prop.delta
+    # The bounds (of the exact, float64 network) cover the whole box, counterexample included.
+    with torch.no_grad():
+        exact = pixels(graph.evaluate(image, torch.tensor([a], dtype=torch.float64),
+                                    torch.tensor([b], dtype=torch.float64)))[0]
+    assert (exact.numpy() >= out.lower).all() and (exact.numpy() <= out.upper).all()
+
+
+def test_small_box_of_a_smooth_model_is_certified():
+    pixels = PixelMap.for_image(2, SIZE, SIZE)
+    graph = lower(_random_model("resnet", 4), (1, SIZE, SIZE))
+    image = _image(4)
+    with torch.no_grad():
+        ref = pixels(graph.evaluate(image, torch.ones(1).double(), torch.zeros(1).double()))[0]
+    box = PhotometricBox.symmetric(0.02, 0.02)
+    out = certify_boxes(graph, image, KeypointProperty(ref, 0.5), pixels, [box])
+    assert out[0].status is Status.CERTIFIED
+    assert (out[0].lower <= ref.numpy()).all() and (out[0].upper >= ref.numpy()).all()

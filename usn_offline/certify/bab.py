@@ -1,0 +1,176 @@
+"""Input-space branch and bound over (a, b) boxes.
+
+Each root box is certified when every leaf of its split tree is verified by the bound
+method, falsified when a concrete point violates the property, and left "unknown" when
+the budget (depth, number of bounded boxes, seconds) runs out. Boxes of all roots are
+bounded together in batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+import torch
+
+from usn_offline.certify.bounds import BoundOptions, Method, PixelMap, output_bounds
+from usn_offline.certify.boxes import Boxes
+from usn_offline.certify.errors import CertificationError
+from usn_offline.certify.falsify import deviations_at, pgd_attack
+from usn_offline.certify.graph import Graph
+from usn_offline.certify.spec import KeypointProperty
+from usn_offline.perturb import PhotometricBox
+
+
+class Status(str, Enum):
+    CERTIFIED = "certified"
+    FALSIFIED = "falsified"
+    UNKNOWN = "not_certified"
+
+
+@dataclass(frozen=True)
+class BabConfig:
+    """Bound method and budget of branch and bound (per call)."""
+
+    method: Method = Method.CROWN
+    max_depth: int = 10  # splits along one path from a root
+    max_boxes: int = 512  # bounded boxes in total
+    time_limit: float = 20.0  # seconds
+    batch_size: int = 16
+    attack_restarts: int = 6
+    attack_steps: int = 8
+    bounds: BoundOptions = field(default_factory=BoundOptions)
+
+    def __post_init__(self) -> None:
+        if self.max_depth < 0 or self.max_boxes < 1 or self.batch_size < 1:
+            raise CertificationError("BaB budget: max_depth >= 0, max_boxes >= 1, batch_size >= 1 required")
+        if not self.time_limit > 0:
+            raise CertificationError(f"BaB time limit must be > 0 s, got {self.time_limit}")
+        object.__setattr__(self, "method", Method(self.method))
+
+
+@dataclass
+class BoxOutcome:
+    status: Status
+    lower: np.ndarray  # (2K,) pixels: certified lower bound of each coordinate over the box
+    upper: np.ndarray
+    counterexample: tuple[float, float] | None = None
+    counterexample_deviation: float | None = None
+    boxes_bounded: int = 0
+    depth: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Entry:
+    root: int
+    box: tuple[float, float, float, float]
+    depth: int
+    lo: torch.Tensor | None
+    hi: torch.Tensor | None
+
+
+def _split(box: tuple[float, float, float, float], root: PhotometricBox):
+    a_lo, a_hi, b_lo, b_hi = box
+    # Widest side relative to the root's extent (both axes matter equally to the user).
+    wa = (a_hi - a_lo) / max(root.a_hi - root.a_lo, 1e-12)
+    wb = (b_hi - b_lo) / max(root.b_hi - root.b_lo, 1e-12)
+    if wa >= wb:
+        m = (a_lo + a_hi) / 2
+        return [(a_lo, m, b_lo, b_hi), (m, a_hi, b_lo, b_hi)]
+    m = (b_lo + b_hi) / 2
+    return [(a_lo, a_hi, b_lo, m), (a_lo, a_hi, m, b_hi)]
+
+
+def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
+                  roots: list[PhotometricBox], config: BabConfig = BabConfig()) -> list[BoxOutcome]:
+    """Certify the property on each root box for one image ((1, C, H, W), graph dtype)."""
+    started = time.perf_counter()
+    dtype, device = graph.dtype, graph.device
+    k2 = prop.reference.shape[0]
+    n_roots = len(roots)
+    status: list[Status | None] = [None] * n_roots
+    cex: list[tuple[float, float] | None] = [None] * n_roots
+    cex_dev: list[float | None] = [None] * n_roots
+    leaf_lo = [torch.full((k2,), float("inf"), dtype=dtype, device=device) for _ in roots]
+    leaf_hi = [torch.full((k2,), -float("inf"), dtype=dtype, device=device) for _ in roots]
+    bounded = [0] * n_roots
+    depth = [0] * n_roots
+
+    # 1. Attack every root first: a cheap counterexample ends the root at once.
+    root_boxes = Boxes.from_boxes(roots, dtype, device)
+    a, b, dev = pgd_attack(graph, image, prop, pixels, root_boxes, config.attack_restarts, config.attack_steps)
+    for r in range(n_roots):
+        if dev[r] > prop.delta:
+            status[r], cex[r], cex_dev[r] = Status.FALSIFIED, (float(a[r]), float(b[r])), float(dev[r])
+
+    def merge(r: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        leaf_lo[r] = torch.minimum(leaf_lo[r], lo)
+        leaf_hi[r] = torch.maximum(leaf_hi[r], hi)
+
+    queue = deque(_Entry(r, (bx.a_lo, bx.a_hi, bx.b_lo, bx.b_hi), 0, None, None) for r, bx in enumerate(roots))
+    total = 0
+    first_pass = n_roots  # every root gets bounded at least once, whatever the budget
+    while queue:
+        out_of_budget = total >= config.max_boxes or time.perf_counter() - started > config.time_limit
+        if out_of_budget and first_pass <= 0:
+            break
+        batch: list[_Entry] = []
+        while queue and len(batch) < config.batch_size:
+            e = queue.popleft()
+            if status[e.root] is not None and e.lo is not None:
+                merge(e.root, e.lo, e.hi)  # root already decided: keep its inherited bounds
+                continue
+            batch.append(e)
+        if not batch:
+            continue
+        first_pass -= len(batch)
+        boxes = Boxes.from_boxes([PhotometricBox(*e.box) for e in batch], dtype, device)
+        lo, hi = output_bounds(graph, image, boxes, pixels, config.method, config.bounds, done=prop.verified)
+        total += len(batch)
+        for i, e in enumerate(batch):
+            if e.lo is not None:  # a child lies inside its parent: both bounds hold
+                lo[i], hi[i] = torch.maximum(lo[i], e.lo), torch.minimum(hi[i], e.hi)
+        ok = prop.verified(lo, hi)
+        open_idx = [i for i, e in enumerate(batch) if not ok[i] and status[e.root] is None]
+        ma, mb = boxes.centres()
+        dev = None
+        if open_idx:
+            idx = torch.tensor(open_idx, device=device)
+            dev = deviations_at(graph, image, prop, pixels, ma[idx], mb[idx])
+        for i, e in enumerate(batch):
+            bounded[e.root] += 1
+            depth[e.root] = max(depth[e.root], e.depth)
+            if ok[i] or status[e.root] is not None:
+                merge(e.root, lo[i], hi[i])
+                continue
+            d = dev[open_idx.index(i)]
+            if d > prop.delta:
+                status[e.root] = Status.FALSIFIED
+                cex[e.root], cex_dev[e.root] = (float(ma[i]), float(mb[i])), float(d)
+                merge(e.root, lo[i], hi[i])
+            elif e.depth >= config.max_depth:
+                status[e.root] = Status.UNKNOWN
+                merge(e.root, lo[i], hi[i])
+            else:
+                for child in _split(e.box, roots[e.root]):
+                    queue.append(_Entry(e.root, child, e.depth + 1, lo[i].clone(), hi[i].clone()))
+    # Boxes left in the queue: their inherited bounds still cover their part of the root.
+    for e in queue:
+        if e.lo is not None:
+            merge(e.root, e.lo, e.hi)
+        if status[e.root] is None:
+            status[e.root] = Status.UNKNOWN
+    seconds = time.perf_counter() - started
+    outcomes = []
+    for r in range(n_roots):
+        outcomes.append(BoxOutcome(
+            status=status[r] or Status.CERTIFIED,
+            lower=leaf_lo[r].cpu().numpy(), upper=leaf_hi[r].cpu().numpy(),
+            counterexample=cex[r], counterexample_deviation=cex_dev[r],
+            boxes_bounded=bounded[r], depth=depth[r], seconds=seconds / n_roots))
+    return outcomes

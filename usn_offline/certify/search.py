@@ -1,0 +1,103 @@
+"""Largest certified symmetric radius (bisection) and certified-region maps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from usn_offline.certify.bab import BabConfig, Status, certify_boxes
+from usn_offline.certify.bounds import PixelMap
+from usn_offline.certify.errors import CertificationError
+from usn_offline.certify.graph import Graph
+from usn_offline.certify.spec import KeypointProperty
+from usn_offline.perturb import PhotometricBox
+
+
+@dataclass(frozen=True)
+class RadiusConfig:
+    """Symmetric boxes a in [1 - eps*contrast_scale, 1 + eps*contrast_scale],
+    b in [-eps*brightness_scale, eps*brightness_scale]; eps searched in [0, eps_max]."""
+
+    eps_max: float = 0.4
+    steps: int = 7
+    contrast_scale: float = 1.0
+    brightness_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.eps_max > 0 or self.steps < 1:
+            raise CertificationError("radius search needs eps_max > 0 and steps >= 1")
+        if self.contrast_scale < 0 or self.brightness_scale < 0:
+            raise CertificationError("radius scales must be >= 0")
+        if self.eps_max * self.contrast_scale > 1:
+            raise CertificationError("eps_max * contrast_scale must be <= 1 (contrast stays >= 0)")
+
+    def box(self, eps: float) -> PhotometricBox:
+        return PhotometricBox.symmetric(eps * self.contrast_scale, eps * self.brightness_scale)
+
+
+@dataclass
+class RadiusResult:
+    certified_eps: float  # largest eps proven (0.0 with certified_at_zero False: nothing proven)
+    certified_at_zero: bool
+    falsified_eps: float | None  # smallest eps where a counterexample was found
+    probes: list[tuple[float, str]]
+    seconds: float
+
+
+def largest_certified_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
+                             radius: RadiusConfig = RadiusConfig(), bab: BabConfig = BabConfig()
+                             ) -> RadiusResult:
+    """Bisection on eps. Certified boxes are nested, so proving eps proves every smaller one."""
+    probes: list[tuple[float, str]] = []
+    seconds = 0.0
+
+    def probe(eps: float) -> Status:
+        nonlocal seconds
+        out = certify_boxes(graph, image, prop, pixels, [radius.box(eps)], bab)[0]
+        probes.append((eps, out.status.value))
+        seconds += out.seconds
+        return out.status
+
+    if probe(0.0) is not Status.CERTIFIED:
+        return RadiusResult(0.0, False, 0.0, probes, seconds)
+    lo, hi, falsified = 0.0, radius.eps_max, None
+    status = probe(hi)
+    if status is Status.CERTIFIED:
+        return RadiusResult(hi, True, None, probes, seconds)
+    if status is Status.FALSIFIED:
+        falsified = hi
+    for _ in range(radius.steps):
+        mid = (lo + hi) / 2
+        status = probe(mid)
+        if status is Status.CERTIFIED:
+            lo = mid
+        else:
+            hi = mid
+            if status is Status.FALSIFIED:
+                falsified = mid
+    return RadiusResult(lo, True, falsified, probes, seconds)
+
+
+@dataclass
+class RegionMap:
+    """Status of each (a, b) cell of a grid over a box: status[i, j] for a-cell i, b-cell j."""
+
+    a_edges: np.ndarray
+    b_edges: np.ndarray
+    status: np.ndarray  # (na, nb) of Status values as strings
+
+
+def region_map(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
+               box: PhotometricBox, grid: tuple[int, int], bab: BabConfig = BabConfig()) -> RegionMap:
+    na, nb = grid
+    if na < 1 or nb < 1:
+        raise CertificationError(f"region grid must be at least 1x1, got {na}x{nb}")
+    a_edges = np.linspace(box.a_lo, box.a_hi, na + 1)
+    b_edges = np.linspace(box.b_lo, box.b_hi, nb + 1)
+    cells = [PhotometricBox(a_edges[i], a_edges[i + 1], b_edges[j], b_edges[j + 1])
+             for i in range(na) for j in range(nb)]
+    outcomes = certify_boxes(graph, image, prop, pixels, cells, bab)
+    status = np.array([o.status.value for o in outcomes], dtype=object).reshape(na, nb)
+    return RegionMap(a_edges, b_edges, status)
