@@ -118,7 +118,7 @@ def _cmd_certify(args: argparse.Namespace) -> None:
                     time_limit=args.bab_time)
     radius = None
     if args.radius_search:
-        radius = RadiusConfig(eps_max=args.eps_max, steps=args.radius_steps,
+        radius = RadiusConfig(eps_max=args.eps_max, steps=args.radius_steps, eps_start=args.eps_start,
                               contrast_scale=args.contrast_scale, brightness_scale=args.brightness_scale)
     config = CertifyConfig(box=box, delta=args.delta, norm=args.norm, reference=args.reference,
                            clip=not args.no_clip, bab=bab, radius=radius, eps_list=tuple(args.eps or ()),
@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bab-time", type=_positive_float, default=20.0, help="seconds per branch-and-bound call")
     p.add_argument("--radius-search", action="store_true", help="find each image's largest certified eps")
     p.add_argument("--eps-max", type=_positive_float, default=0.4)
-    p.add_argument("--radius-steps", type=_positive_int, default=7)
+    p.add_argument("--radius-steps", type=int, default=4, help="bisection steps after doubling")
+    p.add_argument("--eps-start", type=_positive_float, default=0.0025, help="first eps of the radius search")
     p.add_argument("--contrast-scale", type=float, default=1.0, help="eps_c = eps * this")
     p.add_argument("--brightness-scale", type=float, default=1.0, help="eps_b = eps * this")
     p.add_argument("--eps", type=float, nargs="+", help="certified fraction at these symmetric eps")

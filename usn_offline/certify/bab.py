@@ -105,7 +105,7 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
     root_boxes = Boxes.from_boxes(roots, dtype, device)
     a, b, dev = pgd_attack(graph, image, prop, pixels, root_boxes, config.attack_restarts, config.attack_steps)
     for r in range(n_roots):
-        if dev[r] > prop.delta:
+        if prop.violates(dev[r]):
             status[r], cex[r], cex_dev[r] = Status.FALSIFIED, (float(a[r]), float(b[r])), float(dev[r])
 
     def merge(r: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -149,7 +149,7 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
                 merge(e.root, lo[i], hi[i])
                 continue
             d = dev[open_idx.index(i)]
-            if d > prop.delta:
+            if prop.violates(d):
                 status[e.root] = Status.FALSIFIED
                 cex[e.root], cex_dev[e.root] = (float(ma[i]), float(mb[i])), float(d)
                 merge(e.root, lo[i], hi[i])

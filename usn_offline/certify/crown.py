@@ -18,10 +18,27 @@ from usn_offline.certify.graph import Graph
 from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp
 
 
+def reached_backward(graph: Graph, start: int, cut: set[int]) -> set[int]:
+    """Nodes a backward pass from ``start`` visits when it stops at the ``cut`` nodes."""
+    seen, stack = set(), [start]
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        if i not in cut:
+            stack.extend(graph.nodes[i].inputs)
+    return seen
+
+
 def initial_alphas(graph: Graph, fwd: ForwardBounds, num_rows: int) -> dict[int, torch.Tensor]:
-    """Heuristic lower slopes, one per (box, spec row, neuron) of every ReLU."""
+    """Heuristic lower slopes, one per (box, spec row, neuron) of every ReLU the backward
+    pass crosses (those with unstable neurons only)."""
     alphas = {}
+    reached = reached_backward(graph, graph.output, set(fwd.kept_linear or {}))
     for i, (lo, hi) in fwd.relu_input.items():
+        if i not in reached or i in (fwd.kept_linear or {}) or not ((lo < 0) & (hi > 0)).any():
+            continue
         sl, _, _, _ = relu_slopes(lo, hi)
         alphas[i] = sl.unsqueeze(1).expand(-1, num_rows, *sl.shape[1:]).clone()
     return alphas

@@ -21,13 +21,14 @@ class RadiusConfig:
     b in [-eps*brightness_scale, eps*brightness_scale]; eps searched in [0, eps_max]."""
 
     eps_max: float = 0.4
-    steps: int = 7
+    steps: int = 4  # bisection steps after the growth phase
+    eps_start: float = 0.0025
     contrast_scale: float = 1.0
     brightness_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.eps_max > 0 or self.steps < 1:
-            raise CertificationError("radius search needs eps_max > 0 and steps >= 1")
+        if not self.eps_max > 0 or self.steps < 0 or not 0 < self.eps_start <= self.eps_max:
+            raise CertificationError("radius search needs eps_max > 0, 0 < eps_start <= eps_max, steps >= 0")
         if self.contrast_scale < 0 or self.brightness_scale < 0:
             raise CertificationError("radius scales must be >= 0")
         if self.eps_max * self.contrast_scale > 1:
@@ -49,35 +50,68 @@ class RadiusResult:
 def largest_certified_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
                              radius: RadiusConfig = RadiusConfig(), bab: BabConfig = BabConfig()
                              ) -> RadiusResult:
-    """Bisection on eps. Certified boxes are nested, so proving eps proves every smaller one."""
+    """Grow eps geometrically from ``eps_start`` (x2) until a box fails, then bisect.
+
+    Certified boxes are nested, so proving eps proves every smaller one; starting small
+    keeps the budget on boxes that have a chance (large boxes of a naturally trained
+    network need many splits).
+    """
     probes: list[tuple[float, str]] = []
     seconds = 0.0
+    proven = -1.0  # largest eps certified so far (-1: not even eps = 0)
 
     def probe(eps: float) -> Status:
+        # Only the ring between the proven box and box(eps) still needs a proof.
         nonlocal seconds
-        out = certify_boxes(graph, image, prop, pixels, [radius.box(eps)], bab)[0]
-        probes.append((eps, out.status.value))
-        seconds += out.seconds
-        return out.status
+        roots = ring(radius.box(proven), radius.box(eps)) if proven >= 0 else [radius.box(eps)]
+        outs = certify_boxes(graph, image, prop, pixels, roots, bab) if roots else []
+        statuses = {o.status for o in outs}
+        status = (Status.FALSIFIED if Status.FALSIFIED in statuses else
+                  Status.UNKNOWN if Status.UNKNOWN in statuses else Status.CERTIFIED)
+        probes.append((eps, status.value))
+        seconds += sum(o.seconds for o in outs)
+        return status
 
     if probe(0.0) is not Status.CERTIFIED:
         return RadiusResult(0.0, False, 0.0, probes, seconds)
-    lo, hi, falsified = 0.0, radius.eps_max, None
-    status = probe(hi)
-    if status is Status.CERTIFIED:
-        return RadiusResult(hi, True, None, probes, seconds)
-    if status is Status.FALSIFIED:
-        falsified = hi
+    proven = 0.0
+    lo, hi, falsified = 0.0, None, None
+    eps = radius.eps_start
+    while hi is None:
+        status = probe(eps)
+        if status is Status.CERTIFIED:
+            lo = proven = eps
+            if eps >= radius.eps_max:
+                return RadiusResult(lo, True, None, probes, seconds)
+            eps = min(2 * eps, radius.eps_max)
+        else:
+            hi = eps
+            if status is Status.FALSIFIED:
+                falsified = eps
     for _ in range(radius.steps):
         mid = (lo + hi) / 2
         status = probe(mid)
         if status is Status.CERTIFIED:
-            lo = mid
+            lo = proven = mid
         else:
             hi = mid
             if status is Status.FALSIFIED:
                 falsified = mid
     return RadiusResult(lo, True, falsified, probes, seconds)
+
+
+def ring(inner: PhotometricBox, outer: PhotometricBox) -> list[PhotometricBox]:
+    """Boxes covering ``outer`` minus the interior of ``inner`` (inner inside outer)."""
+    parts = []
+    if outer.a_lo < inner.a_lo:
+        parts.append(PhotometricBox(outer.a_lo, inner.a_lo, outer.b_lo, outer.b_hi))
+    if inner.a_hi < outer.a_hi:
+        parts.append(PhotometricBox(inner.a_hi, outer.a_hi, outer.b_lo, outer.b_hi))
+    if outer.b_lo < inner.b_lo:
+        parts.append(PhotometricBox(inner.a_lo, inner.a_hi, outer.b_lo, inner.b_lo))
+    if inner.b_hi < outer.b_hi:
+        parts.append(PhotometricBox(inner.a_lo, inner.a_hi, inner.b_hi, outer.b_hi))
+    return parts
 
 
 @dataclass

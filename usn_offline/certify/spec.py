@@ -9,6 +9,8 @@ import torch
 
 from usn_offline.certify.errors import CertificationError
 
+FALSIFY_TOLERANCE = 1e-9
+
 
 class Norm(str, Enum):
     LINF = "linf"  # per coordinate: |x - x_ref| <= delta and |y - y_ref| <= delta
@@ -42,6 +44,11 @@ class KeypointProperty:
         dev = torch.maximum((lo - r).abs(), (hi - r).abs())
         per_kp = dev.view(dev.shape[0], -1, 2).pow(2).sum(dim=2)
         return (per_kp <= self.delta ** 2).all(dim=1)
+
+    def violates(self, deviation: torch.Tensor) -> torch.Tensor:
+        """A counterexample must exceed delta by more than floating-point noise, so that
+        it also breaks the property in exact arithmetic."""
+        return deviation > self.delta + FALSIFY_TOLERANCE * (1 + self.delta)
 
     def deviation(self, px: torch.Tensor) -> torch.Tensor:
         """(N,) largest deviation from the reference of concrete outputs px (N, 2K)."""
