@@ -4,6 +4,9 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 DEMO_DIR ?= runs/demo
 EPOCHS ?= 20
+CERT_IMAGES ?= 20
+CERT_CONTRAST ?= 0.98 1.02
+CERT_BRIGHTNESS ?= -0.02 0.02
 # Every process that may start rclpy keeps DDS on loopback, on its own domain.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 57
@@ -19,7 +22,12 @@ demo: setup
 	$(ENV) usn-offline train --data $(DEMO_DIR)/data --out $(DEMO_DIR)/model.pt --epochs $(EPOCHS) --resume
 	$(ENV) usn-offline evaluate --checkpoint $(DEMO_DIR)/model.pt --data $(DEMO_DIR)/data --split test \
 		--out $(DEMO_DIR)/eval.json
-	@echo "demo outputs: $(DEMO_DIR)/ (data/, model.pt, model.json, eval.json)"
+	$(ENV) usn-offline certify --checkpoint $(DEMO_DIR)/model.pt --data $(DEMO_DIR)/data --split test \
+		--num-images $(CERT_IMAGES) --delta 2 --contrast $(CERT_CONTRAST) --brightness $(CERT_BRIGHTNESS) \
+		--out $(DEMO_DIR)/certificate.json
+	$(ENV) usn-offline export --checkpoint $(DEMO_DIR)/model.pt --certificate $(DEMO_DIR)/certificate.json \
+		--out $(DEMO_DIR)/bundle
+	@echo "demo outputs: $(DEMO_DIR)/ (data/, model.pt, eval.json, certificate.json, bundle/)"
 
 test: setup
 	$(ENV) ruff check usn_offline tests bench

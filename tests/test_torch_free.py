@@ -3,7 +3,8 @@
 import subprocess
 import sys
 
-TORCH_FREE_MODULES = ["usn_offline.runtime", "usn_offline.runtime.preprocess", "usn_offline.perturb",
+TORCH_FREE_MODULES = ["usn_offline.runtime", "usn_offline.runtime.preprocess", "usn_offline.runtime.bundle",
+                      "usn_offline.runtime.backends", "usn_offline.runtime.hashing", "usn_offline.perturb",
                       "usn_offline.errors"]
 
 

@@ -134,6 +134,47 @@ def _cmd_certify(args: argparse.Namespace) -> None:
     print(f"certificate written to {path}")
 
 
+def _read_report(path: Path) -> dict:
+    from usn_offline.errors import BundleError
+
+    if not path.is_file():
+        raise BundleError(f"certificate not found: {path}")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("schema_version") != 1:
+        raise BundleError(f"{path}: not a schema_version 1 certification report")
+    return doc
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from usn_offline.data import load_split
+    from usn_offline.export import ExportConfig, bundle_summary, write_bundle
+    from usn_offline.train import load_checkpoint
+    from usn_offline.train.metrics import format_table
+
+    report = _read_report(args.certificate)
+    model, info = load_checkpoint(args.checkpoint)
+    data_root = args.data or Path(report["data"]["root"])
+    k = info.model.num_keypoints
+    gap_data = load_split(data_root, report["data"]["split"], info.preprocess, expected_keypoints=k)
+    nominal = load_split(data_root, args.nominal_split, info.preprocess, expected_keypoints=k)
+    config = ExportConfig(gap_tolerance_px=args.gap_tolerance, build_engine=not args.no_engine,
+                          fp16=args.fp16, workspace_mb=args.workspace_mb)
+    bundle = write_bundle(args.out, model, info, args.checkpoint, report, gap_data,
+                          nominal.subset(slice(0, 2000)), config)
+    print(format_table(bundle_summary(bundle), title=f"bundle {bundle.root}"))
+
+
+def _cmd_build_engine(args: argparse.Namespace) -> None:
+    from usn_offline.export.engine_update import add_engine_to_bundle
+    from usn_offline.runtime.bundle import Bundle
+
+    bundle = add_engine_to_bundle(Bundle.load(args.bundle), fp16=args.fp16, workspace_mb=args.workspace_mb)
+    print(f"engine written to {bundle.engine_path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="usn-offline",
@@ -207,6 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="certificate JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_certify)
+
+    p = sub.add_parser("export", help="write the deployment bundle (ONNX, engine, certificate, manifest)")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--certificate", required=True, type=Path, help="report written by 'certify'")
+    p.add_argument("--data", type=Path, help="dataset folder (default: the one the certificate names)")
+    p.add_argument("--nominal-split", default="train", help="split whose image statistics the monitor uses")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory")
+    p.add_argument("--gap-tolerance", type=_positive_float, default=0.05,
+                   help="max keypoint deviation (px) of a backend from torch")
+    p.add_argument("--no-engine", action="store_true", help="do not build a TensorRT engine")
+    p.add_argument("--fp16", action="store_true", help="build the TensorRT engine in FP16")
+    p.add_argument("--workspace-mb", type=_positive_int, default=1024, help="TensorRT workspace limit")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("build-engine", help="build the TensorRT engine of a bundle on this machine")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--workspace-mb", type=_positive_int, default=1024)
+    p.set_defaults(func=_cmd_build_engine)
     return parser
 
 

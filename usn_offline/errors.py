@@ -13,5 +13,9 @@ class CheckpointError(UsnError):
     """A checkpoint or its JSON config is missing, malformed or inconsistent."""
 
 
+class BundleError(UsnError):
+    """A deployment bundle is missing, corrupt, tampered with or inconsistent."""
+
+
 class ConfigError(UsnError):
     """A configuration value is out of range or inconsistent."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -11,17 +10,10 @@ from pathlib import Path
 from usn_offline import __version__
 from usn_offline.certify.bab import Status
 from usn_offline.certify.engine import CertificationReport
+from usn_offline.runtime.hashing import sha256_file
 from usn_offline.train.metrics import format_table
 
 REPORT_SCHEMA_VERSION = 1
-
-
-def sha256_file(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _plain(value):

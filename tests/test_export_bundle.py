@@ -1,0 +1,215 @@
+"""Export round trip (ONNX Runtime equals torch), tamper detection and schema validation
+of the deployment bundle."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from usn_offline.certify import CertifyConfig, certify_dataset
+from usn_offline.certify.report import report_to_dict, write_report
+from usn_offline.cli import main
+from usn_offline.data import load_split
+from usn_offline.errors import BundleError
+from usn_offline.export import ExportConfig, tensorrt_available, write_bundle
+from usn_offline.export.bundle_writer import certified_region
+from usn_offline.models import model_config_for
+from usn_offline.perturb import PhotometricBox
+from usn_offline.runtime.backends import OnnxRuntimeBackend
+from usn_offline.runtime.bundle import Bundle
+from usn_offline.train import TrainConfig, load_checkpoint, train_model
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    ckpt = root / "m.pt"
+    train, val = load_split(tiny_dataset, "train"), load_split(tiny_dataset, "val")
+    train_model(train, val, model_config_for("cnn7", widths=(4, 4, 8, 8, 8), hidden=32),
+                TrainConfig(epochs=2, batch_size=16, device="cpu"), ckpt, progress=False)
+    model, info = load_checkpoint(ckpt)
+    test = load_split(tiny_dataset, "test")
+    report = certify_dataset(model, test.subset(slice(0, 3)),
+                             CertifyConfig(box=PhotometricBox(1.0, 1.0, 0.0, 0.0), delta=2.0), progress=False)
+    cert_path = write_report(root / "cert.json", report_to_dict(report, ckpt, tiny_dataset, "test"))
+    bundle = write_bundle(root / "bundle", model, info, ckpt, json.loads(cert_path.read_text()), test, train,
+                          ExportConfig(build_engine=False))
+    return {"root": root, "ckpt": ckpt, "cert": cert_path, "bundle": bundle, "model": model, "test": test}
+
+
+def _copy(exported, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(exported["bundle"].root, dst)
+    return dst
+
+
+def test_onnx_runtime_matches_torch(exported):
+    bundle, model, test = exported["bundle"], exported["model"], exported["test"]
+    backend = OnnxRuntimeBackend(bundle.onnx_path)
+    rng = np.random.default_rng(0)
+    for batch in (test.images[:8, None], rng.random((4, 1, 64, 64), dtype=np.float32)):
+        with torch.no_grad():
+            expected = model(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
+        np.testing.assert_allclose(backend.infer(batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_file_is_static_checked_and_carries_metadata(exported):
+    proto = onnx.load(str(exported["bundle"].onnx_path))
+    onnx.checker.check_model(proto)
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 1, 64, 64] and proto.graph.input[0].name == "image"
+    assert proto.opset_import[0].version == 17
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["keypoint_names"]) == ["top_left", "top_right", "bottom_right", "bottom_left"]
+    assert json.loads(meta["preprocessing"])["input_height"] == 64
+
+
+def test_bundle_contents(exported):
+    bundle = Bundle.load(exported["bundle"].root)
+    assert bundle.keypoint_names[0] == "top_left"
+    assert bundle.preprocess.input_width == 64
+    assert 0 <= bundle.deployment_gap_px < 1e-3
+    assert bundle.effective_delta_px == pytest.approx(2.0 + bundle.deployment_gap_px)
+    assert bundle.in_region(1.0, 0.0) and not bundle.in_region(1.5, 0.0)
+    assert 0 < bundle.nominal.mean_of_means < 1 and bundle.nominal.num_images == 96
+    assert bundle.engine_path is None
+    assert "engine" in bundle.manifest["engine_status"] or "not built" in bundle.manifest["engine_status"]
+
+
+def test_one_changed_byte_of_the_model_is_rejected(exported, tmp_path):
+    root = _copy(exported, tmp_path)
+    data = bytearray((root / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (root / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model.onnx: SHA-256 does not match manifest.json"):
+        Bundle.load(root)
+
+
+def test_truncated_model_is_rejected(exported, tmp_path):
+    root = _copy(exported, tmp_path)
+    data = (root / "model.onnx").read_bytes()
+    (root / "model.onnx").write_bytes(data[:-10])
+    with pytest.raises(BundleError, match=r"model.onnx: size .* \(truncated or replaced\)"):
+        Bundle.load(root)
+
+
+def test_edited_certificate_field_is_rejected(exported, tmp_path):
+    root = _copy(exported, tmp_path)
+    doc = json.loads((root / "certificate.json").read_text())
+    doc["delta_px"] = 50.0
+    (root / "certificate.json").write_text(json.dumps(doc, indent=1))
+    with pytest.raises(BundleError, match=r"certificate.json: (size|SHA-256)"):
+        Bundle.load(root)
+
+
+def test_deleted_file_is_rejected(exported, tmp_path):
+    root = _copy(exported, tmp_path)
+    (root / "model.onnx").unlink()
+    with pytest.raises(BundleError, match=r"bundle is missing model.onnx"):
+        Bundle.load(root)
+    root2 = _copy(exported, tmp_path / "b2")
+    (root2 / "manifest.json").unlink()
+    with pytest.raises(BundleError, match=r"bundle is missing manifest.json"):
+        Bundle.load(root2)
+
+
+def _rewrite(root, name, edit):
+    """Edit a JSON file and re-hash it in the manifest, as a careless tool would."""
+    from usn_offline.runtime.hashing import sha256_file
+
+    doc = json.loads((root / name).read_text())
+    edit(doc)
+    (root / name).write_text(json.dumps(doc))
+    if name != "manifest.json":
+        manifest = json.loads((root / "manifest.json").read_text())
+        manifest["files"][name] = {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
+        (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name,edit,message", [
+    ("certificate.json", lambda d: d.update(model_sha256="0" * 64), "was issued for another model"),
+    ("certificate.json", lambda d: d.update(delta_px=-1), "'delta_px' must be >= 0.0, got -1"),
+    ("certificate.json", lambda d: d.update(delta_px="2"), "'delta_px' must be a finite number"),
+    ("certificate.json", lambda d: d["region"]["boxes"][0].update(a_lo=2.0), "region.boxes[0] is empty"),
+    ("certificate.json", lambda d: d["region"].update(boxes=[]), "region.boxes must be a non-empty list"),
+    ("certificate.json", lambda d: d.pop("nominal_statistics"), "missing field 'nominal_statistics'"),
+    ("certificate.json", lambda d: d.update(schema_version=7), "unsupported schema_version 7"),
+    ("manifest.json", lambda d: d.update(keypoint_names=[]), "keypoint_names must be a non-empty list"),
+    ("manifest.json", lambda d: d.update(schema_version=None), "manifest.json: unsupported schema_version"),
+    ("manifest.json", lambda d: d["files"].pop("certificate.json"), "does not list certificate.json"),
+])
+def test_schema_validation(exported, tmp_path, name, edit, message):
+    root = _copy(exported, tmp_path)
+    _rewrite(root, name, edit)
+    with pytest.raises(BundleError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        Bundle.load(root)
+
+
+def test_certificate_of_another_checkpoint_is_refused(exported, tmp_path):
+    doc = json.loads(exported["cert"].read_text())
+    doc["model"]["sha256"] = "f" * 64
+    model, info = load_checkpoint(exported["ckpt"])
+    with pytest.raises(BundleError, match="computed for another checkpoint"):
+        write_bundle(tmp_path / "b", model, info, exported["ckpt"], doc, exported["test"], exported["test"])
+
+
+def test_region_falls_back_to_the_radius():
+    report = {"summary": {"certified_fraction": 0.5, "radius_at_coverage": 0.02},
+              "perturbation": {"a_lo": 0.8, "a_hi": 1.2, "b_lo": -0.2, "b_hi": 0.2},
+              "method": {"coverage": 0.95, "radius_search": {"contrast_scale": 1.0, "brightness_scale": 0.5}}}
+    region = certified_region(report)
+    assert region["kind"] == "symmetric_radius"
+    assert region["boxes"][0] == pytest.approx({"a_lo": 0.98, "a_hi": 1.02, "b_lo": -0.01, "b_hi": 0.01})
+    report["summary"]["radius_at_coverage"] = None
+    with pytest.raises(BundleError, match="proves no region for 95 % of the images"):
+        certified_region(report)
+
+
+def test_export_cli(exported, tmp_path, capsys):
+    code = main(["export", "--checkpoint", str(exported["ckpt"]), "--certificate", str(exported["cert"]),
+                 "--out", str(tmp_path / "cli_bundle"), "--no-engine"])
+    out = capsys.readouterr().out
+    assert code == 0 and "certified region" in out and "deployment gap" in out
+    Bundle.load(tmp_path / "cli_bundle")
+    code = main(["export", "--checkpoint", str(exported["ckpt"]), "--certificate", str(tmp_path / "no.json"),
+                 "--out", str(tmp_path / "x")])
+    assert code == 2 and "certificate not found" in capsys.readouterr().err
+
+
+def test_engine_building(exported, tmp_path):
+    ok, why = tensorrt_available()
+    if not ok:
+        pytest.skip(f"TensorRT engine build not testable here: {why}")
+    from usn_offline.export.engine_update import add_engine_to_bundle
+
+    bundle = add_engine_to_bundle(Bundle.load(_copy(exported, tmp_path)))
+    assert bundle.engine_path is not None and bundle.certificate["engine"]["precision"] == "fp32"
+
+
+def test_build_engine_cli_explains_why_not_here(exported, tmp_path, capsys):
+    if tensorrt_available()[0]:
+        pytest.skip("TensorRT is available: the engine path is tested above")
+    code = main(["build-engine", "--bundle", str(_copy(exported, tmp_path))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot build a TensorRT engine here" in err and len(err.splitlines()) == 1
+
+
+def test_bundle_loads_and_runs_without_torch(exported):
+    """The robot side: validate the bundle and run ONNX Runtime with torch unavailable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from usn_offline.runtime.bundle import Bundle\n"
+        "from usn_offline.runtime.backends import OnnxRuntimeBackend\n"
+        f"b = Bundle.load({str(exported['bundle'].root)!r})\n"
+        "out = OnnxRuntimeBackend(b.onnx_path).infer(np.zeros((1, 1, 64, 64), np.float32))\n"
+        "print(out.shape)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "(1, 8)"

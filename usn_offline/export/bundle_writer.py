@@ -1,0 +1,199 @@
+"""Write the deployment bundle: ONNX model, optional TensorRT engine, a certificate bound
+to the exact model file, and a manifest with hashes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from usn_offline import __version__
+from usn_offline.data.dataset import KeypointDataset
+from usn_offline.errors import BundleError
+from usn_offline.export.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx
+from usn_offline.export.tensorrt_engine import build_engine, tensorrt_available
+from usn_offline.models import KeypointNet
+from usn_offline.runtime.backends import OnnxRuntimeBackend
+from usn_offline.runtime.bundle import (
+    CERTIFICATE,
+    CERTIFICATE_SCHEMA_VERSION,
+    ENGINE,
+    MANIFEST,
+    MANIFEST_SCHEMA_VERSION,
+    ONNX_MODEL,
+    Bundle,
+)
+from usn_offline.runtime.hashing import sha256_file
+from usn_offline.runtime.preprocess import normalised_to_pixels
+from usn_offline.train.checkpoint import CheckpointInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    gap_tolerance_px: float = 0.05  # a backend deviating more than this from torch fails the export
+    build_engine: bool = True  # when TensorRT and a GPU are present
+    fp16: bool = False
+    workspace_mb: int = 1024
+    gap_images: int = 200
+
+
+def nominal_statistics(images: np.ndarray) -> dict:
+    """Per-image mean and standard deviation of the nominal images, summarised."""
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    means, stds = flat.mean(axis=1), flat.std(axis=1)
+    return {"mean_of_means": float(means.mean()), "std_of_means": float(means.std()),
+            "mean_of_stds": float(stds.mean()), "std_of_stds": float(stds.std()),
+            "num_images": int(len(images))}
+
+
+def deployment_gap_px(model: KeypointNet, backend_infer, dataset: KeypointDataset, count: int) -> float:
+    """Largest keypoint deviation (pixels) between the torch model and a backend on the
+    first ``count`` images of ``dataset`` plus as many random images."""
+    h, w = dataset.image_hw
+    rng = np.random.default_rng(0)
+    real = dataset.images[:count].astype(np.float32)
+    noise = rng.random((min(count, 32), h, w), dtype=np.float32)
+    worst = 0.0
+    for batch in (real, noise):
+        x = batch[:, None]
+        with torch.no_grad():
+            ref = model.cpu().eval()(torch.from_numpy(x)).numpy()
+        got = np.asarray(backend_infer(x))
+        diff = np.abs(normalised_to_pixels(got.reshape(len(x), -1, 2), h, w)
+                      - normalised_to_pixels(ref.reshape(len(x), -1, 2), h, w))
+        worst = max(worst, float(diff.max()))
+    return worst
+
+
+def certified_region(report: dict) -> dict:
+    """The region the runtime monitor uses: the certified box when it holds for at least
+    the coverage fraction of the images, else the symmetric radius or region-map cells
+    reaching that coverage."""
+    summary, pert, method = report["summary"], report["perturbation"], report["method"]
+    coverage = method.get("coverage", 0.95)
+    box = {k: pert[k] for k in ("a_lo", "a_hi", "b_lo", "b_hi")}
+    if summary["certified_fraction"] >= coverage:
+        return {"kind": "box", "coverage": coverage, "certified_fraction": summary["certified_fraction"],
+                "boxes": [box]}
+    radius = summary.get("radius_at_coverage")
+    if radius:
+        scales = method.get("radius_search") or {}
+        ec, eb = radius * scales.get("contrast_scale", 1.0), radius * scales.get("brightness_scale", 1.0)
+        return {"kind": "symmetric_radius", "coverage": coverage, "radius": radius,
+                "boxes": [{"a_lo": 1 - ec, "a_hi": 1 + ec, "b_lo": -eb, "b_hi": eb}]}
+    cells = summary.get("region_cells_at_coverage")
+    edges = report.get("region_edges")
+    if cells and edges and any(map(any, cells)):
+        a, b = edges["a"], edges["b"]
+        boxes = [{"a_lo": a[i], "a_hi": a[i + 1], "b_lo": b[j], "b_hi": b[j + 1]}
+                 for i, row in enumerate(cells) for j, ok in enumerate(row) if ok]
+        return {"kind": "region_map_cells", "coverage": coverage, "boxes": boxes}
+    raise BundleError(f"the certificate proves no region for {100 * coverage:g} % of the images "
+                      f"(certified {100 * summary['certified_fraction']:.1f} %); certify a smaller box, "
+                      "or add --radius-search or --region-grid")
+
+
+def write_bundle(out: Path | str, model: KeypointNet, info: CheckpointInfo, checkpoint: Path | str,
+                 report: dict, gap_data: KeypointDataset, nominal_data: KeypointDataset,
+                 config: ExportConfig = ExportConfig()) -> Bundle:
+    """Export everything into ``out`` and return the bundle as the loader sees it."""
+    out = Path(out)
+    if report.get("kind") != "usn-certification-report":
+        raise BundleError("the --certificate file is not a usn-offline certification report")
+    ck_sha = sha256_file(checkpoint)
+    if report["model"]["sha256"] != ck_sha:
+        raise BundleError(f"the certificate was computed for another checkpoint (sha256 "
+                          f"{report['model']['sha256'][:12]}... != {Path(checkpoint).name} {ck_sha[:12]}...)")
+    region = certified_region(report)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    onnx_path = export_onnx(model, info, tmp / ONNX_MODEL)
+    onnx_sha = sha256_file(onnx_path)
+    backend = OnnxRuntimeBackend(onnx_path)
+    gaps = {"onnxruntime": deployment_gap_px(model, backend.infer, gap_data, config.gap_images)}
+    engine = None
+    if config.build_engine:
+        ok, why = tensorrt_available()
+        if ok:
+            engine = build_engine(onnx_path, tmp / ENGINE, config.fp16, config.workspace_mb)
+        else:
+            log.warning("no TensorRT engine built (%s): build it on the target with "
+                        "'usn-offline build-engine --bundle %s'", why, out)
+    for name, gap in gaps.items():
+        if gap > config.gap_tolerance_px:
+            raise BundleError(f"{name} deviates {gap:.4f} px from the torch model, more than the "
+                              f"tolerance {config.gap_tolerance_px} px: export refused")
+    gap = max(gaps.values())
+
+    prop, pert = report["property"], report["perturbation"]
+    certificate = {
+        "schema_version": CERTIFICATE_SCHEMA_VERSION,
+        "kind": "usn-bundle-certificate",
+        "model_sha256": onnx_sha,
+        "checkpoint_sha256": ck_sha,
+        "perturbation": pert,
+        "region": region,
+        "delta_px": prop["delta_px"],
+        "norm": prop["norm"],
+        "reference": prop["reference"],
+        "deployment_gap_px": gap,
+        "deployment_gap_by_backend_px": gaps,
+        "effective_delta_px": prop["delta_px"] + gap,
+        "certified_fraction": report["summary"]["certified_fraction"],
+        "certified_fraction_at_eps": report["summary"].get("certified_fraction_at_eps", {}),
+        "num_certified_images": report["summary"]["num_images"],
+        "data": report["data"],
+        "method": report["method"],
+        "nominal_statistics": nominal_statistics(nominal_data.images),
+        "engine": None if engine is None else {
+            "sha256": sha256_file(engine.path), "tensorrt_version": engine.tensorrt_version,
+            "gpu": engine.gpu_name, "compute_capability": engine.compute_capability,
+            "precision": engine.precision},
+    }
+    (tmp / CERTIFICATE).write_text(json.dumps(certificate, indent=1))
+    files = [ONNX_MODEL, CERTIFICATE] + ([ENGINE] if engine else [])
+    manifest = {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "kind": "usn-bundle",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tool_version": __version__,
+        "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files},
+        "input": {"name": INPUT_NAME, "shape": [1, info.model.in_channels, info.model.input_height,
+                                                info.model.input_width], "dtype": "float32", "range": [0, 1]},
+        "output": {"name": OUTPUT_NAME, "shape": [1, info.model.num_outputs],
+                   "convention": "normalised u = 2 (x + 0.5) / W - 1, pairs (x, y) per keypoint"},
+        "keypoint_names": list(info.keypoint_names),
+        "preprocessing": info.preprocess.to_dict(),
+        "model": info.model.to_dict(),
+        "deployment_gap_px": gaps,
+        "engine_status": "built" if engine else "not built: build on the target (usn-offline build-engine)",
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return Bundle.load(out)
+
+
+def bundle_summary(bundle: Bundle) -> list[tuple[str, str]]:
+    rows = [(name, f"{(bundle.root / name).stat().st_size / 1024:.1f} KiB")
+            for name in bundle.manifest["files"]]
+    region = bundle.certificate["region"]
+    for i, box in enumerate(bundle.region):
+        rows.append((f"certified region {i}" if len(bundle.region) > 1 else "certified region",
+                     f"a in [{box.a_lo:g}, {box.a_hi:g}], b in [{box.b_lo:g}, {box.b_hi:g}]"))
+    rows += [("region kind", f"{region['kind']} (coverage {100 * region['coverage']:g} %)"),
+             ("delta", f"{bundle.delta_px:g} px ({bundle.certificate['norm']})"),
+             ("deployment gap", f"{bundle.deployment_gap_px:.2e} px"),
+             ("effective delta", f"{bundle.effective_delta_px:.6f} px"),
+             ("engine", bundle.manifest["engine_status"])]
+    return rows
