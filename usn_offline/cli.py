@@ -136,14 +136,12 @@ def _cmd_certify(args: argparse.Namespace) -> None:
 
 def _read_report(path: Path) -> dict:
     from usn_offline.errors import BundleError
+    from usn_offline.jsonio import read_json_object
 
     if not path.is_file():
         raise BundleError(f"certificate not found: {path}")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict) or doc.get("schema_version") != 1:
+    doc = read_json_object(path, BundleError)
+    if doc.get("schema_version") != 1:
         raise BundleError(f"{path}: not a schema_version 1 certification report")
     return doc
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from usn_offline.data.dataset import KeypointDataset
 from usn_offline.errors import DatasetError
+from usn_offline.jsonio import read_json_object
 from usn_offline.runtime.preprocess import PreprocessConfig, preprocess, scale_keypoints
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,7 @@ def write_split(
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise DatasetError(f"annotation file not found: {path}")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise DatasetError(f"{path}: expected a JSON object at top level")
+    doc = read_json_object(path, DatasetError)
     for key in ("images", "annotations", "categories"):
         if not isinstance(doc.get(key), list):
             raise DatasetError(f"{path}: missing or invalid '{key}' list")

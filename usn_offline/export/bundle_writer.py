@@ -17,7 +17,7 @@ from usn_offline import __version__
 from usn_offline.data.dataset import KeypointDataset
 from usn_offline.errors import BundleError
 from usn_offline.export.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx
-from usn_offline.export.tensorrt_engine import build_engine, tensorrt_available
+from usn_offline.export.tensorrt_engine import TensorRTRunner, build_engine, tensorrt_available
 from usn_offline.models import KeypointNet
 from usn_offline.runtime.backends import OnnxRuntimeBackend
 from usn_offline.runtime.bundle import (
@@ -126,6 +126,8 @@ def write_bundle(out: Path | str, model: KeypointNet, info: CheckpointInfo, chec
         ok, why = tensorrt_available()
         if ok:
             engine = build_engine(onnx_path, tmp / ENGINE, config.fp16, config.workspace_mb)
+            runner = TensorRTRunner(engine.path)
+            gaps["tensorrt"] = deployment_gap_px(model, runner.infer, gap_data, config.gap_images)
         else:
             log.warning("no TensorRT engine built (%s): build it on the target with "
                         "'usn-offline build-engine --bundle %s'", why, out)

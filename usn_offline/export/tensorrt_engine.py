@@ -91,3 +91,49 @@ def build_engine(onnx_path: Path | str, engine_path: Path | str, fp16: bool = Fa
     Path(engine_path).write_bytes(bytes(serialized))
     gpu, capability = _gpu()
     return EngineInfo(Path(engine_path), trt.__version__, gpu, capability, "fp16" if fp16 else "fp32")
+
+
+class TensorRTRunner:
+    """Run a serialised engine on batches (torch CUDA tensors as device buffers; used by the
+    export's deployment-gap check, where torch is present)."""
+
+    def __init__(self, engine_path: Path | str) -> None:
+        ok, why = tensorrt_available()
+        if not ok:
+            raise BundleError(f"cannot run a TensorRT engine here: {why}")
+        import tensorrt as trt
+
+        self.trt = trt
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise BundleError(f"{engine_path}: TensorRT cannot deserialise this engine (built with another "
+                              "TensorRT version or for another GPU?); rebuild: 'usn-offline build-engine'")
+        self.context = self.engine.create_execution_context()
+        if hasattr(self.engine, "num_io_tensors"):  # TensorRT >= 8.5 tensor API
+            names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+            modes = {n: self.engine.get_tensor_mode(n) for n in names}
+            self.input_name = next(n for n in names if modes[n] == trt.TensorIOMode.INPUT)
+            self.output_name = next(n for n in names if modes[n] == trt.TensorIOMode.OUTPUT)
+            self.input_shape = tuple(self.engine.get_tensor_shape(self.input_name))
+            self.output_shape = tuple(self.engine.get_tensor_shape(self.output_name))
+        else:  # pragma: no cover - TensorRT < 8.5
+            raise BundleError(f"TensorRT {trt.__version__} is too old (need >= 8.5)")
+
+    def infer(self, batch):
+        import numpy as np
+        import torch
+
+        outputs = []
+        for start in range(0, len(batch), self.input_shape[0]):
+            chunk = torch.from_numpy(np.ascontiguousarray(batch[start:start + self.input_shape[0]],
+                                                          dtype=np.float32)).cuda()
+            out = torch.empty(self.output_shape, dtype=torch.float32, device="cuda")
+            self.context.set_tensor_address(self.input_name, chunk.data_ptr())
+            self.context.set_tensor_address(self.output_name, out.data_ptr())
+            stream = torch.cuda.current_stream()
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise BundleError("TensorRT inference failed")
+            stream.synchronize()
+            outputs.append(out.cpu().numpy())
+        return np.concatenate(outputs)

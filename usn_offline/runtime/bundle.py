@@ -9,12 +9,12 @@ corrupt, truncated, tampered with or mismatched, naming the problem.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from usn_offline.errors import BundleError
+from usn_offline.jsonio import read_json_object
 from usn_offline.runtime.hashing import sha256_file
 from usn_offline.runtime.preprocess import PreprocessConfig
 
@@ -130,13 +130,7 @@ def _read_json(root: Path, name: str) -> dict:
     path = root / name
     if not path.is_file():
         raise BundleError(f"bundle is missing {name}")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{name}: not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise BundleError(f"{name}: expected a JSON object")
-    return doc
+    return read_json_object(path, BundleError, name)
 
 
 def _check_version(doc: dict, expected: int, name: str) -> None:

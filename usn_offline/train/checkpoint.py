@@ -12,6 +12,7 @@ import torch
 
 from usn_offline import __version__
 from usn_offline.errors import CheckpointError, ConfigError
+from usn_offline.jsonio import read_json_object
 from usn_offline.models import KeypointNet, ModelConfig, build_model
 from usn_offline.runtime.preprocess import PreprocessConfig
 
@@ -81,12 +82,7 @@ def load_checkpoint_info(path: Path | str) -> CheckpointInfo:
     cfg = config_path(path)
     if not cfg.is_file():
         raise CheckpointError(f"checkpoint config not found: {cfg} (expected beside {Path(path).name})")
-    try:
-        data = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{cfg}: expected a JSON object")
+    data = read_json_object(cfg, CheckpointError)
     return CheckpointInfo.from_dict(data, source=str(cfg))
 
 
