@@ -11,12 +11,48 @@ stamp="$venv/.usn-setup-stamp"
 
 die() { echo "setup: error: $*" >&2; exit 1; }
 
+need_apt() {  # need_apt <what> <debian packages...>: install with apt-get when root, else explain
+    local what="$1"; shift
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing $what with apt-get ($*)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    else
+        die "$what is missing; install it (Debian/Ubuntu: sudo apt-get install $*)"
+    fi
+}
+
+# Build the ROS 2 message package (ros2_ws) with colcon against the ROS wheels in the
+# venv; skipped while msg/ and ros2_ws/src are unchanged.
+build_ros2_ws() {
+    local ws="$repo/ros2_ws" ros_stamp
+    ros_stamp="$(cd "$repo" && find msg ros2_ws/src -type f | sort | xargs cat | sha256sum | cut -d' ' -f1)"
+    if [[ -f "$ws/install/.usn-build-stamp" && "$(cat "$ws/install/.usn-build-stamp")" == "$ros_stamp" ]]; then
+        return 0
+    fi
+    command -v c++ >/dev/null 2>&1 && command -v cc >/dev/null 2>&1 || need_apt "a C/C++ compiler" build-essential
+    command -v cmake >/dev/null 2>&1 || need_apt "cmake" cmake
+    local pyinc
+    pyinc="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+    [[ -f "$pyinc/Python.h" ]] || need_apt "the Python headers" python3-dev
+    echo "setup: building ros2_ws with colcon (log: $ws/colcon-build.log)"
+    (
+        cd "$ws"
+        export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" AMENT_PREFIX_PATH="$venv" CMAKE_PREFIX_PATH="$venv"
+        export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
+        "$venv/bin/colcon" build --cmake-args -DBUILD_TESTING=OFF -DPython3_EXECUTABLE="$venv/bin/python" \
+            > "$ws/colcon-build.log" 2>&1 || { tail -n 40 "$ws/colcon-build.log" >&2; exit 1; }
+    ) || die "colcon build of ros2_ws failed (full log: $ws/colcon-build.log)"
+    echo "$ros_stamp" > "$ws/install/.usn-build-stamp"
+}
+
 command -v "$python" >/dev/null 2>&1 || die "'$python' not found; install Python 3.10+ (e.g. apt-get install python3)"
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
     || die "Python >= 3.10 required, found $("$python" --version 2>&1)"
 
-want="$(cat "$repo/requirements.txt" "$repo/pyproject.toml" "$repo/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$repo/requirements.txt" "$repo/pyproject.toml" "$repo/scripts/setup.sh" \
+    "$repo/scripts/fix_ros_cmake_paths.py" | sha256sum | cut -d' ' -f1)"
 if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    build_ros2_ws
     exit 0
 fi
 
@@ -54,5 +90,9 @@ install -r "$repo/requirements.txt"
 # compat mode: a plain path entry, so new sub-packages need no reinstall.
 install --no-build-isolation --no-deps --config-settings editable_mode=compat -e "$repo"
 
+# The ROS wheels' CMake exports name the include dirs of the machine they were built on.
+"$venv/bin/python" "$repo/scripts/fix_ros_cmake_paths.py" "$venv" >>"$log" 2>&1 \
+    || die "could not fix the ROS CMake export paths (log: $log)"
 echo "$want" > "$stamp"
+build_ros2_ws
 echo "setup: done ($venv)"

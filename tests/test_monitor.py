@@ -1,0 +1,82 @@
+"""The runtime photometric monitor: estimates, conservative decisions, saturation."""
+
+import numpy as np
+import pytest
+
+from usn_offline.data import load_split
+from usn_offline.perturb import apply_photometric
+from usn_offline.runtime.bundle import CertifiedBox
+from usn_offline.runtime.monitor import PhotometricMonitor, Reason, nominal_from_images, saturated_fraction
+
+
+@pytest.fixture(scope="module")
+def images(tiny_dataset):
+    return load_split(tiny_dataset, "train").images
+
+
+def test_estimates_recover_a_known_change_within_their_uncertainty(images):
+    monitor = PhotometricMonitor([CertifiedBox(0.5, 1.5, -0.5, 0.5)], nominal_from_images(images))
+    rng = np.random.default_rng(0)
+    covered = 0
+    for img in images[:60]:
+        a, b = rng.uniform(0.8, 1.2), rng.uniform(-0.1, 0.1)
+        est_a, est_b, sa, sb = monitor.estimate(apply_photometric(img, a, b, clip=False))
+        covered += abs(est_a - a) <= 2 * sa and abs(est_b - b) <= 2 * sb
+    assert covered >= 0.85 * 60
+
+
+def test_scene_calibration_makes_the_estimate_precise(images):
+    scene = images[5]
+    frames = np.stack([np.clip(scene + np.random.default_rng(i).normal(0, 0.005, scene.shape), 0, 1)
+                       for i in range(20)])
+    monitor = PhotometricMonitor([CertifiedBox(0.9, 1.1, -0.05, 0.05)], nominal_from_images(frames))
+    a, b, sa, sb = monitor.estimate(apply_photometric(scene, 1.05, 0.02, clip=False))
+    assert a == pytest.approx(1.05, abs=0.02) and b == pytest.approx(0.02, abs=0.02)
+    assert sa < 0.01 and sb < 0.01
+    assert monitor.assess(apply_photometric(scene, 1.05, 0.02, clip=False)).certified
+    out = monitor.assess(apply_photometric(scene, 1.3, 0.0, clip=False))
+    assert not out.certified and out.reasons == [Reason.OUT_OF_REGION] and out.margin < 0
+
+
+def test_decision_is_conservative(images):
+    """With wide (dataset-level) uncertainty, nothing is certified inside a small region."""
+    monitor = PhotometricMonitor([CertifiedBox(0.98, 1.02, -0.02, 0.02)], nominal_from_images(images))
+    results = [monitor.assess(img) for img in images[:30]]
+    assert not any(r.certified for r in results)
+    assert all(Reason.OUT_OF_REGION in r.reasons for r in results)
+
+
+def test_flat_and_saturated_frames():
+    monitor = PhotometricMonitor([CertifiedBox(0.5, 1.5, -0.5, 0.5)],
+                                 nominal_from_images(np.random.default_rng(0).random((10, 8, 8))))
+    flat = monitor.assess(np.full((8, 8), 0.5))
+    assert Reason.UNCERTAIN_ESTIMATE in flat.reasons
+    frame = np.zeros((480, 640, 3), np.uint8)
+    frame[:100] = 255
+    frame[100:] = 128
+    frac = saturated_fraction(frame, 255)
+    assert frac == pytest.approx(100 / 480)
+    result = monitor.assess(np.random.default_rng(1).random((8, 8)), frac)
+    assert Reason.SATURATED in result.reasons and "clipped" in result.detail
+
+
+def test_bad_configuration():
+    stats = nominal_from_images(np.random.default_rng(0).random((4, 8, 8)))
+    with pytest.raises(ValueError, match="empty"):
+        PhotometricMonitor([], stats)
+
+
+@pytest.mark.parametrize("shape,dtype,max_value", [
+    ((48, 64, 3), np.uint8, 255), ((48, 64), np.uint8, 255),
+    ((48, 64, 4), np.uint16, 65535), ((48, 64), np.float32, 1.0)])
+def test_saturation_fast_path_matches_the_definition(shape, dtype, max_value):
+    rng = np.random.default_rng(3)
+    if dtype is np.float32:
+        frame = rng.random(shape).astype(dtype)
+    else:
+        frame = rng.integers(0, int(max_value) + 1, size=shape).astype(dtype)
+    frame[:5] = max_value
+    frame[-3:] = 0
+    clipped = (frame <= 0) | (frame >= max_value)
+    expected = (clipped.any(axis=2) if clipped.ndim == 3 else clipped).mean()
+    assert saturated_fraction(frame, max_value) == pytest.approx(expected)

@@ -1,0 +1,144 @@
+"""Runtime photometric monitor (torch-free): is this frame's contrast/brightness inside
+the certified region?
+
+Model: the frame is x' = clip(a x + b, 0, 1) of an unseen nominal image x. For the
+network-input image (the image the certificate talks about) the mean and standard
+deviation satisfy, before clipping, m' = a mu + b and s' = a sigma, where (mu, sigma) are
+the nominal image's own statistics, unknown but distributed like those of the nominal
+images (recorded in the bundle as mean/std of per-image means and stds). Hence
+
+    a_hat = s' / E[sigma],      b_hat = m' - a_hat E[mu],
+
+with standard uncertainties from the spread of (mu, sigma):
+
+    sd(a) = a_hat sd(sigma) / E[sigma],      sd(b) = sqrt((a_hat sd(mu))^2 + (E[mu] sd(a))^2).
+
+The decision is conservative: the frame counts as certified only when the whole
+rectangle [a_hat +- z sd(a)] x [b_hat +- z sd(b)] lies inside one certified box.
+Statistics measured on frames of the actual scene under known-good lighting
+(:meth:`NominalStatistics.from_images`, e.g. at start-up) shrink the uncertainty a lot;
+statistics of the whole training set describe any scene and are wide.
+Clipping biases both statistics, so frames with more clipped pixels than a threshold
+are flagged SATURATED whatever the estimate says.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import cv2
+import numpy as np
+
+from usn_offline.runtime.bundle import CertifiedBox, NominalStatistics
+
+
+class Reason(IntEnum):
+    """Values match the constants of usn_keypoint_msgs/CertificationStatus."""
+
+    OUT_OF_REGION = 1
+    SATURATED = 2
+    BAD_INPUT = 3
+    CERTIFICATE_MISMATCH = 4
+    UNCERTAIN_ESTIMATE = 5
+
+
+def nominal_from_images(images: np.ndarray) -> NominalStatistics:
+    """Summarise per-image mean/std of (N, H, W) images in [0, 1]."""
+    flat = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+    means, stds = flat.mean(axis=1), flat.std(axis=1)
+    return NominalStatistics(mean_of_means=float(means.mean()), std_of_means=float(means.std()),
+                             mean_of_stds=float(stds.mean()), std_of_stds=float(stds.std()),
+                             num_images=len(images))
+
+
+@dataclass
+class MonitorResult:
+    contrast: float
+    brightness: float
+    contrast_stddev: float
+    brightness_stddev: float
+    margin: float
+    saturated_fraction: float
+    reasons: list[Reason] = field(default_factory=list)
+    detail: str = ""
+
+    @property
+    def certified(self) -> bool:
+        return not self.reasons
+
+
+@dataclass
+class PhotometricMonitor:
+    """Decides per frame whether its estimated (contrast, brightness) lies in the region."""
+
+    region: list[CertifiedBox]
+    nominal: NominalStatistics
+    z: float = 2.0  # half-width of the uncertainty rectangle, in standard deviations
+    max_saturated_fraction: float = 0.05
+    min_std: float = 0.01  # flatter frames carry no contrast information
+
+    def __post_init__(self) -> None:
+        if not self.region:
+            raise ValueError("the certified region is empty")
+        if self.z < 0 or not 0 <= self.max_saturated_fraction <= 1:
+            raise ValueError("z must be >= 0 and max_saturated_fraction in [0, 1]")
+        if self.nominal.mean_of_stds <= 0:
+            raise ValueError("nominal mean_of_stds must be > 0")
+
+    def estimate(self, image: np.ndarray) -> tuple[float, float, float, float]:
+        """(a, b, sd(a), sd(b)) from a network-input image (H, W) in [0, 1]."""
+        flat = image.reshape(-1)
+        m, s = float(flat.mean()), float(flat.std())
+        nom = self.nominal
+        a = s / nom.mean_of_stds
+        b = m - a * nom.mean_of_means
+        sa = a * nom.std_of_stds / nom.mean_of_stds
+        sb = math.hypot(a * nom.std_of_means, nom.mean_of_means * sa)
+        return a, b, sa, sb
+
+    def margin(self, a: float, b: float, ha: float, hb: float) -> float:
+        """Signed distance of the rectangle [a +- ha] x [b +- hb] to the region border
+        (largest over the boxes; >= 0 means it fits inside one box)."""
+        return max(min(a - ha - box.a_lo, box.a_hi - (a + ha), b - hb - box.b_lo, box.b_hi - (b + hb))
+                   for box in self.region)
+
+    def assess(self, image: np.ndarray, saturated_fraction: float = 0.0) -> MonitorResult:
+        """Decide for one frame. ``saturated_fraction`` is measured on the raw frame
+        (:func:`saturated_fraction`), where clipping happens."""
+        a, b, sa, sb = self.estimate(image)
+        margin = self.margin(a, b, self.z * sa, self.z * sb)
+        result = MonitorResult(a, b, sa, sb, margin, saturated_fraction)
+        details = []
+        if float(image.std()) < self.min_std:
+            result.reasons.append(Reason.UNCERTAIN_ESTIMATE)
+            details.append(f"image std {image.std():.4f} < {self.min_std}: contrast cannot be estimated")
+        elif margin < 0:
+            result.reasons.append(Reason.OUT_OF_REGION)
+            details.append(f"(a, b) = ({a:.3f} +- {self.z * sa:.3f}, {b:.3f} +- {self.z * sb:.3f}) "
+                           f"not inside the certified region (margin {margin:.3f})")
+        if saturated_fraction > self.max_saturated_fraction:
+            result.reasons.append(Reason.SATURATED)
+            details.append(f"{100 * saturated_fraction:.1f} % clipped pixels "
+                           f"> {100 * self.max_saturated_fraction:g} %")
+        result.detail = "; ".join(details)
+        return result
+
+
+def saturated_fraction(frame: np.ndarray, max_value: float) -> float:
+    """Fraction of pixels at 0 or at ``max_value`` in any channel of a raw frame."""
+    if frame.size == 0:
+        return 0.0
+    pixels = frame.shape[0] * frame.shape[1]
+    channels = 1 if frame.ndim == 2 else frame.shape[2]
+    if frame.dtype in (np.uint8, np.uint16) and channels <= 4:
+        # cv2.inRange marks pixels whose every channel is strictly inside (0, max): ~20x
+        # faster than the numpy expression on a 640x480 frame.
+        lo, hi = (1,) * channels, (int(max_value) - 1,) * channels
+        inside = cv2.countNonZero(cv2.inRange(frame, lo, hi))
+        return (pixels - inside) / pixels
+    clipped = (frame <= 0) | (frame >= max_value)
+    if clipped.ndim == 3:
+        clipped = clipped.any(axis=2)
+    return float(np.count_nonzero(clipped)) / pixels
