@@ -5,7 +5,8 @@ import sys
 
 TORCH_FREE_MODULES = ["usn_offline.runtime", "usn_offline.runtime.preprocess", "usn_offline.runtime.bundle",
                       "usn_offline.runtime.backends", "usn_offline.runtime.hashing", "usn_offline.perturb",
-                      "usn_offline.errors", "usn_offline.jsonio"]
+                      "usn_offline.errors", "usn_offline.jsonio", "usn_offline.runtime.monitor",
+                      "usn_offline.runtime.pipeline"]
 
 
 def test_runtime_modules_import_without_torch():
