@@ -30,11 +30,11 @@ demo: setup
 	@echo "demo outputs: $(DEMO_DIR)/ (data/, model.pt, eval.json, certificate.json, bundle/)"
 
 test: setup
-	$(ENV) ruff check usn_offline tests bench scripts
+	$(ENV) ruff check usn_offline tests bench scripts ros2_ws/src
 	$(ENV) python -m pytest -q
 
 lint: setup
-	$(ENV) ruff check usn_offline tests bench scripts
+	$(ENV) ruff check usn_offline tests bench scripts ros2_ws/src
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

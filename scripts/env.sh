@@ -11,13 +11,14 @@ export LD_LIBRARY_PATH="$_usn_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
 export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
 export PATH="$_usn_venv/bin:$PATH"
-# The message package built from ros2_ws (ROS installs source its setup.bash instead).
-_usn_ws="$_usn_repo/ros2_ws/install/usn_keypoint_msgs"
-if [[ -d "$_usn_ws" ]]; then
-    export AMENT_PREFIX_PATH="$_usn_ws:$_usn_venv${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
-    export LD_LIBRARY_PATH="$_usn_ws/lib:$LD_LIBRARY_PATH"
+# The packages built from ros2_ws (ROS installs source ros2_ws/install/setup.bash instead).
+for _usn_ws in "$_usn_repo"/ros2_ws/install/*/; do
+    [[ -d "$_usn_ws/share" ]] || continue
+    _usn_ws="${_usn_ws%/}"
+    export AMENT_PREFIX_PATH="$_usn_ws:${AMENT_PREFIX_PATH:-$_usn_venv}"
+    [[ -d "$_usn_ws/lib" ]] && export LD_LIBRARY_PATH="$_usn_ws/lib:$LD_LIBRARY_PATH"
     for d in "$_usn_ws"/lib/python3*/site-packages; do
         [[ -d "$d" ]] && export PYTHONPATH="$d${PYTHONPATH:+:$PYTHONPATH}"
     done
-fi
+done
 unset _usn_repo _usn_venv _usn_libs _usn_ws d

@@ -54,10 +54,7 @@ def sample_homography(rng: np.random.Generator, texture: PadTexture, config: Ren
     for _ in range(1000):
         side = rng.uniform(*config.scale_range) * n
         theta = np.deg2rad(rng.uniform(-config.max_rotation_deg, config.max_rotation_deg))
-        if hi - lo > side:
-            centre = rng.uniform(lo + side / 2, hi - side / 2, size=2)
-        else:
-            centre = np.full(2, (n - 1) / 2)
+        centre = rng.uniform(lo + side / 2, hi - side / 2, size=2) if hi - lo > side else np.full(2, (n - 1) / 2)
         unit = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
         rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
         corners = centre + side * unit @ rot.T

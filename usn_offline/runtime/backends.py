@@ -50,3 +50,82 @@ class OnnxRuntimeBackend:
         parts = [self.session.run([self.output_name], {self.input_name: batch[i:i + static]})[0]
                  for i in range(0, len(batch), static)]
         return np.concatenate(parts)
+
+
+class TorchBackend:
+    """The original checkpoint through torch (imports torch; for comparison and debugging)."""
+
+    name = "torch"
+
+    def __init__(self, checkpoint_path: Path | str) -> None:
+        from usn_offline.train.checkpoint import load_checkpoint
+
+        self.model, _ = load_checkpoint(checkpoint_path)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()
+
+
+class TensorRTBackend:
+    """A TensorRT engine: the bundle's, a given file, or one built once from the ONNX model
+    and cached under a key of ONNX hash, TensorRT version, GPU and precision."""
+
+    name = "tensorrt"
+
+    def __init__(self, bundle, model_path: Path | str, engine_path: Path | str | None = None,
+                 force_update: bool = False, fp16: bool = False) -> None:
+        from usn_offline.export.tensorrt_engine import TensorRTRunner, build_engine, tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            raise BundleError(f"backend tensorrt is not available here: {why}")
+        import tensorrt as trt
+
+        from usn_offline.export.tensorrt_engine import EngineInfo, _gpu
+
+        if engine_path is None and bundle.engine_path is not None and not force_update:
+            engine_path = bundle.engine_path
+        if engine_path is None:
+            gpu, capability = _gpu()
+            key = EngineInfo(Path(), trt.__version__, gpu, capability, "fp16" if fp16 else "fp32").cache_key(
+                bundle.model_sha256)
+            engine_path = Path.home() / ".cache" / "usn_keypoints" / f"model-{key}.engine"
+        engine_path = Path(engine_path)
+        if force_update or not engine_path.is_file():
+            engine_path.parent.mkdir(parents=True, exist_ok=True)
+            build_engine(model_path, engine_path, fp16)
+        self.runner = TensorRTRunner(engine_path)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.runner.infer(batch)
+
+
+def create_backend(kind: str, bundle, model_path: Path | str | None = None, engine_path: Path | str | None = None,
+                   force_engine_update: bool = False, fp16: bool = False,
+                   checkpoint_path: Path | str | None = None):
+    """``auto``: TensorRT when it and a GPU are present, else ONNX Runtime (CUDA provider
+    when available, else CPU)."""
+    model_path = model_path or bundle.onnx_path
+    if kind == "torch":
+        if not checkpoint_path:
+            raise BundleError("backend torch needs checkpoint_path (the bundle holds no torch model)")
+        return TorchBackend(checkpoint_path)
+    if kind in ("tensorrt", "auto"):
+        try:
+            return TensorRTBackend(bundle, model_path, engine_path, force_engine_update, fp16)
+        except BundleError:
+            if kind == "tensorrt":
+                raise
+    if kind not in ("onnxruntime", "auto", "tensorrt"):
+        raise BundleError(f"unknown backend '{kind}' (auto, tensorrt, onnxruntime, torch)")
+    try:
+        import onnxruntime as ort
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
+            if "CUDAExecutionProvider" in ort.get_available_providers() else ["CPUExecutionProvider"]
+    except ImportError:
+        providers = None
+    return OnnxRuntimeBackend(model_path, providers)

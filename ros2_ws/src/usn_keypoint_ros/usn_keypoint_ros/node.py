@@ -1,0 +1,262 @@
+"""The certified keypoint node: ROS glue only (parameters, QoS, messages, diagnostics).
+
+Decoding, preprocessing, inference and the photometric monitor are the torch-free
+modules of ``usn_offline.runtime``, shared with the rosbag replay.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import deque
+
+import cv2
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, qos_profile_sensor_data, qos_profile_system_default
+from sensor_msgs.msg import Image
+from usn_keypoint_msgs.msg import CertificationStatus, Keypoint2D, KeypointArray
+
+from usn_offline.errors import UsnError
+from usn_offline.runtime.backends import create_backend
+from usn_offline.runtime.bundle import CERTIFICATE, Bundle
+from usn_offline.runtime.hashing import sha256_file
+from usn_offline.runtime.image_decode import ImageDecodeError, decode_image
+from usn_offline.runtime.monitor import MonitorResult, PhotometricMonitor, Reason, nominal_from_images
+from usn_offline.runtime.pipeline import FrameResult, KeypointPipeline, bad_input
+
+QOS_CHOICES = ("SENSOR_DATA", "DEFAULT", "SYSTEM_DEFAULT")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+MISMATCH_POLICIES = ("fail", "flag")
+
+
+class StartupError(Exception):
+    """The node cannot start; the message says why."""
+
+
+def _float_range(lo: float, hi: float) -> list[FloatingPointRange]:
+    return [FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
+
+
+def _int_range(lo: int, hi: int) -> list[IntegerRange]:
+    return [IntegerRange(from_value=lo, to_value=hi, step=1)]
+
+
+class KeypointNode(Node):
+    def __init__(self, **kwargs) -> None:
+        super().__init__("usn_keypoint_node", **kwargs)
+        ro = {"read_only": True}
+        self._declare("bundle_dir", "", "deployment bundle directory (model.onnx, certificate.json, ...)", **ro)
+        self._declare("backend", "auto", f"inference backend: {', '.join(BACKENDS)}", **ro)
+        self._declare("model_file_path", "", "ONNX model overriding the bundle's (hash-checked)", **ro)
+        self._declare("engine_file_path", "", "TensorRT engine to use or build (default: cache)", **ro)
+        self._declare("force_engine_update", False, "rebuild the TensorRT engine even if cached", **ro)
+        self._declare("enable_fp16", False, "build the TensorRT engine in FP16", **ro)
+        self._declare("checkpoint_path", "", "torch checkpoint for backend=torch", **ro)
+        self._declare("input_qos", "SENSOR_DATA", f"image subscription QoS: {', '.join(QOS_CHOICES)}", **ro)
+        self._declare("input_qos_depth", 5, "image subscription queue depth", integer_range=_int_range(1, 100),
+                      **ro)
+        self._declare("on_certificate_mismatch", "fail",
+                      "fail: refuse to start; flag: serve with every frame flagged uncertified", **ro)
+        self._declare("max_image_pixels", 4096 * 4096, "larger images are rejected as BAD_INPUT",
+                      integer_range=_int_range(1, 1 << 28), **ro)
+        self._declare("monitor_z", 2.0, "uncertainty rectangle half-width in standard deviations",
+                      floating_point_range=_float_range(0.0, 10.0))
+        self._declare("monitor_max_saturated_fraction", 0.05, "fraction of clipped pixels flagged SATURATED",
+                      floating_point_range=_float_range(0.0, 1.0))
+        self._declare("monitor_calibration_frames", 0,
+                      "use the first N frames (nominal light assumed) as the scene's nominal statistics; 0: "
+                      "the bundle's", integer_range=_int_range(0, 10000), **ro)
+        self._declare("publish_debug_image", False, "publish ~/debug_image with keypoints and a red border "
+                      "when a frame is not certified")
+        self._declare("diagnostics_period", 1.0, "seconds between /diagnostics messages",
+                      floating_point_range=_float_range(0.1, 60.0), **ro)
+        self._validate_start()
+
+        p = self._params()
+        try:
+            self.bundle = Bundle.load(p["bundle_dir"])
+        except UsnError as exc:
+            raise StartupError(str(exc)) from exc
+        self.certificate_id = sha256_file(self.bundle.root / CERTIFICATE)
+        matches = True
+        model_path = self.bundle.onnx_path
+        if p["model_file_path"]:
+            model_path = p["model_file_path"]
+            matches = sha256_file(model_path) == self.bundle.model_sha256
+            if not matches and p["on_certificate_mismatch"] == "fail":
+                raise StartupError(f"{model_path} is not the model the certificate was issued for (SHA-256 "
+                                   "mismatch); set on_certificate_mismatch:=flag to serve uncertified")
+            if not matches:
+                self.get_logger().error("model does not match the certificate: every frame is flagged")
+        try:
+            self.backend = create_backend(p["backend"], self.bundle, model_path=model_path,
+                                          engine_path=p["engine_file_path"] or None,
+                                          force_engine_update=p["force_engine_update"], fp16=p["enable_fp16"],
+                                          checkpoint_path=p["checkpoint_path"] or None)
+        except UsnError as exc:
+            raise StartupError(str(exc)) from exc
+        self.get_logger().info(f"backend: {self.backend.name}; certified region "
+                               f"{[(b.a_lo, b.a_hi, b.b_lo, b.b_hi) for b in self.bundle.region]}, "
+                               f"delta {self.bundle.effective_delta_px:.4f} px")
+        self.monitor = PhotometricMonitor(self.bundle.region, self.bundle.nominal, p["monitor_z"],
+                                          p["monitor_max_saturated_fraction"])
+        self.pipeline = KeypointPipeline(self.bundle, self.backend, self.monitor, matches, p["max_image_pixels"])
+        self.calibration_left = p["monitor_calibration_frames"]
+        self.calibration_images: list[np.ndarray] = []
+        self.declare_parameter("keypoint_names", list(self.bundle.keypoint_names),
+                               ParameterDescriptor(description="names of the keypoint ids", read_only=True))
+
+        qos = {"SENSOR_DATA": qos_profile_sensor_data, "SYSTEM_DEFAULT": qos_profile_system_default,
+               "DEFAULT": QoSProfile(depth=10)}[p["input_qos"]]
+        qos = QoSProfile(history=qos.history, depth=p["input_qos_depth"], reliability=qos.reliability,
+                         durability=qos.durability)
+        self.keypoint_pub = self.create_publisher(KeypointArray, "~/keypoints", 10)
+        self.status_pub = self.create_publisher(CertificationStatus, "~/status", 10)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.debug_pub = self.create_publisher(Image, "~/debug_image", 2)
+        self.image_sub = self.create_subscription(Image, "image", self.on_image, qos)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.frames = self.flagged = self.bad = 0
+        self.latencies: deque[float] = deque(maxlen=200)
+        self.arrivals: deque[float] = deque(maxlen=200)
+        self.create_timer(p["diagnostics_period"], self.publish_diagnostics)
+
+    # -- parameters ---------------------------------------------------------------------------
+    def _declare(self, name, default, description, read_only=False, **ranges) -> None:
+        self.declare_parameter(name, default, ParameterDescriptor(description=description, read_only=read_only,
+                                                                  **ranges))
+
+    def _params(self) -> dict:
+        return {name: self.get_parameter(name).value for name in (
+            "bundle_dir", "backend", "model_file_path", "engine_file_path", "force_engine_update", "enable_fp16",
+            "checkpoint_path", "input_qos", "input_qos_depth", "on_certificate_mismatch", "max_image_pixels",
+            "monitor_z", "monitor_max_saturated_fraction", "monitor_calibration_frames", "diagnostics_period")}
+
+    def _validate_start(self) -> None:
+        p = self._params()
+        if not p["bundle_dir"]:
+            raise StartupError("parameter bundle_dir is required (the export bundle directory)")
+        for name, choices in (("backend", BACKENDS), ("input_qos", QOS_CHOICES),
+                              ("on_certificate_mismatch", MISMATCH_POLICIES)):
+            if p[name] not in choices:
+                raise StartupError(f"parameter {name}={p[name]!r} must be one of {', '.join(choices)}")
+
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        for param in params:
+            if param.name == "monitor_z":
+                self.monitor.z = float(param.value)
+            elif param.name == "monitor_max_saturated_fraction":
+                self.monitor.max_saturated_fraction = float(param.value)
+        return SetParametersResult(successful=True)
+
+    # -- per frame ----------------------------------------------------------------------------
+    def on_image(self, msg: Image) -> None:
+        started = time.perf_counter()
+        self.arrivals.append(time.monotonic())
+        try:
+            frame = decode_image(msg.height, msg.width, msg.encoding, bool(msg.is_bigendian), msg.step,
+                                 bytes(msg.data), self.pipeline.max_pixels)
+            result = self.pipeline.process(frame)
+        except ImageDecodeError as exc:
+            result = FrameResult(None, bad_input(str(exc)))
+        except Exception as exc:  # never let one frame take the node down
+            result = FrameResult(None, bad_input(f"internal error: {type(exc).__name__}: {exc}"))
+        if result.keypoints_px is not None and self.calibration_left > 0:
+            self._calibrate(frame)
+            result.status.reasons = [Reason.UNCERTAIN_ESTIMATE]
+            result.status.detail = f"calibrating the monitor on nominal frames ({self.calibration_left} left)"
+        self.frames += 1
+        self.flagged += not result.certified
+        if Reason.BAD_INPUT in result.status.reasons:
+            self.bad += 1
+            self.get_logger().warn(f"BAD_INPUT: {result.status.detail}", throttle_duration_sec=5.0)
+        if result.keypoints_px is not None:
+            self.keypoint_pub.publish(self._keypoints_msg(msg, result))
+        self.status_pub.publish(self._status_msg(msg, result.status))
+        if self.get_parameter("publish_debug_image").value and result.keypoints_px is not None:
+            self.debug_pub.publish(self._debug_msg(msg, frame, result))
+        self.latencies.append(time.perf_counter() - started)
+
+    def _calibrate(self, frame: np.ndarray) -> None:
+        from usn_offline.runtime.preprocess import preprocess
+
+        self.calibration_images.append(preprocess(frame, self.bundle.preprocess))
+        self.calibration_left -= 1
+        if self.calibration_left == 0:
+            self.monitor.nominal = nominal_from_images(np.stack(self.calibration_images))
+            self.get_logger().info(f"monitor calibrated on {len(self.calibration_images)} frames: "
+                                   f"{self.monitor.nominal}")
+
+    def _keypoints_msg(self, image: Image, result: FrameResult) -> KeypointArray:
+        msg = KeypointArray(header=image.header, model_sha256=self.bundle.model_sha256)
+        msg.keypoints = [Keypoint2D(id=i, x=float(x), y=float(y), score=math.nan)
+                         for i, (x, y) in enumerate(result.keypoints_px)]
+        return msg
+
+    def _status_msg(self, image: Image, status: MonitorResult) -> CertificationStatus:
+        return CertificationStatus(
+            header=image.header, certified=not status.reasons, contrast=status.contrast,
+            brightness=status.brightness, contrast_stddev=status.contrast_stddev,
+            brightness_stddev=status.brightness_stddev, margin=status.margin,
+            saturated_fraction=status.saturated_fraction, delta_px=self.bundle.effective_delta_px,
+            reasons=[int(r) for r in status.reasons], detail=status.detail, certificate_id=self.certificate_id)
+
+    def _debug_msg(self, image: Image, frame: np.ndarray, result: FrameResult) -> Image:
+        vis = frame if frame.ndim == 3 else cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)
+        vis = cv2.normalize(vis[:, :, :3], None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+        for x, y in result.keypoints_px:
+            cv2.circle(vis, (int(round(x)), int(round(y))), 4, (0, 255, 0), -1)
+        if not result.certified:
+            cv2.rectangle(vis, (0, 0), (vis.shape[1] - 1, vis.shape[0] - 1), (255, 0, 0), 6)
+        return Image(header=image.header, height=vis.shape[0], width=vis.shape[1], encoding="rgb8",
+                     is_bigendian=0, step=vis.shape[1] * 3, data=vis.tobytes())
+
+    # -- diagnostics --------------------------------------------------------------------------
+    def publish_diagnostics(self) -> None:
+        now = time.monotonic()
+        recent = [t for t in self.arrivals if now - t <= 5.0]
+        rate = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+        latency = 1e3 * float(np.mean(self.latencies)) if self.latencies else 0.0
+        flagged = self.flagged / self.frames if self.frames else 0.0
+        level = DiagnosticStatus.OK
+        message = "serving certified keypoints"
+        if self.frames == 0:
+            level, message = DiagnosticStatus.WARN, "no images received yet"
+        elif flagged > 0.5:
+            level, message = DiagnosticStatus.WARN, f"{100 * flagged:.0f} % of frames outside the certified region"
+        status = DiagnosticStatus(level=level, name="usn_keypoint_node: certified keypoints", message=message,
+                                  hardware_id=self.bundle.model_sha256[:16])
+        status.values = [KeyValue(key=k, value=v) for k, v in (
+            ("frames", str(self.frames)), ("input_rate_hz", f"{rate:.2f}"), ("mean_latency_ms", f"{latency:.3f}"),
+            ("flagged_fraction", f"{flagged:.4f}"), ("bad_input_frames", str(self.bad)),
+            ("backend", self.backend.name), ("certificate_id", self.certificate_id))]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diag_pub.publish(array)
+
+
+def main(args=None) -> int:
+    rclpy.init(args=args)
+    try:
+        node = KeypointNode()
+    except StartupError as exc:
+        print(f"usn_keypoint_node: error: {exc}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 2
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The keypoint node over real DDS: a separate node process, images in, keypoints, one
+certification status per frame, BAD_INPUT for malformed frames, monitor flags and
+diagnostics out. Parameters come from the real params YAML via --ros-args."""
+
+import ast
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rclpy.node import Node  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+from usn_keypoint_msgs.msg import CertificationStatus, KeypointArray  # noqa: E402
+
+from usn_offline.data.backgrounds import load_backgrounds  # noqa: E402
+from usn_offline.data.render import RenderConfig, render_scene  # noqa: E402
+from usn_offline.runtime.backends import OnnxRuntimeBackend  # noqa: E402
+from usn_offline.runtime.bundle import Bundle  # noqa: E402
+from usn_offline.runtime.monitor import PhotometricMonitor  # noqa: E402
+from usn_offline.runtime.pipeline import KeypointPipeline  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "launch" / "usn_keypoint_node.params.yaml"
+LAUNCH = REPO / "launch" / "usn_keypoint_node.launch.py"
+
+
+def _image_msg(frame: np.ndarray, encoding: str, index: int) -> Image:
+    msg = Image(height=frame.shape[0], width=frame.shape[1], encoding=encoding, is_bigendian=0,
+                step=frame.strides[0], data=frame.tobytes())
+    msg.header.stamp.sec, msg.header.frame_id = index, "camera_optical"
+    return msg
+
+
+def _scene() -> np.ndarray:
+    image, _ = render_scene(np.random.default_rng(19), load_backgrounds(), RenderConfig())
+    return cv2.cvtColor(cv2.resize(image, (640, 480), interpolation=cv2.INTER_LINEAR), cv2.COLOR_GRAY2RGB)
+
+
+def _frames():
+    """(message, kind) in publishing order: 3 calibration frames, clean, changed, malformed."""
+    scene = _scene()
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(scene + rng.normal(0, 1.0, scene.shape), 0, 255).astype(np.uint8) for _ in range(6)]
+    out = [(f, "rgb8", "calibration") for f in noisy[:3]]
+    out += [(noisy[3], "rgb8", "clean"), (noisy[4][:, :, ::-1].copy(), "bgr8", "clean"),
+            (cv2.cvtColor(noisy[5], cv2.COLOR_RGB2GRAY), "mono8", "clean")]
+    out += [((scene * 0.3).astype(np.uint8), "rgb8", "dark"),
+            (np.clip(scene.astype(np.int32) * 4 + 80, 0, 255).astype(np.uint8), "rgb8", "blown")]
+    msgs = [(_image_msg(f, enc, i), kind) for i, (f, enc, kind) in enumerate(out)]
+    n = len(msgs)
+    bad = _image_msg(scene, "rgb8", n)
+    bad.encoding = "bayer_rggb8"
+    short = _image_msg(scene, "rgb8", n + 1)
+    short.data = bytes(short.data)[:1000]
+    empty = Image(height=0, width=0, encoding="mono8", step=0)
+    empty.header.stamp.sec = n + 2
+    nan = _image_msg(np.full((48, 64), np.nan, np.float32), "32FC1", n + 3)
+    msgs += [(bad, "malformed"), (short, "malformed"), (empty, "malformed"), (nan, "malformed")]
+    return msgs, scene
+
+
+@pytest.fixture(scope="module")
+def node_run(exported_bundle):
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "usn_keypoint_ros.node", "--ros-args", "--params-file", str(PARAMS),
+           "-p", f"bundle_dir:={exported_bundle}", "-p", "input_qos:=DEFAULT", "-p", "input_qos_depth:=50",
+           "-p", "monitor_calibration_frames:=3", "-p", "diagnostics_period:=0.2",
+           "-p", "monitor_max_saturated_fraction:=0.1",
+           "-r", "image:=/usn_test/camera/image"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    msgs, scene = _frames()
+    statuses, keypoints, diagnostics = [], [], []
+    rclpy.init()
+    try:
+        node = Node("usn_test_camera")
+        qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+        pub = node.create_publisher(Image, "/usn_test/camera/image", qos)
+        node.create_subscription(CertificationStatus, "/usn_keypoint_node/status", statuses.append, qos)
+        node.create_subscription(KeypointArray, "/usn_keypoint_node/keypoints", keypoints.append, qos)
+        node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, qos)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and (
+                pub.get_subscription_count() == 0 or node.count_publishers("/usn_keypoint_node/status") == 0):
+            rclpy.spin_once(node, timeout_sec=0.1)
+        time.sleep(0.5)
+        for msg, _ in msgs:
+            pub.publish(msg)
+            end = time.monotonic() + 0.05
+            while time.monotonic() < end:
+                rclpy.spin_once(node, timeout_sec=0.01)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (len(statuses) < len(msgs) or not diagnostics):
+            rclpy.spin_once(node, timeout_sec=0.1)
+        end = time.monotonic() + 0.5  # anything extra would show up here
+        while time.monotonic() < end:
+            rclpy.spin_once(node, timeout_sec=0.05)
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    return {"msgs": msgs, "scene": scene, "statuses": statuses, "keypoints": keypoints,
+            "diagnostics": diagnostics, "stderr": err.decode(), "bundle": exported_bundle}
+
+
+def test_every_frame_gets_exactly_one_status(node_run):
+    msgs, statuses = node_run["msgs"], node_run["statuses"]
+    assert len(statuses) == len(msgs), node_run["stderr"][-3000:]
+    assert sorted(s.header.stamp.sec for s in statuses) == list(range(len(msgs)))
+    assert all(s.header.frame_id == "camera_optical" for s in statuses if s.header.stamp.sec != len(msgs) - 2)
+
+
+def test_malformed_frames_are_bad_input_and_get_no_keypoints(node_run):
+    by_stamp = {s.header.stamp.sec: s for s in node_run["statuses"]}
+    kinds = [kind for _, kind in node_run["msgs"]]
+    for i, kind in enumerate(kinds):
+        bad = CertificationStatus.BAD_INPUT in by_stamp[i].reasons
+        assert bad == (kind == "malformed"), (i, kind, by_stamp[i].detail)
+    details = " | ".join(by_stamp[i].detail for i, k in enumerate(kinds) if k == "malformed")
+    for fragment in ("unsupported encoding 'bayer_rggb8'", "data has 1000 bytes", "empty image", "NaN"):
+        assert fragment in details
+    assert len(node_run["keypoints"]) == kinds.count("calibration") + kinds.count("clean") + 2
+    assert "BAD_INPUT" in node_run["stderr"]  # the throttled log line
+
+
+def test_keypoints_match_the_shared_pipeline(node_run):
+    bundle = Bundle.load(node_run["bundle"])
+    pipe = KeypointPipeline(bundle, OnnxRuntimeBackend(bundle.onnx_path), PhotometricMonitor(bundle.region,
+                                                                                              bundle.nominal))
+    by_stamp = {k.header.stamp.sec: k for k in node_run["keypoints"]}
+    for i, (msg, kind) in enumerate(node_run["msgs"]):
+        if kind == "malformed":
+            assert i not in by_stamp
+            continue
+        frame = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.width, -1).squeeze()
+        if msg.encoding == "bgr8":
+            frame = frame[:, :, ::-1]
+        expected = pipe.process(frame).keypoints_px
+        got = np.array([[k.x, k.y] for k in by_stamp[i].keypoints])
+        np.testing.assert_allclose(got, expected, atol=1e-3)
+        assert by_stamp[i].model_sha256 == bundle.model_sha256 and by_stamp[i].header.frame_id == "camera_optical"
+
+
+def test_monitor_flags_inside_and_outside(node_run):
+    by_stamp = {s.header.stamp.sec: s for s in node_run["statuses"]}
+    for i, (_, kind) in enumerate(node_run["msgs"]):
+        s = by_stamp[i]
+        if kind == "calibration":
+            assert not s.certified and list(s.reasons) == [CertificationStatus.UNCERTAIN_ESTIMATE]
+        elif kind == "clean":
+            assert s.certified, s.detail
+            assert s.contrast == pytest.approx(1.0, abs=0.05) and s.margin >= 0
+        elif kind == "dark":
+            assert not s.certified and CertificationStatus.OUT_OF_REGION in s.reasons
+            assert s.contrast == pytest.approx(0.3, abs=0.05)
+        elif kind == "blown":
+            assert CertificationStatus.SATURATED in s.reasons
+        assert len(s.certificate_id) == 64 and s.delta_px >= 50.0
+
+
+def test_diagnostics(node_run):
+    ours = [st for arr in node_run["diagnostics"] for st in arr.status if st.name.startswith("usn_keypoint_node")]
+    assert ours
+    last = {kv.key: kv.value for kv in ours[-1].values}
+    assert int(last["frames"]) == len(node_run["msgs"])
+    assert int(last["bad_input_frames"]) == 4
+    assert last["backend"] == "onnxruntime" and float(last["mean_latency_ms"]) > 0
+    assert 0 < float(last["flagged_fraction"]) < 1
+    assert ours[-1].hardware_id == Bundle.load(node_run["bundle"]).model_sha256[:16]
+
+
+def _declared_parameters(bundle_dir) -> set[str]:
+    from usn_keypoint_ros.node import KeypointNode
+
+    rclpy.init()
+    try:
+        node = KeypointNode(parameter_overrides=[rclpy.parameter.Parameter("bundle_dir", value=str(bundle_dir))])
+        names = set(node._parameters)
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+    return names
+
+
+def test_params_yaml_and_launch_file_set_only_declared_parameters(exported_bundle):
+    declared = _declared_parameters(exported_bundle)
+    params = yaml.safe_load(PARAMS.read_text())["usn_keypoint_node"]["ros__parameters"]
+    assert set(params) <= declared, set(params) - declared
+    tree = ast.parse(LAUNCH.read_text())
+    node_call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Node")
+    param_dicts = [d for kw in node_call.keywords if kw.arg == "parameters"
+                   for d in ast.walk(kw.value) if isinstance(d, ast.Dict)]
+    keys = {k.value for d in param_dicts for k in d.keys}
+    assert keys and keys <= declared, keys - declared
+    launch_args = {n.args[0].value for n in ast.walk(tree)
+                   if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "DeclareLaunchArgument"}
+    assert {"bundle_dir", "params_file", "image_topic", "use_sim_time", "backend"} <= launch_args
+
+
+def test_node_refuses_to_start_without_a_valid_bundle(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "usn_keypoint_ros.node", "--ros-args", "-p",
+                           f"bundle_dir:={tmp_path}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "usn_keypoint_node: error: bundle is missing manifest.json" in proc.stderr

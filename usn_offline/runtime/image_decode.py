@@ -1,0 +1,66 @@
+"""Decode sensor_msgs/Image payloads into numpy arrays (torch-free, ROS-free).
+
+Respects ``encoding``, ``step`` (row padding) and ``is_bigendian``. Why not cv_bridge
+alone: the PyPI ``cv-bridge`` wheel (the one installable without a ROS distribution)
+decodes every multi-channel encoding with a wrong channel count (rgb8 -> 9 channels),
+maps 16UC1 to 8 bit, ignores ``step`` and crashes on big-endian data under NumPy 2; the
+C++-backed cv_bridge of a ROS install is fine but would make the two environments behave
+differently. The results agree with cv_bridge wherever cv_bridge is right (tested).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# encoding -> (numpy dtype, channels, conversion to RGB/RGBA/mono or None)
+ENCODINGS: dict[str, tuple[str, int, int | None]] = {
+    "mono8": ("u1", 1, None),
+    "8UC1": ("u1", 1, None),
+    "mono16": ("u2", 1, None),
+    "16UC1": ("u2", 1, None),
+    "rgb8": ("u1", 3, None),
+    "bgr8": ("u1", 3, cv2.COLOR_BGR2RGB),
+    "rgba8": ("u1", 4, None),
+    "bgra8": ("u1", 4, cv2.COLOR_BGRA2RGBA),
+    "yuv422": ("u1", 2, cv2.COLOR_YUV2RGB_UYVY),
+    "uyvy": ("u1", 2, cv2.COLOR_YUV2RGB_UYVY),
+    "yuv422_yuy2": ("u1", 2, cv2.COLOR_YUV2RGB_YUY2),
+    "yuyv": ("u1", 2, cv2.COLOR_YUV2RGB_YUY2),
+    "32FC1": ("f4", 1, None),
+}
+
+
+class ImageDecodeError(ValueError):
+    """The message cannot be turned into an image; the text says why."""
+
+
+def decode_image(height: int, width: int, encoding: str, is_bigendian: bool, step: int,
+                 data: bytes | bytearray | memoryview, max_pixels: int = 4096 * 4096) -> np.ndarray:
+    """(H, W) or (H, W, C) array: mono as is, colour as RGB(A); uint8, uint16 or float32."""
+    if encoding not in ENCODINGS:
+        raise ImageDecodeError(f"unsupported encoding '{encoding}' (supported: {', '.join(sorted(ENCODINGS))})")
+    if height <= 0 or width <= 0:
+        raise ImageDecodeError(f"empty image ({width}x{height})")
+    if height * width > max_pixels:
+        raise ImageDecodeError(f"image of {width}x{height} exceeds the limit of {max_pixels} pixels")
+    kind, channels, conversion = ENCODINGS[encoding]
+    dtype = np.dtype(kind).newbyteorder(">" if is_bigendian else "<")
+    row_bytes = width * channels * dtype.itemsize
+    if step < row_bytes:
+        raise ImageDecodeError(
+            f"step {step} is smaller than one row of {width} {encoding} pixels ({row_bytes} bytes)")
+    if len(data) != step * height:
+        raise ImageDecodeError(f"data has {len(data)} bytes, expected step * height = {step * height}")
+    if encoding in ("yuv422", "uyvy", "yuv422_yuy2", "yuyv") and width % 2:
+        raise ImageDecodeError(f"{encoding} needs an even width, got {width}")
+    buf = np.frombuffer(data, dtype=np.uint8).reshape(height, step)[:, :row_bytes]
+    image = np.ascontiguousarray(buf).view(dtype).reshape(height, width, channels)
+    image = image.astype(dtype.newbyteorder("="), copy=False)
+    if channels == 1:
+        image = image[:, :, 0]
+    if conversion is not None:
+        image = cv2.cvtColor(image, conversion)
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ImageDecodeError("float image contains NaN or infinite values")
+    return image
