@@ -1,26 +1,49 @@
-# Robot-side image: ROS 2 + the torch-free runtime of usn_offline (the node arrives with a
-# later milestone). On a Jetson, build with a JetPack-matched ROS base, e.g.
-#   docker build --build-arg BASE_IMAGE=<L4T/JetPack-matched ROS 2 image> -t usn-keypoints .
-# so that TensorRT comes from JetPack; do not add apt ROS packages on top of a
-# source-built ROS image.
+# Robot-side image: ROS 2 + the torch-free runtime of usn_offline + the keypoint node.
+#   docker build -t usn-keypoints .
+#   docker run --rm --net=host -v /path/to/bundle:/bundle:ro usn-keypoints \
+#       ros2 launch usn_keypoint_ros usn_keypoint_node.launch.py bundle_dir:=/bundle image_topic:=/camera/image_raw
+# On a Jetson use a JetPack-matched ROS 2 base so that TensorRT comes from JetPack, e.g.
+#   docker build --build-arg BASE_IMAGE=<L4T/JetPack ROS 2 image> --build-arg INSTALL_ROS_APT=0 .
+# (INSTALL_ROS_APT=0: a source-built ROS image must not get ROS packages from apt.)
 ARG BASE_IMAGE=ros:jazzy-ros-base
 FROM ${BASE_IMAGE}
 
+ARG INSTALL_ROS_APT=1
+# Humble's Python 3.10 / NumPy 1.x: pick an onnxruntime release that supports them.
+ARG ONNXRUNTIME_VERSION=1.32.0
+
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# cv_bridge and OpenCV from the ROS distribution (matched to its NumPy).
+# hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends \
-        python3-pip python3-opencv python3-skimage python3-tqdm \
-        "ros-${ROS_DISTRO}-cv-bridge" "ros-${ROS_DISTRO}-diagnostic-msgs" \
+    && apt-get install -y --no-install-recommends python3-pip python3-opencv python3-yaml \
+    && if [ "${INSTALL_ROS_APT}" = "1" ]; then \
+         apt-get install -y --no-install-recommends "ros-${ROS_DISTRO}-diagnostic-msgs" \
+           "ros-${ROS_DISTRO}-launch-ros" "ros-${ROS_DISTRO}-ros2launch"; \
+       fi \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/usn
 COPY pyproject.toml README.md ./
 COPY usn_offline ./usn_offline
-# System ROS provides rclpy/messages; install only our package (no wheels of ROS, no torch).
-RUN pip3 install --no-cache-dir --no-deps --break-system-packages . 2>/dev/null \
-    || pip3 install --no-cache-dir --no-deps .
+COPY msg ./msg
+COPY launch ./launch
+COPY ros2_ws/src ./ros2_ws/src
 
-ENV ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
-CMD ["bash", "-c", "source /opt/ros/${ROS_DISTRO}/setup.bash && python3 -c 'import usn_offline.runtime.preprocess; print(\"usn runtime ok\")'"]
+# System ROS provides rclpy and the messages; install only our runtime (no torch, no ROS wheels).
+RUN pip3 install --no-cache-dir --break-system-packages "onnxruntime==${ONNXRUNTIME_VERSION}" 2>/dev/null \
+      || pip3 install --no-cache-dir "onnxruntime==${ONNXRUNTIME_VERSION}"; \
+    pip3 install --no-cache-dir --no-deps --break-system-packages . 2>/dev/null \
+      || pip3 install --no-cache-dir --no-deps .
+
+WORKDIR /opt/usn/ros2_ws
+RUN source "/opt/ros/${ROS_DISTRO}/setup.bash" \
+    && colcon build --cmake-args -DBUILD_TESTING=OFF \
+    && rm -rf build log
+
+RUN printf '#!/bin/bash\nset -e\nsource "/opt/ros/%s/setup.bash"\nsource /opt/usn/ros2_ws/install/setup.bash\nexec "$@"\n' \
+      "${ROS_DISTRO}" > /opt/usn/entrypoint.sh \
+    && chmod +x /opt/usn/entrypoint.sh
+
+ENTRYPOINT ["/opt/usn/entrypoint.sh"]
+CMD ["ros2", "launch", "usn_keypoint_ros", "usn_keypoint_node.launch.py", "bundle_dir:=/bundle"]

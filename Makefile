@@ -12,7 +12,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 57
 ENV := source scripts/env.sh &&
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean node
 
 setup:
 	@bash scripts/setup.sh
@@ -31,10 +31,17 @@ demo: setup
 
 test: setup
 	$(ENV) ruff check usn_offline tests bench scripts ros2_ws/src
+	$(ENV) hadolint Dockerfile
 	$(ENV) python -m pytest -q
 
 lint: setup
 	$(ENV) ruff check usn_offline tests bench scripts ros2_ws/src
+	$(ENV) hadolint Dockerfile
+
+# Run the node here on the demo bundle (ROS 2 from the wheels; `ros2 launch` needs a ROS install).
+node: setup
+	$(ENV) python -m usn_keypoint_ros.node --ros-args --params-file launch/usn_keypoint_node.params.yaml \
+		-p bundle_dir:=$(DEMO_DIR)/bundle
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
