@@ -3,6 +3,7 @@ to the exact model file, and a manifest with hashes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -30,6 +31,7 @@ from usn_offline.runtime.bundle import (
     Bundle,
 )
 from usn_offline.runtime.hashing import sha256_file
+from usn_offline.runtime.monitor import nominal_from_images
 from usn_offline.runtime.preprocess import normalised_to_pixels
 from usn_offline.train.checkpoint import CheckpointInfo
 
@@ -43,15 +45,6 @@ class ExportConfig:
     fp16: bool = False
     workspace_mb: int = 1024
     gap_images: int = 200
-
-
-def nominal_statistics(images: np.ndarray) -> dict:
-    """Per-image mean and standard deviation of the nominal images, summarised."""
-    flat = images.reshape(len(images), -1).astype(np.float64)
-    means, stds = flat.mean(axis=1), flat.std(axis=1)
-    return {"mean_of_means": float(means.mean()), "std_of_means": float(means.std()),
-            "mean_of_stds": float(stds.mean()), "std_of_stds": float(stds.std()),
-            "num_images": int(len(images))}
 
 
 def deployment_gap_px(model: KeypointNet, backend_infer, dataset: KeypointDataset, count: int) -> float:
@@ -156,7 +149,7 @@ def write_bundle(out: Path | str, model: KeypointNet, info: CheckpointInfo, chec
         "num_certified_images": report["summary"]["num_images"],
         "data": report["data"],
         "method": report["method"],
-        "nominal_statistics": nominal_statistics(nominal_data.images),
+        "nominal_statistics": dataclasses.asdict(nominal_from_images(nominal_data.images)),
         "engine": None if engine is None else {
             "sha256": sha256_file(engine.path), "tensorrt_version": engine.tensorrt_version,
             "gpu": engine.gpu_name, "compute_capability": engine.compute_capability,
