@@ -7,6 +7,7 @@ EPOCHS ?= 20
 CERT_IMAGES ?= 20
 CERT_CONTRAST ?= 0.98 1.02
 CERT_BRIGHTNESS ?= -0.02 0.02
+CERT_EPS ?= 0.005 0.01
 # Every process that may start rclpy keeps DDS on loopback, on its own domain.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 57
@@ -24,6 +25,7 @@ demo: setup
 		--out $(DEMO_DIR)/eval.json
 	$(ENV) usn-offline certify --checkpoint $(DEMO_DIR)/model.pt --data $(DEMO_DIR)/data --split test \
 		--num-images $(CERT_IMAGES) --delta 2 --contrast $(CERT_CONTRAST) --brightness $(CERT_BRIGHTNESS) \
+		--eps $(CERT_EPS) \
 		--out $(DEMO_DIR)/certificate.json
 	$(ENV) usn-offline export --checkpoint $(DEMO_DIR)/model.pt --certificate $(DEMO_DIR)/certificate.json \
 		--out $(DEMO_DIR)/bundle

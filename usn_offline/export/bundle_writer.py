@@ -187,6 +187,11 @@ def bundle_summary(bundle: Bundle) -> list[tuple[str, str]]:
         rows.append((f"certified region {i}" if len(bundle.region) > 1 else "certified region",
                      f"a in [{box.a_lo:g}, {box.a_hi:g}], b in [{box.b_lo:g}, {box.b_hi:g}]"))
     rows += [("region kind", f"{region['kind']} (coverage {100 * region['coverage']:g} %)"),
+             ("certified images", f"{100 * bundle.certificate['certified_fraction']:.1f} % of "
+                                  f"{bundle.certificate['num_certified_images']}")]
+    rows += [(f"certified at eps={eps}", f"{100 * frac:.1f} %")
+             for eps, frac in bundle.certificate.get("certified_fraction_at_eps", {}).items()]
+    rows += [
              ("delta", f"{bundle.delta_px:g} px ({bundle.certificate['norm']})"),
              ("deployment gap", f"{bundle.deployment_gap_px:.2e} px"),
              ("effective delta", f"{bundle.effective_delta_px:.6f} px"),
