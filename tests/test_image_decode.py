@@ -1,6 +1,7 @@
 """sensor_msgs/Image decoding: every supported encoding, step padding, endianness, and a
 clear error for everything else; agreement with cv_bridge where cv_bridge is right."""
 
+import cv2
 import numpy as np
 import pytest
 
@@ -81,3 +82,16 @@ def test_agrees_with_cv_bridge_where_cv_bridge_is_right():
         ours = decode_image(msg.height, msg.width, msg.encoding, bool(msg.is_bigendian), msg.step,
                             bytes(msg.data))
         np.testing.assert_array_equal(ours, bridge.imgmsg_to_cv2(msg, "passthrough"))
+
+
+def test_compressed_png_and_jpeg():
+    from usn_offline.runtime.image_decode import decode_compressed
+
+    ok, png = cv2.imencode(".png", RGB[:, :, ::-1])  # OpenCV encodes BGR
+    np.testing.assert_array_equal(decode_compressed("png", png.tobytes()), RGB)
+    ok, jpg = cv2.imencode(".jpg", np.full((16, 16), 100, np.uint8))
+    assert np.abs(decode_compressed("jpeg", jpg.tobytes()).astype(int) - 100).max() <= 2
+    with pytest.raises(ImageDecodeError, match="cannot decode compressed image"):
+        decode_compressed("jpeg", b"not an image")
+    with pytest.raises(ImageDecodeError, match="empty compressed image"):
+        decode_compressed("jpeg", b"")

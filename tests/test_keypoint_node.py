@@ -238,3 +238,46 @@ def test_node_refuses_to_start_without_a_valid_bundle(tmp_path):
                            f"bundle_dir:={tmp_path}"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "usn_keypoint_node: error: bundle is missing manifest.json" in proc.stderr
+
+
+def test_compressed_transport(exported_bundle):
+    """input_transport:=compressed: PNG frames on <remapped image>/compressed; a corrupt one is BAD_INPUT."""
+    from sensor_msgs.msg import CompressedImage
+
+    cmd = [sys.executable, "-m", "usn_keypoint_ros.node", "--ros-args", "-p", f"bundle_dir:={exported_bundle}",
+           "-p", "input_transport:=compressed", "-p", "input_qos:=DEFAULT", "-r", "image:=/usn_test/cam2/image"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ok, png = cv2.imencode(".png", _scene()[:, :, ::-1])
+    good = CompressedImage(format="png", data=png.tobytes())
+    good.header.stamp.sec = 1
+    bad = CompressedImage(format="jpeg", data=b"\xff\xd8 definitely not a jpeg")
+    bad.header.stamp.sec = 2
+    statuses, keypoints = [], []
+    rclpy.init()
+    try:
+        node = Node("usn_test_compressed_camera")
+        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        pub = node.create_publisher(CompressedImage, "/usn_test/cam2/image/compressed", qos)
+        node.create_subscription(CertificationStatus, "/usn_keypoint_node/status", statuses.append, qos)
+        node.create_subscription(KeypointArray, "/usn_keypoint_node/keypoints", keypoints.append, qos)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and (
+                pub.get_subscription_count() == 0 or node.count_publishers("/usn_keypoint_node/status") == 0):
+            rclpy.spin_once(node, timeout_sec=0.1)
+        time.sleep(0.5)
+        pub.publish(good)
+        pub.publish(bad)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(statuses) < 2:
+            rclpy.spin_once(node, timeout_sec=0.1)
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    by_stamp = {s.header.stamp.sec: s for s in statuses}
+    assert set(by_stamp) == {1, 2}, err.decode()[-2000:]
+    assert CertificationStatus.BAD_INPUT not in by_stamp[1].reasons
+    assert list(by_stamp[2].reasons) == [CertificationStatus.BAD_INPUT]
+    assert "cannot decode compressed image" in by_stamp[2].detail
+    assert [k.header.stamp.sec for k in keypoints] == [1] and len(keypoints[0].keypoints) == 4

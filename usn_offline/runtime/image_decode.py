@@ -64,3 +64,20 @@ def decode_image(height: int, width: int, encoding: str, is_bigendian: bool, ste
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise ImageDecodeError("float image contains NaN or infinite values")
     return image
+
+
+def decode_compressed(format_: str, data: bytes | bytearray | memoryview, max_pixels: int = 4096 * 4096
+                      ) -> np.ndarray:
+    """Decode a sensor_msgs/CompressedImage payload (JPEG, PNG, ...) to mono or RGB(A)."""
+    if len(data) == 0:
+        raise ImageDecodeError(f"empty compressed image (format '{format_}')")
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageDecodeError(f"cannot decode compressed image (format '{format_}', {len(data)} bytes)")
+    if image.shape[0] * image.shape[1] > max_pixels:
+        raise ImageDecodeError(f"image of {image.shape[1]}x{image.shape[0]} exceeds the limit of {max_pixels} pixels")
+    if image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    return image

@@ -18,18 +18,19 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data, qos_profile_system_default
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
 from usn_keypoint_msgs.msg import CertificationStatus, Keypoint2D, KeypointArray
 
 from usn_offline.errors import UsnError
 from usn_offline.runtime.backends import create_backend
 from usn_offline.runtime.bundle import CERTIFICATE, Bundle
 from usn_offline.runtime.hashing import sha256_file
-from usn_offline.runtime.image_decode import ImageDecodeError, decode_image
+from usn_offline.runtime.image_decode import ImageDecodeError, decode_compressed, decode_image
 from usn_offline.runtime.monitor import MonitorResult, PhotometricMonitor, Reason, nominal_from_images
 from usn_offline.runtime.pipeline import FrameResult, KeypointPipeline, bad_input
 
 QOS_CHOICES = ("SENSOR_DATA", "DEFAULT", "SYSTEM_DEFAULT")
+TRANSPORTS = ("raw", "compressed")
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 MISMATCH_POLICIES = ("fail", "flag")
 
@@ -58,6 +59,8 @@ class KeypointNode(Node):
         self._declare("enable_fp16", False, "build the TensorRT engine in FP16", **ro)
         self._declare("checkpoint_path", "", "torch checkpoint for backend=torch", **ro)
         self._declare("input_qos", "SENSOR_DATA", f"image subscription QoS: {', '.join(QOS_CHOICES)}", **ro)
+        self._declare("input_transport", "raw", "raw: sensor_msgs/Image on 'image'; compressed: "
+                      "sensor_msgs/CompressedImage on '<image>/compressed'", **ro)
         self._declare("input_qos_depth", 5, "image subscription queue depth", integer_range=_int_range(1, 100),
                       **ro)
         self._declare("on_certificate_mismatch", "fail",
@@ -119,7 +122,12 @@ class KeypointNode(Node):
         self.status_pub = self.create_publisher(CertificationStatus, "~/status", 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.debug_pub = self.create_publisher(Image, "~/debug_image", 2)
-        self.image_sub = self.create_subscription(Image, "image", self.on_image, qos)
+        if p["input_transport"] == "compressed":
+            # image_transport's convention: <remapped image topic>/compressed.
+            topic = self.resolve_topic_name("image") + "/compressed"
+            self.image_sub = self.create_subscription(CompressedImage, topic, self.on_image, qos)
+        else:
+            self.image_sub = self.create_subscription(Image, "image", self.on_image, qos)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.frames = self.flagged = self.bad = 0
         self.latencies: deque[float] = deque(maxlen=200)
@@ -134,14 +142,15 @@ class KeypointNode(Node):
     def _params(self) -> dict:
         return {name: self.get_parameter(name).value for name in (
             "bundle_dir", "backend", "model_file_path", "engine_file_path", "force_engine_update", "enable_fp16",
-            "checkpoint_path", "input_qos", "input_qos_depth", "on_certificate_mismatch", "max_image_pixels",
+            "checkpoint_path", "input_qos", "input_transport", "input_qos_depth", "on_certificate_mismatch",
+            "max_image_pixels",
             "monitor_z", "monitor_max_saturated_fraction", "monitor_calibration_frames", "diagnostics_period")}
 
     def _validate_start(self) -> None:
         p = self._params()
         if not p["bundle_dir"]:
             raise StartupError("parameter bundle_dir is required (the export bundle directory)")
-        for name, choices in (("backend", BACKENDS), ("input_qos", QOS_CHOICES),
+        for name, choices in (("backend", BACKENDS), ("input_qos", QOS_CHOICES), ("input_transport", TRANSPORTS),
                               ("on_certificate_mismatch", MISMATCH_POLICIES)):
             if p[name] not in choices:
                 raise StartupError(f"parameter {name}={p[name]!r} must be one of {', '.join(choices)}")
@@ -155,12 +164,15 @@ class KeypointNode(Node):
         return SetParametersResult(successful=True)
 
     # -- per frame ----------------------------------------------------------------------------
-    def on_image(self, msg: Image) -> None:
+    def on_image(self, msg: Image | CompressedImage) -> None:
         started = time.perf_counter()
         self.arrivals.append(time.monotonic())
         try:
-            frame = decode_image(msg.height, msg.width, msg.encoding, bool(msg.is_bigendian), msg.step,
-                                 bytes(msg.data), self.pipeline.max_pixels)
+            if isinstance(msg, CompressedImage):
+                frame = decode_compressed(msg.format, bytes(msg.data), self.pipeline.max_pixels)
+            else:
+                frame = decode_image(msg.height, msg.width, msg.encoding, bool(msg.is_bigendian), msg.step,
+                                     bytes(msg.data), self.pipeline.max_pixels)
             result = self.pipeline.process(frame)
         except ImageDecodeError as exc:
             result = FrameResult(None, bad_input(str(exc)))
