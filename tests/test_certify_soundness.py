@@ -204,3 +204,37 @@ def test_small_box_of_a_smooth_model_is_certified():
     out = certify_boxes(graph, image, KeypointProperty(ref, 0.5), pixels, [box])
     assert out[0].status is Status.CERTIFIED
     assert (out[0].lower <= ref.numpy()).all() and (out[0].upper >= ref.numpy()).all()
+
+
+def test_float32_copy_of_the_graph_matches():
+    graph = lower(_random_model("resnet", 6), (1, SIZE, SIZE))
+    g32 = graph.astype(torch.float32)
+    assert g32 is graph.astype(torch.float32) and graph.astype(torch.float64) is graph
+    image = _image(6)
+    a, b = torch.tensor([0.8, 1.2], dtype=torch.float64), torch.tensor([0.1, -0.1], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(g32.evaluate(image.float(), a.float(), b.float()).double(),
+                                   graph.evaluate(image, a, b), atol=1e-5, rtol=1e-5)
+
+
+def test_float32_screening_changes_speed_not_answers():
+    """Screening sub-boxes in float32 only decides where to split: statuses agree with plain
+    float64 branch and bound, and the reported (float64) bounds still contain every sample."""
+    pixels = PixelMap.for_image(2, SIZE, SIZE)
+    rng = np.random.default_rng(7)
+    for seed in range(3):
+        graph = lower(_random_model("cnn7", 20 + seed), (1, SIZE, SIZE))
+        image = _image(seed)
+        with torch.no_grad():
+            ref = pixels(graph.evaluate(image, torch.ones(1).double(), torch.zeros(1).double()))[0]
+        prop = KeypointProperty(ref, 0.05)
+        boxes = [PhotometricBox.symmetric(e, e) for e in (0.01, 0.04, 0.15)]
+        plain = certify_boxes(graph, image, prop, pixels, boxes, BabConfig(max_boxes=256, screen_float32_px=None))
+        screened = certify_boxes(graph, image, prop, pixels, boxes, BabConfig(max_boxes=256))
+        for box, p, s in zip(boxes, plain, screened, strict=True):
+            if Status.UNKNOWN not in (p.status, s.status):
+                assert p.status == s.status
+            a, b = _samples(box, 12, 100, rng)
+            with torch.no_grad():
+                px = pixels(graph.evaluate(image, a, b)).numpy()
+            assert (px >= s.lower).all() and (px <= s.upper).all()

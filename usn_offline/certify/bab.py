@@ -46,6 +46,11 @@ class BabConfig:
     attack_restarts: int = 6
     attack_steps: int = 8
     bounds: BoundOptions = field(default_factory=BoundOptions)
+    # Screen sub-boxes with float32 bounds first: a box whose float32 bounds miss the
+    # property by more than this many pixels is split without computing float64 bounds.
+    # Only decisions to split are taken on float32 results; every "verified" comes from
+    # float64 bounds, and every reported bound is a float64 bound. None disables it.
+    screen_float32_px: float | None = 0.01
 
     def __post_init__(self) -> None:
         if self.max_depth < 0 or self.max_boxes < 1 or self.batch_size < 0:
@@ -89,6 +94,32 @@ def _split(box: tuple[float, float, float, float], root: PhotometricBox):
     return [(a_lo, a_hi, b_lo, m), (a_lo, a_hi, m, b_hi)]
 
 
+def _excess(prop: KeypointProperty, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(B,) how far (pixels) the bounds are from proving the property (<= 0: proved, L-inf view)."""
+    r = prop.reference
+    return torch.maximum(r - prop.delta - lo, hi - r - prop.delta).max(dim=1).values
+
+
+def _screen(batch: list[_Entry], screen, config: BabConfig, roots: list[PhotometricBox], queue: deque,
+            bounded: list[int], depth: list[int]) -> list[_Entry]:
+    """Split the entries whose float32 bounds clearly fail; return the others. Children keep
+    the (float64) bounds their parent inherited, which still cover them."""
+    g32, image32, pixels32, prop32 = screen
+    boxes = Boxes.from_boxes([PhotometricBox(*e.box) for e in batch], torch.float32, g32.device)
+    lo, hi = output_bounds(g32, image32, boxes, pixels32, config.method, config.bounds, done=prop32.verified)
+    hopeless = _excess(prop32, lo, hi) > config.screen_float32_px
+    keep = []
+    for e, skip in zip(batch, hopeless.tolist(), strict=True):
+        if skip and e.depth < config.max_depth:
+            bounded[e.root] += 1
+            depth[e.root] = max(depth[e.root], e.depth)
+            for child in _split(e.box, roots[e.root]):
+                queue.append(_Entry(e.root, child, e.depth + 1, e.lo, e.hi))
+        else:
+            keep.append(e)
+    return keep
+
+
 def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
                   roots: list[PhotometricBox], config: BabConfig = BabConfig()) -> list[BoxOutcome]:
     """Certify the property on each root box for one image ((1, C, H, W), graph dtype)."""
@@ -105,9 +136,23 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
     bounded = [0] * n_roots
     depth = [0] * n_roots
 
-    # 1. Attack every root first: a cheap counterexample ends the root at once.
+    fast = None  # float32 copies for work whose result is re-checked in float64 (CPU only)
+    if dtype == torch.float64 and device.type == "cpu":
+        fast = (graph.astype(torch.float32), image.float(), PixelMap(pixels.scale.float(), pixels.offset.float()),
+                KeypointProperty(prop.reference.float(), prop.delta, prop.norm))
+
+    # 1. Attack every root first: a cheap counterexample ends the root at once. The search
+    # may run in float32; a counterexample counts only if it violates in float64.
     root_boxes = Boxes.from_boxes(roots, dtype, device)
-    a, b, dev = pgd_attack(graph, image, prop, pixels, root_boxes, config.attack_restarts, config.attack_steps)
+    if fast is not None:
+        g32, image32, pixels32, prop32 = fast
+        a, b, _ = pgd_attack(g32, image32, prop32, pixels32, Boxes.from_boxes(roots, torch.float32, device),
+                             config.attack_restarts, config.attack_steps)
+        a = torch.minimum(torch.maximum(a.double(), root_boxes.a_lo), root_boxes.a_hi)
+        b = torch.minimum(torch.maximum(b.double(), root_boxes.b_lo), root_boxes.b_hi)
+        dev = deviations_at(graph, image, prop, pixels, a, b)
+    else:
+        a, b, dev = pgd_attack(graph, image, prop, pixels, root_boxes, config.attack_restarts, config.attack_steps)
     for r in range(n_roots):
         if prop.violates(dev[r]):
             status[r], cex[r], cex_dev[r] = Status.FALSIFIED, (float(a[r]), float(b[r])), float(dev[r])
@@ -115,6 +160,8 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
     def merge(r: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
         leaf_lo[r] = torch.minimum(leaf_lo[r], lo)
         leaf_hi[r] = torch.maximum(leaf_hi[r], hi)
+
+    screen = fast if config.screen_float32_px is not None else None
 
     queue = deque(_Entry(r, (bx.a_lo, bx.a_hi, bx.b_lo, bx.b_hi), 0, None, None) for r, bx in enumerate(roots))
     total = 0
@@ -133,6 +180,12 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
         if not batch:
             continue
         first_pass -= len(batch)
+        if screen is not None and all(e.lo is not None for e in batch):
+            kept = _screen(batch, screen, config, roots, queue, bounded, depth)
+            total += len(batch) - len(kept)
+            batch = kept
+            if not batch:
+                continue
         boxes = Boxes.from_boxes([PhotometricBox(*e.box) for e in batch], dtype, device)
         lo, hi = output_bounds(graph, image, boxes, pixels, config.method, config.bounds, done=prop.verified)
         total += len(batch)

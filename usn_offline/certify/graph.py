@@ -10,6 +10,7 @@ The perturbation layer x'(a, b) = clip(a x + b, 0, 1) is prepended as
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 
@@ -55,6 +56,24 @@ class Graph:
         for i, node in enumerate(self.nodes):
             for j in node.inputs:
                 self.users[j].append(i)
+
+    def astype(self, dtype: torch.dtype) -> Graph:
+        """The same graph computing in ``dtype`` (cached; used for cheap float32 screening)."""
+        if dtype == self.dtype:
+            return self
+        cache = self.__dict__.setdefault("_dtype_cache", {})
+        if dtype not in cache:
+            nodes = []
+            for node in self.nodes:
+                op = node.op
+                if dataclasses.is_dataclass(op):
+                    changes = {f.name: getattr(op, f.name).to(dtype) for f in dataclasses.fields(op)
+                               if isinstance(getattr(op, f.name), torch.Tensor)}
+                    op = dataclasses.replace(op, **changes)
+                nodes.append(Node(op, node.inputs, node.shape, node.name))
+            cache[dtype] = Graph(nodes=nodes, output=self.output, input_shape=self.input_shape, dtype=dtype,
+                                 device=self.device)
+        return cache[dtype]
 
     def bias_map(self, i: int) -> torch.Tensor:
         """The bias of affine node i broadcast to its output shape (cached)."""
