@@ -14,6 +14,7 @@ import statistics
 import time
 
 import torch
+from timing import median_seconds  # noqa: E402  (bench/timing.py, beside this script)
 
 from usn_offline.certify import (
     BabConfig,
@@ -32,16 +33,6 @@ from usn_offline.perturb import PhotometricBox
 from usn_offline.train import load_checkpoint
 from usn_offline.train.device import resolve_device, use_all_cpu_cores
 from usn_offline.train.metrics import format_table
-
-
-def _time(fn, repeat: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -67,7 +58,7 @@ def main() -> None:
 
     x32 = torch.from_numpy(data.images[:1]).to(device)[:, None]
     with torch.no_grad():
-        fp = _time(lambda: model(x32), 50)
+        fp = median_seconds(lambda: model(x32), 50)
     print(f"device {device}, {len(images)} test images, forward pass (float32, batch 1): {fp * 1e3:.2f} ms")
 
     props = []

@@ -6,21 +6,12 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
+from timing import median_seconds  # noqa: E402  (bench/timing.py, beside this script)
 
 from usn_offline.runtime.bundle import CertifiedBox
 from usn_offline.runtime.monitor import PhotometricMonitor, nominal_from_images, saturated_fraction
 from usn_offline.runtime.preprocess import PreprocessConfig, preprocess
-
-
-def _per_call(fn, repeat: int = 500) -> float:
-    fn()
-    t = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t) / repeat
 
 
 def main() -> None:
@@ -32,8 +23,8 @@ def main() -> None:
     for shape in ((480, 640, 3), (480, 640)):
         frame = rng.integers(0, 256, shape, dtype=np.uint8)
         image = preprocess(frame, config)
-        pre = _per_call(lambda f=frame: preprocess(f, config))
-        mon = _per_call(lambda f=frame, im=image: monitor.assess(im, saturated_fraction(f, 255)))
+        pre = median_seconds(lambda f=frame: preprocess(f, config), 500)
+        mon = median_seconds(lambda f=frame, im=image: monitor.assess(im, saturated_fraction(f, 255)), 500)
         print(f"{str(shape):>18} | {pre * 1e3:7.3f} ms | {mon * 1e3:7.3f} ms | {mon / pre:.2f}")
 
 

@@ -10,28 +10,16 @@ message building and publishing) is called directly, so DDS transport is not inc
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import cv2
 import numpy as np
 import rclpy
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
+from timing import median_seconds  # noqa: E402  (bench/timing.py, beside this script)
 from usn_keypoint_ros.node import KeypointNode
 
 from usn_offline.runtime.preprocess import preprocess
-
-
-def _median_seconds(fn, repeat: int) -> float:
-    for _ in range(10):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -50,8 +38,8 @@ def main() -> None:
         msg = Image(height=480, width=640, encoding=encoding, is_bigendian=0, step=640 * channels,
                     data=frame.tobytes())
         net_input = preprocess(frame, node.bundle.preprocess)[None, None].astype(np.float32)
-        raw = _median_seconds(lambda x=net_input: node.backend.infer(x), args.repeat)
-        full = _median_seconds(lambda m=msg: node.on_image(m), args.repeat)
+        raw = median_seconds(lambda x=net_input: node.backend.infer(x), args.repeat)
+        full = median_seconds(lambda m=msg: node.on_image(m), args.repeat)
         rows.append((encoding, raw, full))
     node.destroy_node()
     rclpy.try_shutdown()

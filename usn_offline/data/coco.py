@@ -22,6 +22,7 @@ import numpy as np
 from usn_offline.data.dataset import KeypointDataset
 from usn_offline.errors import DatasetError
 from usn_offline.jsonio import read_json_object
+from usn_offline.runtime.image_decode import opencv_to_rgb
 from usn_offline.runtime.preprocess import PreprocessConfig, preprocess, scale_keypoints
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,7 @@ def _read_image(path: Path) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise DatasetError(f"cannot decode image (corrupt or unsupported format): {path}")
-    if image.ndim == 3 and image.shape[2] == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
-    return image
+    return opencv_to_rgb(image)
 
 
 def read_keypoint_names(root: Path | str, split: str) -> tuple[str, ...]:

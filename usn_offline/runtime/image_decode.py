@@ -76,8 +76,13 @@ def decode_compressed(format_: str, data: bytes | bytearray | memoryview, max_pi
         raise ImageDecodeError(f"cannot decode compressed image (format '{format_}', {len(data)} bytes)")
     if image.shape[0] * image.shape[1] > max_pixels:
         raise ImageDecodeError(f"image of {image.shape[1]}x{image.shape[0]} exceeds the limit of {max_pixels} pixels")
+    return opencv_to_rgb(image)
+
+
+def opencv_to_rgb(image: np.ndarray) -> np.ndarray:
+    """OpenCV's BGR(A) channel order -> RGB(A); mono images unchanged."""
     if image.ndim == 3 and image.shape[2] == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
     return image
