@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from ros_helpers import spin_until, stop  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 PUBLISHER = r"""
@@ -50,15 +50,12 @@ def test_image_round_trip_between_processes():
         node = Node("usn_test_image_subscriber")
         node.create_subscription(Image, "usn_test/image", received.append,
                                  QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
-        deadline = time.monotonic() + 30
-        while not received and time.monotonic() < deadline and proc.poll() is None:
-            rclpy.spin_once(node, timeout_sec=0.1)
+        spin_until(node, lambda: bool(received), 30, proc)
         node.destroy_node()
     finally:
         rclpy.try_shutdown()
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
-    assert received, f"no image received over DDS; publisher stderr: {err.decode()[-2000:]}"
+        err = stop(proc, kill=True)
+    assert received, f"no image received over DDS; publisher stderr: {err}"
     msg = received[0]
     expected = np.random.default_rng(7).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
     assert (msg.height, msg.width, msg.encoding, msg.step) == (48, 64, "rgb8", 192)

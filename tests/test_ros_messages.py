@@ -3,13 +3,13 @@
 import math
 import subprocess
 import sys
-import time
 
 import pytest
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from ros_helpers import spin_until, stop  # noqa: E402
 
 try:
     from usn_keypoint_msgs.msg import CertificationStatus, KeypointArray
@@ -57,15 +57,12 @@ def test_custom_messages_round_trip_between_processes():
         qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
         node.create_subscription(KeypointArray, "usn_test/keypoints", keypoints.append, qos)
         node.create_subscription(CertificationStatus, "usn_test/status", statuses.append, qos)
-        deadline = time.monotonic() + 30
-        while (not keypoints or not statuses) and time.monotonic() < deadline and proc.poll() is None:
-            rclpy.spin_once(node, timeout_sec=0.1)
+        spin_until(node, lambda: bool(keypoints and statuses), 30, proc)
         node.destroy_node()
     finally:
         rclpy.try_shutdown()
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
-    assert keypoints and statuses, f"nothing received; publisher stderr: {err.decode()[-2000:]}"
+        err = stop(proc, kill=True)
+    assert keypoints and statuses, f"nothing received; publisher stderr: {err}"
     kps, status = keypoints[0], statuses[0]
     assert kps.header.frame_id == "camera_optical" and kps.header.stamp.sec == 42
     assert [k.id for k in kps.keypoints] == [0, 1, 2, 3]

@@ -102,12 +102,13 @@ class CertificationReport:
         return np.mean([np.array(m) == Status.CERTIFIED.value for m in maps], axis=0)
 
 
-def _references(model: torch.nn.Module, dataset: KeypointDataset, reference: Reference) -> np.ndarray:
+def _references(model: torch.nn.Module, dataset: KeypointDataset, reference: Reference,
+                device: torch.device | str) -> np.ndarray:
     from usn_offline.train.metrics import predict_pixels
 
     if reference is Reference.GROUND_TRUTH:
         return dataset.keypoints.reshape(len(dataset), -1).astype(np.float64)
-    return predict_pixels(model, dataset).reshape(len(dataset), -1)
+    return predict_pixels(model, dataset, device).reshape(len(dataset), -1)
 
 
 def certify_dataset(model: torch.nn.Module, dataset: KeypointDataset, config: CertifyConfig,
@@ -119,7 +120,7 @@ def certify_dataset(model: torch.nn.Module, dataset: KeypointDataset, config: Ce
     h, w = dataset.image_hw
     graph: Graph = lower(model, (1, h, w), clip=config.clip, dtype=dtype, device=device)
     pixels = PixelMap.for_image(dataset.num_keypoints, h, w, dtype, device)
-    refs = _references(model.cpu(), dataset, config.reference)
+    refs = _references(model, dataset, config.reference, device)
     results = []
     edges = None
     for i in tqdm(range(len(dataset)), desc="certify", unit="img", disable=not progress):
