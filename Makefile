@@ -8,6 +8,8 @@ CERT_IMAGES ?= 20
 CERT_CONTRAST ?= 0.98 1.02
 CERT_BRIGHTNESS ?= -0.02 0.02
 CERT_EPS ?= 0.005 0.01
+PRUNE_METHOD ?= usn-wd
+PRUNE_RATIO ?= 0.5
 # Every process that may start rclpy keeps DDS on loopback, on its own domain.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 57
@@ -21,15 +23,17 @@ setup:
 demo: setup
 	$(ENV) usn-offline data --out $(DEMO_DIR)/data
 	$(ENV) usn-offline train --data $(DEMO_DIR)/data --out $(DEMO_DIR)/model.pt --epochs $(EPOCHS) --resume
-	$(ENV) usn-offline evaluate --checkpoint $(DEMO_DIR)/model.pt --data $(DEMO_DIR)/data --split test \
+	$(ENV) usn-offline prune --checkpoint $(DEMO_DIR)/model.pt --data $(DEMO_DIR)/data \
+		--method $(PRUNE_METHOD) --ratio $(PRUNE_RATIO) --out $(DEMO_DIR)/pruned.pt
+	$(ENV) usn-offline evaluate --checkpoint $(DEMO_DIR)/pruned.pt --data $(DEMO_DIR)/data --split test \
 		--out $(DEMO_DIR)/eval.json
-	$(ENV) usn-offline certify --checkpoint $(DEMO_DIR)/model.pt --data $(DEMO_DIR)/data --split test \
+	$(ENV) usn-offline certify --checkpoint $(DEMO_DIR)/pruned.pt --data $(DEMO_DIR)/data --split test \
 		--num-images $(CERT_IMAGES) --delta 2 --contrast $(CERT_CONTRAST) --brightness $(CERT_BRIGHTNESS) \
 		--eps $(CERT_EPS) \
 		--out $(DEMO_DIR)/certificate.json
-	$(ENV) usn-offline export --checkpoint $(DEMO_DIR)/model.pt --certificate $(DEMO_DIR)/certificate.json \
+	$(ENV) usn-offline export --checkpoint $(DEMO_DIR)/pruned.pt --certificate $(DEMO_DIR)/certificate.json \
 		--out $(DEMO_DIR)/bundle
-	@echo "demo outputs: $(DEMO_DIR)/ (data/, model.pt, eval.json, certificate.json, bundle/)"
+	@echo "demo outputs: $(DEMO_DIR)/ (data/, model.pt, pruned.pt, eval.json, certificate.json, bundle/)"
 
 test: setup
 	$(ENV) ruff check usn_offline tests bench scripts ros2_ws/src

@@ -47,3 +47,19 @@ def test_preprocess_resizes_to_the_input_size():
 def test_unsupported_channel_count():
     with pytest.raises(ValueError, match="channel count 2"):
         to_gray_float(np.zeros((4, 4, 2), np.uint8))
+
+
+@pytest.mark.parametrize("shape,dtype", [
+    ((480, 640, 3), np.uint8), ((480, 640), np.uint8), ((480, 640, 4), np.uint8), ((480, 640), np.uint16),
+    ((720, 1280, 3), np.uint8), ((64, 640, 1), np.uint8), ((480, 700, 3), np.uint8), ((40, 640), np.uint8),
+])
+def test_fast_area_path_equals_the_general_path(shape, dtype):
+    from usn_offline.runtime.preprocess import resize_image, to_gray_float
+
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True, dtype=dtype)
+    config = PreprocessConfig(64, 64)
+    got = preprocess(frame, config)
+    expected = resize_image(to_gray_float(frame), config)
+    assert got.shape == (64, 64) and got.dtype == np.float32
+    assert np.abs(got - expected).max() < 1e-6

@@ -94,6 +94,63 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"evaluation written to {out}")
 
 
+def _prune_config(args: argparse.Namespace, method: str, ratio: float):
+    from usn_offline.perturb import PhotometricBox
+    from usn_offline.prune import PruneConfig
+    from usn_offline.prune.gates import GateConfig
+
+    box = PhotometricBox(args.contrast[0], args.contrast[1], args.brightness[0], args.brightness[1])
+    return PruneConfig(method=method, ratio=ratio, rounds=args.rounds, finetune_epochs=args.finetune_epochs,
+                       lr=args.lr, box=box, score_images=args.score_images, allocation=args.allocation,
+                       min_keep=args.min_keep, gates=GateConfig(weight=args.wd_weight, epochs=args.wd_epochs),
+                       seed=args.seed)
+
+
+def _load_for_pruning(args: argparse.Namespace):
+    from usn_offline.data import load_split
+    from usn_offline.train import load_checkpoint
+    from usn_offline.train.device import resolve_device, use_all_cpu_cores
+
+    use_all_cpu_cores()
+    device = resolve_device(args.device)
+    model, info = load_checkpoint(args.checkpoint, device)
+    k = info.model.num_keypoints
+    train_set = load_split(args.data, "train", info.preprocess, expected_keypoints=k)
+    val_set = load_split(args.data, "val", info.preprocess, expected_keypoints=k)
+    return model, info, train_set, val_set, device
+
+
+def _cmd_prune(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from usn_offline.prune import prune_model, rounds_table
+    from usn_offline.train import save_checkpoint
+
+    config = _prune_config(args, args.method, args.ratio)
+    model, info, train_set, val_set, device = _load_for_pruning(args)
+    result = prune_model(model, train_set, val_set, config, device=device, progress=not args.quiet)
+    print(rounds_table(result))
+    info = replace(info, model=result.model.config, training={**info.training, "pruning": result.to_dict()})
+    save_checkpoint(args.out, result.model, info)
+    print(f"pruned checkpoint written to {args.out}")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from usn_offline.certify import BabConfig
+    from usn_offline.data import load_split
+    from usn_offline.prune.compare import CompareConfig, results_markdown, run_comparison
+
+    model, info, train_set, val_set, device = _load_for_pruning(args)
+    test_set = load_split(args.data, "test", info.preprocess, expected_keypoints=info.model.num_keypoints)
+    config = CompareConfig(methods=tuple(args.methods), ratios=tuple(args.ratios),
+                           prune=_prune_config(args, "usn-wd", args.ratios[0]), eps_list=tuple(args.eps),
+                           delta=args.delta, num_images=args.num_images, bab=BabConfig(time_limit=args.bab_time))
+    rows = run_comparison(model, info, train_set, val_set, test_set, config, args.out, device=device,
+                          progress=not args.quiet)
+    print(results_markdown(rows, config))
+    print(f"comparison written to {args.out}/ (results.md, results.json, comparison.png)")
+
+
 def _grid(text: str) -> tuple[int, int]:
     parts = text.lower().split("x")
     try:
@@ -259,6 +316,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="build the TensorRT engine in FP16")
     p.add_argument("--workspace-mb", type=_positive_int, default=1024, help="TensorRT workspace limit")
     p.set_defaults(func=_cmd_export)
+
+    def pruning_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint", required=True, type=Path, help="trained checkpoint to prune")
+        p.add_argument("--data", required=True, type=Path, help="dataset folder (train, val; test for compare)")
+        p.add_argument("--rounds", type=_positive_int, default=3, help="progressive prune + fine-tune rounds")
+        p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs after each round")
+        p.add_argument("--lr", type=_positive_float, default=5e-4, help="fine-tuning learning rate")
+        p.add_argument("--contrast", type=float, nargs=2, default=[0.9, 1.1], metavar=("A_LO", "A_HI"),
+                       help="perturbation box the USN scores are measured over")
+        p.add_argument("--brightness", type=float, nargs=2, default=[-0.1, 0.1], metavar=("B_LO", "B_HI"))
+        p.add_argument("--score-images", type=_positive_int, default=256, help="training images for USN scores")
+        p.add_argument("--allocation", choices=["global", "uniform"],
+                       help="rank neurons across layers or prune each layer alike (default: per method)")
+        p.add_argument("--min-keep", type=_positive_float, default=0.1, help="fraction of every layer kept")
+        p.add_argument("--wd-weight", type=float, default=1.0, help="weight of the Wasserstein loss (usn-wd)")
+        p.add_argument("--wd-epochs", type=_positive_int, default=1, help="concentration-phase epochs (usn-wd)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("prune", help="prune a trained network (USN with the Wasserstein loss by default)")
+    pruning_arguments(p)
+    p.add_argument("--method", choices=["usn-wd", "usn", "magnitude", "random", "none"], default="usn-wd")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of conv channels / hidden units removed")
+    p.add_argument("--out", required=True, type=Path, help="pruned checkpoint (.pt; a .json is written beside)")
+    p.set_defaults(func=_cmd_prune)
+
+    p = sub.add_parser("compare", help="every pruning method x ratio, each certified: table + plot")
+    pruning_arguments(p)
+    p.add_argument("--methods", nargs="+", choices=["usn-wd", "usn", "magnitude", "random", "none"],
+                   default=["none", "usn-wd", "usn", "magnitude", "random"])
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.6])
+    p.add_argument("--eps", type=_positive_float, nargs="+", default=[0.005, 0.01, 0.02],
+                   help="symmetric boxes at which certified accuracy is reported")
+    p.add_argument("--delta", type=_positive_float, default=3.0, help="px from the ground truth")
+    p.add_argument("--num-images", type=_positive_int, default=20, help="test images certified per model")
+    p.add_argument("--bab-time", type=_positive_float, default=10.0, help="seconds per branch-and-bound call")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("build-engine", help="build the TensorRT engine of a bundle on this machine")
     p.add_argument("--bundle", required=True, type=Path)

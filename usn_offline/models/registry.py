@@ -35,7 +35,9 @@ class KeypointNet(nn.Module):
         self.config = config
         try:
             self.backbone = BACKBONES[config.family](
-                config.in_channels, config.widths, (config.input_height, config.input_width))
+                config.in_channels, config.widths, (config.input_height, config.input_width), **config.extra)
+        except TypeError as exc:
+            raise ConfigError(f"{config.family}: unsupported extra settings {sorted(config.extra)}") from exc
         except ValueError as exc:
             raise ConfigError(f"{config.family}: {exc}") from exc
         self.head = HEADS[config.head](self.backbone.out_shape, config.hidden, config.num_outputs)

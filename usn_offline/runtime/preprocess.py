@@ -13,6 +13,7 @@ Conventions:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -71,9 +72,44 @@ def resize_image(gray: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return cv2.resize(gray, (config.input_width, config.input_height), interpolation=interp)
 
 
+_LUMA = (0.299, 0.587, 0.114)
+
+
+@lru_cache(maxsize=16)
+def _block_weights(factor: int, channels: int, scale: float) -> np.ndarray:
+    """Weights turning ``factor`` consecutive pixels of ``channels`` interleaved values into
+    their mean luma (RGB/RGBA) or mean value (mono), times ``scale``."""
+    per_pixel = {1: (1.0,), 3: _LUMA, 4: _LUMA + (0.0,)}[channels]
+    return (np.tile(np.asarray(per_pixel, np.float64), factor) * (scale / factor)).astype(np.float32)
+
+
+def _area_gray_integer_width(image: np.ndarray, config: PreprocessConfig) -> np.ndarray | None:
+    """Fast path of :func:`preprocess` for integer frames whose width is a multiple of the
+    input width (640, 1280, 1920 px for 64): area averaging is separable and luma is linear,
+    so one matrix-vector product does luma + the horizontal area step on the raw bytes, and
+    OpenCV's area resize does the (small) vertical step. Equals the general path up to
+    float32 rounding (tested); None when it does not apply."""
+    if image.dtype not in (np.uint8, np.uint16) or image.ndim not in (2, 3):
+        return None
+    h, w = image.shape[:2]
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    out_h, out_w = config.input_height, config.input_width
+    if channels not in (1, 3, 4) or w % out_w or h < out_h or (h, w) == (out_h, out_w):
+        return None
+    factor = w // out_w
+    scale = 1.0 / 255.0 if image.dtype == np.uint8 else 1.0 / 65535.0
+    blocks = np.ascontiguousarray(image).reshape(h * out_w, factor * channels)
+    rows = (blocks.astype(np.float32) @ _block_weights(factor, channels, scale)).reshape(h, out_w)
+    if h != out_h:
+        rows = cv2.resize(rows, (out_w, out_h), interpolation=cv2.INTER_AREA)
+    return np.clip(rows, 0.0, 1.0)
+
+
 def preprocess(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Camera image -> float32 network input of shape (input_height, input_width) in [0, 1]."""
-    return resize_image(to_gray_float(image), config)
+    """Camera image -> float32 network input of shape (input_height, input_width) in [0, 1]:
+    BT.601 luma of the RGB(A) frame (or the mono frame) scaled to [0, 1], area-resized."""
+    fast = _area_gray_integer_width(image, config)
+    return fast if fast is not None else resize_image(to_gray_float(image), config)
 
 
 def scale_keypoints(

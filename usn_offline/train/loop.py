@@ -73,7 +73,8 @@ def resume_path(checkpoint: Path | str) -> Path:
     return Path(checkpoint).with_suffix(".resume.pt")
 
 
-def _augment(x: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Random contrast/brightness per image (identity for a fraction of them)."""
     n = x.shape[0]
     a = torch.empty(n, 1, 1, 1).uniform_(*config.augment_contrast, generator=gen)
     b = torch.empty(n, 1, 1, 1).uniform_(*config.augment_brightness, generator=gen)
@@ -83,7 +84,8 @@ def _augment(x: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> torc
     return apply_photometric(x, a.to(x.device), b.to(x.device))
 
 
-def _targets(dataset: KeypointDataset) -> torch.Tensor:
+def normalised_targets(dataset: KeypointDataset) -> torch.Tensor:
+    """(N, 2K) float32 training targets in normalised coordinates."""
     h, w = dataset.image_hw
     norm = pixels_to_normalised(dataset.keypoints, h, w)
     return torch.from_numpy(norm.reshape(len(dataset), -1).astype(np.float32))
@@ -137,7 +139,7 @@ def train_model(
         log.info("resuming after epoch %d", start_epoch)
 
     images = torch.from_numpy(train_set.images).unsqueeze(1)
-    targets = _targets(train_set)
+    targets = normalised_targets(train_set)
     info = CheckpointInfo(model=model_config,
                           preprocess=PreprocessConfig(model_config.input_height, model_config.input_width),
                           keypoint_names=train_set.keypoint_names)
@@ -151,7 +153,7 @@ def train_model(
         total, seen = 0.0, 0
         for start in range(0, len(order), config.batch_size):
             idx = order[start:start + config.batch_size]
-            x = _augment(images[idx], config, gen).to(device)
+            x = augment_batch(images[idx], config, gen).to(device)
             y = targets[idx].to(device)
             loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,12 @@
+"""USN pruning: neuron stability scores, the Wasserstein concentration loss, structural
+pruning, baselines, progressive train-and-prune rounds, and the comparison."""
+
+from usn_offline.prune.groups import NeuronGroup, neuron_groups
+from usn_offline.prune.pipeline import METHODS, PruneConfig, PruneResult, RoundResult, prune_model, rounds_table
+from usn_offline.prune.structural import masked, prune_structure
+from usn_offline.prune.usn import UsnStats, UsnWeights, usn_from_samples, usn_scores
+from usn_offline.prune.wasserstein import concentration_loss, two_point_target, wasserstein_1d
+
+__all__ = ["METHODS", "NeuronGroup", "PruneConfig", "PruneResult", "RoundResult", "UsnStats", "UsnWeights",
+           "concentration_loss", "masked", "neuron_groups", "prune_model", "prune_structure", "rounds_table",
+           "two_point_target", "usn_from_samples", "usn_scores", "wasserstein_1d"]
