@@ -9,7 +9,7 @@ CERT_CONTRAST ?= 0.98 1.02
 CERT_BRIGHTNESS ?= -0.02 0.02
 CERT_EPS ?= 0.005 0.01
 PRUNE_METHOD ?= usn-wd
-PRUNE_RATIO ?= 0.5
+PRUNE_RATIO ?= 0.3
 # Every process that may start rclpy keeps DDS on loopback, on its own domain.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 57

@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=True, type=Path, help="trained checkpoint to prune")
         p.add_argument("--data", required=True, type=Path, help="dataset folder (train, val; test for compare)")
         p.add_argument("--rounds", type=_positive_int, default=3, help="progressive prune + fine-tune rounds")
-        p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs after each round")
+        p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs after each round")
         p.add_argument("--lr", type=_positive_float, default=5e-4, help="fine-tuning learning rate")
         p.add_argument("--contrast", type=float, nargs=2, default=[0.9, 1.1], metavar=("A_LO", "A_HI"),
                        help="perturbation box the USN scores are measured over")
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a trained network (USN with the Wasserstein loss by default)")
     pruning_arguments(p)
     p.add_argument("--method", choices=["usn-wd", "usn", "magnitude", "random", "none"], default="usn-wd")
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction of conv channels / hidden units removed")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of conv channels / hidden units removed")
     p.add_argument("--out", required=True, type=Path, help="pruned checkpoint (.pt; a .json is written beside)")
     p.set_defaults(func=_cmd_prune)
 

@@ -42,9 +42,9 @@ class PruneConfig:
     in total, reached in ``rounds`` equal steps, each followed by fine-tuning."""
 
     method: str = "usn-wd"
-    ratio: float = 0.5
+    ratio: float = 0.3
     rounds: int = 3
-    finetune_epochs: int = 1
+    finetune_epochs: int = 2
     lr: float = 5e-4
     box: PhotometricBox = field(default_factory=lambda: PhotometricBox.symmetric(0.1, 0.1))
     score_images: int = 256
