@@ -30,6 +30,12 @@ class OnnxRuntimeBackend:
             raise BundleError(f"ONNX Runtime providers {missing} not available (have {available})")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Worker threads that keep spinning after a run steal the CPU from the next frame's
+        # preprocessing and monitor (bench/node_bench.py, rgb8 640x480: callback 1.59 ms with
+        # spinning, 1.09-1.16 ms without) and from every other process on a robot's shared
+        # CPU; a camera-rate node is idle between frames, so spinning buys little.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=wanted)
         except Exception as exc:  # ORT raises its own exception types for bad models
