@@ -198,3 +198,20 @@ def test_prune_config_rejects_bad_values():
         PruneConfig(method="l0")
     with pytest.raises(ConfigError, match="ratio"):
         PruneConfig(ratio=1.0)
+
+
+def test_resnet_prunes_through_the_pipeline(tiny_dataset):
+    from usn_offline.data import load_split
+    from usn_offline.train import TrainConfig
+
+    train, val = load_split(tiny_dataset, "train"), load_split(tiny_dataset, "val")
+    torch.manual_seed(0)
+    model = build_model(model_config_for("resnet", widths=(6, 8, 10), hidden=16)).eval()
+    for method in ("usn-wd", "magnitude"):
+        res = prune_model(model, train, val, PruneConfig(method=method, ratio=0.4, rounds=1, finetune_epochs=1,
+                                                         score_images=8, score_samples=6),
+                          train_config=TrainConfig(batch_size=32), progress=False)
+        widths = res.rounds[-1].widths
+        assert sum(widths.values()) == round(0.6 * (8 + 10 + 16)), method
+        assert res.model.config.extra["mid_widths"] == [widths["block1.mid"], widths["block2.mid"]]
+        assert res.rounds[-1].parameters < res.rounds[0].parameters
