@@ -160,21 +160,23 @@ def plot_comparison(rows: list[CompareRow], config: CompareConfig, path: Path) -
     import matplotlib.pyplot as plt
 
     colours = dict(zip(METHODS, ("tab:red", "tab:orange", "tab:blue", "tab:gray", "black"), strict=True))
+    markers = dict(zip(METHODS, ("o", "s", "^", "v", "D"), strict=True))  # tell apart lines that coincide
     styles = ["-", "--", ":", "-."]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in rows:
         style = "-" if r.method == "none" else styles[config.ratios.index(r.ratio) % len(styles)]
         label = "unpruned" if r.method == "none" else f"{r.method} {r.ratio:.0%}"
-        left.plot(config.eps_list, [100 * r.certified[f"{e:g}"] for e in config.eps_list], style, marker="o",
+        left.plot(config.eps_list, [100 * r.certified[f"{e:g}"] for e in config.eps_list], style,
+                  marker=markers[r.method], markerfacecolor="none", markersize=8 - 2 * (style != "-"),
                   color=colours[r.method], label=label)
     left.set_xlabel("ε (a ∈ [1-ε, 1+ε], b ∈ [-ε, ε])")
     left.set_ylabel(f"certified accuracy (%), δ = {config.delta:g} px")
     left.set_title("Certified accuracy vs ε")
     left.grid(alpha=0.3)
     left.legend(fontsize=7)
-    labels = ["unpruned" if r.method == "none" else f"{r.method}\n{r.ratio:.0%}" for r in rows]
+    labels = ["unpruned" if r.method == "none" else f"{r.method} {r.ratio:.0%}" for r in rows]
     right.bar(range(len(rows)), [r.verify_seconds_mean for r in rows], color=[colours[r.method] for r in rows])
-    right.set_xticks(range(len(rows)), labels, fontsize=7)
+    right.set_xticks(range(len(rows)), labels, fontsize=7, rotation=30, ha="right")
     right.set_ylabel("mean verification time per image (s)")
     right.set_title("Verification time")
     fig.tight_layout()
