@@ -70,3 +70,69 @@ def test_region_map_marks_the_cells_near_nominal():
     # Cells far from (1, 0) move the keypoints by more than delta: falsified.
     assert rmap.status[0, 0] == "falsified" and rmap.status[3, 3] == "falsified"
     assert (rmap.status != "certified").sum() >= 12
+
+
+def _small_cnn(seed: int = 0):
+    from usn_offline.models import build_model, model_config_for
+
+    torch.manual_seed(seed)
+    model = build_model(model_config_for("cnn7", widths=(4, 4, 4, 8, 8), hidden=16)).eval()
+    graph = lower(model, (1, 64, 64))
+    image = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    pixels = PixelMap.for_image(4, 64, 64)
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    return graph, image, pixels, pixels(graph.evaluate(image, one, zero))[0]
+
+
+def _worst_deviation(graph, image, prop, pixels, box, n=41):
+    from usn_offline.certify import Boxes
+    from usn_offline.certify.falsify import pgd_attack
+
+    a, b = np.meshgrid(np.linspace(box.a_lo, box.a_hi, n), np.linspace(box.b_lo, box.b_hi, n))
+    at = torch.tensor(a.ravel(), dtype=torch.float64)
+    bt = torch.tensor(b.ravel(), dtype=torch.float64)
+    grid = prop.deviation(pixels(graph.evaluate(image, at, bt))).max()
+    return max(float(grid), float(pgd_attack(graph, image, prop, pixels, Boxes.from_boxes([box]), 16, 20)[2][0]))
+
+
+def test_certified_and_open_leaves_tile_the_root():
+    graph, image, pixels, ref = _small_cnn()
+    root = PhotometricBox(0.7, 1.3, -0.3, 0.3)
+    prop = KeypointProperty(ref, 1e9)
+    prop = KeypointProperty(ref, 1.5 * _worst_deviation(graph, image, prop, pixels, root))
+    for budget in (6, 40):
+        out = certify_boxes(graph, image, prop, pixels, [root], BabConfig(max_boxes=budget))[0]
+        leaves = out.certified_leaves + out.open_leaves
+        assert out.status is not Status.FALSIFIED
+        assert (out.status is Status.CERTIFIED) == (not out.open_leaves)
+        area = sum((a1 - a0) * (b1 - b0) for a0, a1, b0, b1 in leaves)
+        assert abs(area - 0.6 * 0.6) < 1e-12
+        assert all(root.a_lo <= a0 <= a1 <= root.a_hi and root.b_lo <= b0 <= b1 <= root.b_hi
+                   for a0, a1, b0, b1 in leaves)
+    assert out.open_leaves or out.status is Status.CERTIFIED
+
+
+def test_radius_search_resuming_from_open_leaves_stays_sound():
+    """Bisection probes continue from the unresolved sub-boxes of the failed probe; what the
+    search then claims must survive dense sampling and PGD."""
+    for seed in (0, 1):
+        graph, image, pixels, ref = _small_cnn(seed)
+        prop = KeypointProperty(ref, 1e9)
+        prop = KeypointProperty(ref, 0.5 * _worst_deviation(graph, image, prop, pixels,
+                                                             PhotometricBox.symmetric(0.2, 0.2)))
+        config = RadiusConfig(eps_max=0.4, steps=5)
+        result = largest_certified_radius(graph, image, prop, pixels, config, BabConfig(max_boxes=24))
+        assert any(status == "not_certified" for _, status in result.probes)  # a probe did resume
+        assert result.certified_eps > 0
+        box = config.box(result.certified_eps)
+        assert _worst_deviation(graph, image, prop, pixels, box) <= prop.delta
+
+
+def test_clip_keeps_degenerate_targets_and_drops_shared_edges():
+    from usn_offline.certify.search import _clip
+
+    assert _clip(PhotometricBox(1, 1, -0.2, 0.2), PhotometricBox(1, 1, -0.1, 0.1)) == PhotometricBox(1, 1, -0.1, 0.1)
+    assert _clip(PhotometricBox(1.1, 1.2, -0.1, 0.1), PhotometricBox(0.9, 1.1, -0.1, 0.1)) is None
+    assert _clip(PhotometricBox(1.2, 1.3, -0.1, 0.1), PhotometricBox(0.9, 1.1, -0.1, 0.1)) is None
+    assert _clip(PhotometricBox(1.0, 1.3, 0.0, 0.3), PhotometricBox(0.9, 1.1, -0.1, 0.1)) == \
+        PhotometricBox(1.0, 1.1, 0.0, 0.1)

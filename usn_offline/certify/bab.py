@@ -71,6 +71,11 @@ class BoxOutcome:
     depth: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # How the root was partitioned: sub-boxes proven, and sub-boxes left unresolved (budget,
+    # depth, or the root was decided elsewhere). Together they cover the root, so a later
+    # call on a part of the root only needs the unresolved ones (the radius search does this).
+    certified_leaves: list[tuple[float, float, float, float]] = field(default_factory=list)
+    open_leaves: list[tuple[float, float, float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -135,27 +140,35 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
     leaf_hi = [torch.full((k2,), -float("inf"), dtype=dtype, device=device) for _ in roots]
     bounded = [0] * n_roots
     depth = [0] * n_roots
+    proven: list[list[tuple[float, float, float, float]]] = [[] for _ in roots]
+    unresolved: list[list[tuple[float, float, float, float]]] = [[] for _ in roots]
 
     fast = None  # float32 copies for work whose result is re-checked in float64 (CPU only)
     if dtype == torch.float64 and device.type == "cpu":
         fast = (graph.astype(torch.float32), image.float(), PixelMap(pixels.scale.float(), pixels.offset.float()),
                 KeypointProperty(prop.reference.float(), prop.delta, prop.norm))
 
-    # 1. Attack every root first: a cheap counterexample ends the root at once. The search
-    # may run in float32; a counterexample counts only if it violates in float64.
+    # Each root is bounded first; the roots that bound does not prove are attacked before
+    # any split, so a cheap counterexample still ends them at once, and provable roots
+    # (most boxes of a radius search) never pay for an attack. The search may run in
+    # float32; a counterexample counts only if it violates in float64.
     root_boxes = Boxes.from_boxes(roots, dtype, device)
-    if fast is not None:
-        g32, image32, pixels32, prop32 = fast
-        a, b, _ = pgd_attack(g32, image32, prop32, pixels32, Boxes.from_boxes(roots, torch.float32, device),
-                             config.attack_restarts, config.attack_steps)
-        a = torch.minimum(torch.maximum(a.double(), root_boxes.a_lo), root_boxes.a_hi)
-        b = torch.minimum(torch.maximum(b.double(), root_boxes.b_lo), root_boxes.b_hi)
-        dev = deviations_at(graph, image, prop, pixels, a, b)
-    else:
-        a, b, dev = pgd_attack(graph, image, prop, pixels, root_boxes, config.attack_restarts, config.attack_steps)
-    for r in range(n_roots):
-        if prop.violates(dev[r]):
-            status[r], cex[r], cex_dev[r] = Status.FALSIFIED, (float(a[r]), float(b[r])), float(dev[r])
+
+    def attack(indices: list[int]) -> None:
+        idx = torch.tensor(indices, device=device)
+        sub = root_boxes.select(idx)
+        if fast is not None:
+            g32, image32, pixels32, prop32 = fast
+            sub32 = Boxes(sub.a_lo.float(), sub.a_hi.float(), sub.b_lo.float(), sub.b_hi.float())
+            a, b, _ = pgd_attack(g32, image32, prop32, pixels32, sub32, config.attack_restarts, config.attack_steps)
+            a = torch.minimum(torch.maximum(a.double(), sub.a_lo), sub.a_hi)
+            b = torch.minimum(torch.maximum(b.double(), sub.b_lo), sub.b_hi)
+            dev = deviations_at(graph, image, prop, pixels, a, b)
+        else:
+            a, b, dev = pgd_attack(graph, image, prop, pixels, sub, config.attack_restarts, config.attack_steps)
+        for k, r in enumerate(indices):
+            if prop.violates(dev[k]):
+                status[r], cex[r], cex_dev[r] = Status.FALSIFIED, (float(a[k]), float(b[k])), float(dev[k])
 
     def merge(r: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
         leaf_lo[r] = torch.minimum(leaf_lo[r], lo)
@@ -175,6 +188,7 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
             e = queue.popleft()
             if status[e.root] is not None and e.lo is not None:
                 merge(e.root, e.lo, e.hi)  # root already decided: keep its inherited bounds
+                unresolved[e.root].append(e.box)
                 continue
             batch.append(e)
         if not batch:
@@ -193,6 +207,9 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
             if e.lo is not None:  # a child lies inside its parent: both bounds hold
                 lo[i], hi[i] = torch.maximum(lo[i], e.lo), torch.minimum(hi[i], e.hi)
         ok = prop.verified(lo, hi)
+        unproven_roots = [e.root for i, e in enumerate(batch) if e.depth == 0 and not ok[i] and status[e.root] is None]
+        if unproven_roots:
+            attack(unproven_roots)
         open_idx = [i for i, e in enumerate(batch) if not ok[i] and status[e.root] is None]
         ma, mb = boxes.centres()
         dev = None
@@ -204,15 +221,18 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
             depth[e.root] = max(depth[e.root], e.depth)
             if ok[i] or status[e.root] is not None:
                 merge(e.root, lo[i], hi[i])
+                (proven if ok[i] else unresolved)[e.root].append(e.box)
                 continue
             d = dev[open_idx.index(i)]
             if prop.violates(d):
                 status[e.root] = Status.FALSIFIED
                 cex[e.root], cex_dev[e.root] = (float(ma[i]), float(mb[i])), float(d)
                 merge(e.root, lo[i], hi[i])
+                unresolved[e.root].append(e.box)
             elif e.depth >= config.max_depth:
                 status[e.root] = Status.UNKNOWN
                 merge(e.root, lo[i], hi[i])
+                unresolved[e.root].append(e.box)
             else:
                 for child in _split(e.box, roots[e.root]):
                     queue.append(_Entry(e.root, child, e.depth + 1, lo[i].clone(), hi[i].clone()))
@@ -220,6 +240,7 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
     for e in queue:
         if e.lo is not None:
             merge(e.root, e.lo, e.hi)
+        unresolved[e.root].append(e.box)
         if status[e.root] is None:
             status[e.root] = Status.UNKNOWN
     seconds = time.perf_counter() - started
@@ -229,5 +250,6 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
             status=status[r] or Status.CERTIFIED,
             lower=leaf_lo[r].cpu().numpy(), upper=leaf_hi[r].cpu().numpy(),
             counterexample=cex[r], counterexample_deviation=cex_dev[r],
-            boxes_bounded=bounded[r], depth=depth[r], seconds=seconds / n_roots))
+            boxes_bounded=bounded[r], depth=depth[r], seconds=seconds / n_roots,
+            certified_leaves=proven[r], open_leaves=unresolved[r]))
     return outcomes

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -59,15 +59,33 @@ def largest_certified_radius(graph: Graph, image: torch.Tensor, prop: KeypointPr
     probes: list[tuple[float, str]] = []
     seconds = 0.0
     proven = -1.0  # largest eps certified so far (-1: not even eps = 0)
+    # Unresolved sub-boxes of the last probe that ended without a proof or counterexample.
+    # With the proven box and that probe's certified sub-boxes they cover box(hi), so a
+    # later probe at eps < hi only has to prove them clipped to box(eps): branch and bound
+    # continues where the failed probe stopped instead of starting over.
+    pending: list[PhotometricBox] | None = None
 
     def probe(eps: float) -> Status:
-        # Only the ring between the proven box and box(eps) still needs a proof.
-        nonlocal seconds
-        roots = ring(radius.box(proven), radius.box(eps)) if proven >= 0 else [radius.box(eps)]
-        outs = certify_boxes(graph, image, prop, pixels, roots, bab) if roots else []
+        nonlocal seconds, pending
+        outer = radius.box(eps)
+        config = bab
+        if pending is not None:
+            inner = radius.box(proven)
+            roots = [c for c in (_clip(leaf, outer) for leaf in pending)
+                     if c is not None and not _inside(c, inner)]
+            # The failed probe's attack already searched these boxes; corners and centres
+            # (still evaluated) are enough here.
+            config = replace(bab, attack_restarts=0, attack_steps=0)
+        else:  # only the ring between the proven box and box(eps) still needs a proof
+            roots = ring(radius.box(proven), outer) if proven >= 0 else [outer]
+        outs = certify_boxes(graph, image, prop, pixels, roots, config) if roots else []
         statuses = {o.status for o in outs}
         status = (Status.FALSIFIED if Status.FALSIFIED in statuses else
                   Status.UNKNOWN if Status.UNKNOWN in statuses else Status.CERTIFIED)
+        if status is Status.UNKNOWN:
+            pending = [PhotometricBox(*leaf) for o in outs for leaf in o.open_leaves]
+        elif status is Status.FALSIFIED:
+            pending = None  # the falsified root's leaves are not tracked; start over
         probes.append((eps, status.value))
         seconds += sum(o.seconds for o in outs)
         return status
@@ -98,6 +116,23 @@ def largest_certified_radius(graph: Graph, image: torch.Tensor, prop: KeypointPr
             if status is Status.FALSIFIED:
                 falsified = mid
     return RadiusResult(lo, True, falsified, probes, seconds)
+
+
+def _clip(box: PhotometricBox, to: PhotometricBox) -> PhotometricBox | None:
+    """The intersection of two boxes; None when it is empty, or when it is thinner than
+    ``to`` in a side where ``to`` has extent (a segment on a shared edge: the network is
+    continuous and the property closed, so it holds there once it holds on both sides)."""
+    a_lo, a_hi = max(box.a_lo, to.a_lo), min(box.a_hi, to.a_hi)
+    b_lo, b_hi = max(box.b_lo, to.b_lo), min(box.b_hi, to.b_hi)
+    if a_lo > a_hi or b_lo > b_hi:
+        return None
+    if (a_lo == a_hi and to.a_lo < to.a_hi) or (b_lo == b_hi and to.b_lo < to.b_hi):
+        return None
+    return PhotometricBox(a_lo, a_hi, b_lo, b_hi)
+
+
+def _inside(box: PhotometricBox, outer: PhotometricBox) -> bool:
+    return outer.a_lo <= box.a_lo and box.a_hi <= outer.a_hi and outer.b_lo <= box.b_lo and box.b_hi <= outer.b_hi
 
 
 def ring(inner: PhotometricBox, outer: PhotometricBox) -> list[PhotometricBox]:
