@@ -5,9 +5,9 @@ SHELL := /bin/bash
 DEMO_DIR ?= runs/demo
 EPOCHS ?= 20
 CERT_IMAGES ?= 20
-CERT_CONTRAST ?= 0.98 1.02
-CERT_BRIGHTNESS ?= -0.02 0.02
-CERT_EPS ?= 0.005 0.01
+CERT_CONTRAST ?= 0.97 1.03
+CERT_BRIGHTNESS ?= -0.03 0.03
+CERT_EPS ?= 0.01 0.02
 PRUNE_METHOD ?= usn-wd
 PRUNE_RATIO ?= 0.3
 # Every process that may start rclpy keeps DDS on loopback, on its own domain.
