@@ -3,6 +3,7 @@ certified by the certification engine; a Markdown table, a JSON record and a PNG
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -83,12 +84,13 @@ def _certify(model: KeypointNet, test: KeypointDataset, config: CompareConfig, d
 
 
 def _crosscheck(model: KeypointNet, train: KeypointDataset, config: CompareConfig) -> float:
+    model = copy.deepcopy(model).cpu()  # the engine's float64 pass runs on the CPU; leave the caller's model be
     groups = neuron_groups(model)
     images = train.images[:config.crosscheck_images]
     box = PhotometricBox.symmetric(config.eps_list[-1], config.eps_list[-1])
     a, b = perturbation_samples(box, config.prune.score_samples, 0)
-    stats = usn_scores(model.cpu(), groups, images, a, b, config.prune.usn_weights)
-    return usn_crosscheck(stats, engine_unstable_fraction(model.cpu(), groups, images, box)).within_layers
+    stats = usn_scores(model, groups, images, a, b, config.prune.usn_weights)
+    return usn_crosscheck(stats, engine_unstable_fraction(model, groups, images, box)).within_layers
 
 
 def run_comparison(model: KeypointNet, info: CheckpointInfo, train: KeypointDataset, val: KeypointDataset,
@@ -122,7 +124,6 @@ def run_comparison(model: KeypointNet, info: CheckpointInfo, train: KeypointData
                          certified=certified, falsified=falsified, verify_seconds_mean=seconds,
                          prune_seconds=prune_seconds, usn_engine_spearman=_crosscheck(pruned, train, config),
                          checkpoint=str(ckpt))
-        pruned.to(device)
         rows.append(row)
         if progress:
             print(f"{name}: {row.parameters:,} params, PCK@3px {row.test_pck['3px']:.1%}, certified "
