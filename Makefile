@@ -24,7 +24,7 @@ demo: setup
 	$(ENV) usn-offline data --out $(DEMO_DIR)/data
 	$(ENV) usn-offline train --data $(DEMO_DIR)/data --out $(DEMO_DIR)/model.pt --epochs $(EPOCHS) --resume
 	$(ENV) usn-offline prune --checkpoint $(DEMO_DIR)/model.pt --data $(DEMO_DIR)/data \
-		--method $(PRUNE_METHOD) --ratio $(PRUNE_RATIO) --out $(DEMO_DIR)/pruned.pt
+		--method $(PRUNE_METHOD) --ratio $(PRUNE_RATIO) --out $(DEMO_DIR)/pruned.pt --resume
 	$(ENV) usn-offline evaluate --checkpoint $(DEMO_DIR)/pruned.pt --data $(DEMO_DIR)/data --split test \
 		--out $(DEMO_DIR)/eval.json
 	$(ENV) usn-offline certify --checkpoint $(DEMO_DIR)/pruned.pt --data $(DEMO_DIR)/data --split test \

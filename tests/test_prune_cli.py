@@ -80,3 +80,18 @@ def test_prune_bad_arguments(argv, fragment, tiny_dataset, tiny_checkpoint, tmp_
     assert code == 2
     assert fragment in err.splitlines()[-1]  # one error line (argparse prints its usage above it)
     assert not (tmp_path / "p.pt").exists()
+
+
+def test_prune_resume_keeps_an_up_to_date_result(tiny_dataset, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "pruned.pt"
+    base = ["prune", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_dataset), "--rounds", "1",
+            "--score-images", "8", "--device", "cpu", "--out", str(out), "--quiet", "--resume"]
+    assert main(base + ["--ratio", "0.3"]) == 0
+    written = out.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(base + ["--ratio", "0.3"]) == 0
+    assert "is up to date" in capsys.readouterr().out
+    assert out.stat().st_mtime_ns == written
+    assert main(base + ["--ratio", "0.4"]) == 0  # other settings: pruned again
+    assert "pruned checkpoint written to" in capsys.readouterr().out
+    assert out.stat().st_mtime_ns != written

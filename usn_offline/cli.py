@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usn_offline import __version__
-from usn_offline.errors import UsnError
+from usn_offline.errors import CheckpointError, UsnError
 
 log = logging.getLogger("usn_offline")
 
@@ -124,13 +124,22 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from usn_offline.prune import prune_model, rounds_table
+    from usn_offline.prune.pipeline import is_current
+    from usn_offline.runtime.hashing import sha256_file
     from usn_offline.train import save_checkpoint
 
     config = _prune_config(args, args.method, args.ratio)
+    if not args.checkpoint.is_file():
+        raise CheckpointError(f"checkpoint not found: {args.checkpoint}")
+    source = sha256_file(args.checkpoint)
+    if args.resume and is_current(args.out, source, str(args.data), config):
+        print(f"{args.out} is up to date (pruned from this checkpoint and data with these settings)")
+        return
     model, info, train_set, val_set, device = _load_for_pruning(args)
     result = prune_model(model, train_set, val_set, config, device=device, progress=not args.quiet)
     print(rounds_table(result))
-    info = replace(info, model=result.model.config, training={**info.training, "pruning": result.to_dict()})
+    info = replace(info, model=result.model.config,
+                   training={**info.training, "pruning": result.to_dict(source, str(args.data))})
     save_checkpoint(args.out, result.model, info)
     print(f"pruned checkpoint written to {args.out}")
 
@@ -341,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["usn-wd", "usn", "magnitude", "random", "none"], default="usn-wd")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of conv channels / hidden units removed")
     p.add_argument("--out", required=True, type=Path, help="pruned checkpoint (.pt; a .json is written beside)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep <out> if it was pruned from this checkpoint and data with the same settings")
     p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser("compare", help="every pruning method x ratio, each certified: table + plot")

@@ -8,15 +8,17 @@ lowest gates), ``usn`` (remove the lowest USN scores), ``magnitude`` (filter L1 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from usn_offline.data.dataset import KeypointDataset
-from usn_offline.errors import ConfigError
+from usn_offline.errors import ConfigError, UsnError
 from usn_offline.models import KeypointNet
 from usn_offline.perturb import PhotometricBox
 from usn_offline.prune.cost import model_cost
@@ -26,6 +28,7 @@ from usn_offline.prune.gates import GateConfig, concentrate
 from usn_offline.prune.groups import neuron_groups
 from usn_offline.prune.structural import prune_structure
 from usn_offline.prune.usn import UsnWeights, perturbation_samples, usn_scores
+from usn_offline.train.checkpoint import load_checkpoint_info
 from usn_offline.train.loop import TrainConfig
 from usn_offline.train.metrics import evaluate_model
 
@@ -104,8 +107,25 @@ class PruneResult:
     config: PruneConfig
     rounds: list[RoundResult]
 
-    def to_dict(self) -> dict:
-        return {"config": self.config.to_dict(), "rounds": [r.to_dict() for r in self.rounds]}
+    def to_dict(self, source_sha256: str | None = None, data: str | None = None) -> dict:
+        """The record kept in the pruned checkpoint's JSON (with what it was pruned from)."""
+        return {"config": self.config.to_dict(), "rounds": [r.to_dict() for r in self.rounds],
+                "source_sha256": source_sha256, "data": data}
+
+
+def is_current(out: Path | str, source_sha256: str, data: str, config: PruneConfig) -> bool:
+    """True when ``out`` is a pruned checkpoint of the same source checkpoint, data and
+    settings (so a re-run, e.g. of ``make demo``, can keep it)."""
+    out = Path(out)
+    if not out.is_file():
+        return False
+    try:
+        record = load_checkpoint_info(out).training.get("pruning", {})
+    except UsnError:
+        return False
+    wanted = json.loads(json.dumps(config.to_dict()))
+    return (record.get("source_sha256") == source_sha256 and record.get("data") == data
+            and record.get("config") == wanted)
 
 
 def _snapshot(model: KeypointNet, round_index: int, removed: float, val_set: KeypointDataset,
