@@ -72,9 +72,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
           f"{len(train_set)} train / {len(val_set)} val images")
     result = train_model(train_set, val_set, model_config, config, args.out, resume=args.resume,
                          progress=not args.quiet)
-    print(f"trained {result.epochs_run} epoch(s) in {result.seconds:.1f} s: final loss "
-          f"{result.final_train_loss:.5f}, val mean pixel error {result.val_mean_px_error:.3f} px")
-    print(f"checkpoint written to {result.checkpoint}")
+    if result.epochs_run == 0:
+        print(f"{args.out} is up to date: all {args.epochs} epoch(s) were already trained (--resume)")
+    else:
+        print(f"trained {result.epochs_run} epoch(s) in {result.seconds:.1f} s: final loss "
+              f"{result.final_train_loss:.5f}, val mean pixel error {result.val_mean_px_error:.3f} px")
+        print(f"checkpoint written to {result.checkpoint}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
