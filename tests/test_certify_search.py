@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+from certify_helpers import nominal_pixels  # noqa: E402  (tests/certify_helpers.py)
 from torch import nn
 
 from usn_offline.certify import (
@@ -44,8 +45,7 @@ def test_radius_of_a_known_function():
     graph = _brightness_follower()
     pixels = PixelMap.for_image(2, 16, 16)
     image = torch.full((1, 1, 16, 16), 0.5, dtype=torch.float64)
-    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    ref = pixels(graph.evaluate(image, one, zero))[0]
+    ref = nominal_pixels(graph, image, pixels)
     # Deviation at eps: 8 px * (0.5 * eps + eps) = 12 eps px; delta = 0.6 px -> true radius 0.05.
     prop = KeypointProperty(ref, 0.6)
     result = largest_certified_radius(graph, image, prop, pixels, RadiusConfig(eps_max=0.4, steps=8),
@@ -62,8 +62,7 @@ def test_region_map_marks_the_cells_near_nominal():
     graph = _brightness_follower()
     pixels = PixelMap.for_image(2, 16, 16)
     image = torch.full((1, 1, 16, 16), 0.5, dtype=torch.float64)
-    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    ref = pixels(graph.evaluate(image, one, zero))[0]
+    ref = nominal_pixels(graph, image, pixels)
     rmap = region_map(graph, image, KeypointProperty(ref, 0.6), pixels,
                       PhotometricBox(0.8, 1.2, -0.2, 0.2), (4, 4), BabConfig(max_boxes=256))
     assert rmap.status.shape == (4, 4)
@@ -80,8 +79,7 @@ def _small_cnn(seed: int = 0):
     graph = lower(model, (1, 64, 64))
     image = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     pixels = PixelMap.for_image(4, 64, 64)
-    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    return graph, image, pixels, pixels(graph.evaluate(image, one, zero))[0]
+    return graph, image, pixels, nominal_pixels(graph, image, pixels)
 
 
 def _worst_deviation(graph, image, prop, pixels, box, n=41):

@@ -5,6 +5,7 @@ certified boxes resist a strong attack."""
 import numpy as np
 import pytest
 import torch
+from certify_helpers import nominal_pixels  # noqa: E402  (tests/certify_helpers.py)
 from torch import nn
 
 from usn_offline.certify import (
@@ -147,8 +148,7 @@ def test_certified_boxes_resist_a_strong_attack():
     for seed in range(4):
         graph = lower(_random_model("cnn7", 10 + seed), (1, SIZE, SIZE))
         image = _image(seed)
-        with torch.no_grad():
-            ref = pixels(graph.evaluate(image, torch.ones(1).double(), torch.zeros(1).double()))[0]
+        ref = nominal_pixels(graph, image, pixels)
         prop = KeypointProperty(ref, 0.05)
         boxes = [PhotometricBox.symmetric(e, e) for e in (0.01, 0.03, 0.1)]
         for box, out in zip(boxes, certify_boxes(graph, image, prop, pixels, boxes, BabConfig(max_boxes=64)),
@@ -174,8 +174,7 @@ def test_falsified_with_a_valid_counterexample(norm):
     graph = lower(model, (1, SIZE, SIZE))
     pixels = PixelMap.for_image(2, SIZE, SIZE)
     image = torch.full((1, 1, SIZE, SIZE), 0.5, dtype=torch.float64)
-    with torch.no_grad():
-        ref = pixels(graph.evaluate(image, torch.ones(1).double(), torch.zeros(1).double()))[0]
+    ref = nominal_pixels(graph, image, pixels)
     prop = KeypointProperty(ref, 1.0, norm)
     box = PhotometricBox(0.9, 1.1, -0.3, 0.3)  # b = 0.3 moves every output by 0.3 * 8 px = 2.4 px
     out = certify_boxes(graph, image, prop, pixels, [box])[0]
@@ -198,8 +197,7 @@ def test_small_box_of_a_smooth_model_is_certified():
     pixels = PixelMap.for_image(2, SIZE, SIZE)
     graph = lower(_random_model("resnet", 4), (1, SIZE, SIZE))
     image = _image(4)
-    with torch.no_grad():
-        ref = pixels(graph.evaluate(image, torch.ones(1).double(), torch.zeros(1).double()))[0]
+    ref = nominal_pixels(graph, image, pixels)
     box = PhotometricBox.symmetric(0.02, 0.02)
     out = certify_boxes(graph, image, KeypointProperty(ref, 0.5), pixels, [box])
     assert out[0].status is Status.CERTIFIED
@@ -225,8 +223,7 @@ def test_float32_screening_changes_speed_not_answers():
     for seed in range(3):
         graph = lower(_random_model("cnn7", 20 + seed), (1, SIZE, SIZE))
         image = _image(seed)
-        with torch.no_grad():
-            ref = pixels(graph.evaluate(image, torch.ones(1).double(), torch.zeros(1).double()))[0]
+        ref = nominal_pixels(graph, image, pixels)
         prop = KeypointProperty(ref, 0.05)
         boxes = [PhotometricBox.symmetric(e, e) for e in (0.01, 0.04, 0.15)]
         plain = certify_boxes(graph, image, prop, pixels, boxes, BabConfig(max_boxes=256, screen_float32_px=None))
