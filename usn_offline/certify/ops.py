@@ -58,7 +58,11 @@ class Conv2dOp(AffineOp):
         return F.conv2d(x, self.abs_weight, None, self.stride, self.padding)
 
     def transpose(self, lam):
-        return F.conv_transpose2d(lam, self.weight, None, self.stride, self.padding, self.output_padding)
+        # The gradient kernel computes the same W^T lambda as conv_transpose2d, but without
+        # zero-filling one im2col buffer for the whole batch (float64 on CPU: that fill was
+        # a third of a CROWN bound's time, bench/certify_bench.py).
+        return torch.nn.grad.conv2d_input((lam.shape[0], *self.in_shape), self.weight, lam,
+                                          self.stride, self.padding)
 
     def bias_dot(self, lam):
         if self.bias is None:
