@@ -32,7 +32,6 @@ from usn_offline.data import load_split
 from usn_offline.perturb import PhotometricBox
 from usn_offline.train import load_checkpoint
 from usn_offline.train.device import resolve_device, use_all_cpu_cores
-from usn_offline.train.metrics import format_table
 
 
 def main() -> None:
@@ -43,7 +42,9 @@ def main() -> None:
     parser.add_argument("--eps", type=float, nargs="+", default=[0.005, 0.01, 0.02])
     parser.add_argument("--delta", type=float, default=2.0)
     parser.add_argument("--bab-boxes", type=int, default=64)
-    parser.add_argument("--radius-images", type=int, default=2, help="images for the (slow) radius search")
+    parser.add_argument("--radius-images", type=int, default=4, help="images for the (slow) radius search")
+    parser.add_argument("--radius-boxes", type=int, nargs="+", default=[128, 256],
+                        help="frontier radius search: boxes per image (one row each)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -58,7 +59,7 @@ def main() -> None:
 
     x32 = torch.from_numpy(data.images[:1]).to(device)[:, None]
     with torch.no_grad():
-        fp = median_seconds(lambda: model(x32), 50)
+        fp = median_seconds(lambda: model(x32), 50, cuda=device.type == "cuda")
     print(f"device {device}, {len(images)} test images, forward pass (float32, batch 1): {fp * 1e3:.2f} ms")
 
     props = []
@@ -85,6 +86,8 @@ def main() -> None:
             for image, prop in zip(images, props, strict=True):
                 t = time.perf_counter()
                 lo, hi = output_bounds(graph, image, box, pixels, method)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
                 certified += bool(prop.verified(lo, hi)[0])
             per = statistics.median(times)
@@ -107,20 +110,25 @@ def main() -> None:
     print(f"\nCROWN + branch and bound ({args.bab_boxes} boxes max): certified fraction | time per image")
     table(("method", *[f"eps={e:g}" for e in args.eps]), [("crown+bab", *cells)])
 
-    radius_cfg = RadiusConfig(eps_max=0.2, steps=3)
     bab = BabConfig(max_boxes=args.bab_boxes, time_limit=30.0)
-    times, radii = [], []
-    for image, prop in zip(images[:args.radius_images], props, strict=False):
-        res = largest_certified_radius(graph, image, prop, pixels, radius_cfg, bab)
-        times.append(res.seconds)
-        radii.append(res.certified_eps)
-    print()
-    print(format_table([
-        ("radius search (CROWN + BaB)", f"median {statistics.median(times):.2f} s/image"),
-        ("certified radius", f"median {statistics.median(radii):.4f}, max {max(radii):.4f}"),
-        ("budget", f"{args.bab_boxes} boxes per probe, eps from 0.0025 doubling to 0.2, 3 bisections"),
-    ]))
-
+    strategies = [
+        ("frontier", RadiusConfig(eps_max=0.2, strategy="frontier", max_boxes=n), f"{n} boxes in all")
+        for n in args.radius_boxes
+    ] + [
+        ("bisection", RadiusConfig(eps_max=0.2, steps=3, strategy="bisection"),
+         f"{args.bab_boxes} boxes per probe, eps from 0.0025 doubling to 0.2, 3 bisections"),
+    ]
+    rows = []
+    for name, radius_cfg, budget in strategies:
+        times, radii = [], []
+        for image, prop in zip(images[:args.radius_images], props, strict=False):
+            res = largest_certified_radius(graph, image, prop, pixels, radius_cfg, bab)
+            times.append(res.seconds)
+            radii.append(res.certified_eps)
+        rows.append((name, f"{statistics.median(times):.2f} s", f"{statistics.median(radii):.4f}",
+                     f"{statistics.mean(radii):.4f}", budget))
+    print(f"\nLargest certified radius (CROWN + branch and bound), {args.radius_images} images, eps_max 0.2")
+    table(("strategy", "median time/image", "median radius", "mean radius", "budget"), rows)
 
 if __name__ == "__main__":
     main()

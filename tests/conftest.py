@@ -13,6 +13,19 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not _cuda_available(), reason="no CUDA device here (run on a GPU machine to check the CUDA path)"))])
+def device(request) -> str:
+    """Torch device of the tests that must hold on CPU and CUDA alike (CUDA skipped without a GPU)."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A small generated dataset (COCO folder) shared by the tests that only read it."""

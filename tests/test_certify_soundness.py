@@ -68,20 +68,21 @@ def _samples(box: PhotometricBox, n_grid: int, n_random: int, rng) -> tuple[torc
 
 @pytest.mark.parametrize("family", ["cnn7", "resnet"])
 @pytest.mark.parametrize("clip", [True, False])
-def test_bounds_contain_grid_random_and_attack_points(family, clip):
+def test_bounds_contain_grid_random_and_attack_points(family, clip, device):
     rng = np.random.default_rng(0)
-    pixels = PixelMap.for_image(2, SIZE, SIZE)
+    pixels = PixelMap.for_image(2, SIZE, SIZE, device=device)
     for seed in range(3):
         model = _random_model(family, seed)
-        graph = lower(model, (1, SIZE, SIZE), clip=clip)
-        image = _image(seed)
+        graph = lower(model, (1, SIZE, SIZE), clip=clip, device=device)
+        image = _image(seed).to(device)
         boxes = [_random_box(rng) for _ in range(4)]
-        batch = Boxes.from_boxes(boxes)
+        batch = Boxes.from_boxes(boxes, device=device)
         for method in METHODS:
             opts = BoundOptions(alpha_steps=5, cut=None if seed == 0 else "auto", tighten_rows=8 * seed)
             lo, hi = output_bounds(graph, image, batch, pixels, method, opts)
+            assert lo.device.type == torch.device(device).type
             for k, box in enumerate(boxes):
-                a, b = _samples(box, 15, 200, rng)
+                a, b = (t.to(device) for t in _samples(box, 15, 200, rng))
                 with torch.no_grad():
                     px = pixels(graph.evaluate(image, a, b))
                 assert (px >= lo[k]).all() and (px <= hi[k]).all(), (family, method, seed, k)
@@ -89,7 +90,7 @@ def test_bounds_contain_grid_random_and_attack_points(family, clip):
                 for sign in (1.0, -1.0):
                     ref = lo[k] if sign > 0 else hi[k]
                     prop = KeypointProperty(ref.clone(), 0.0)
-                    pa, pb, _ = pgd_attack(graph, image, prop, pixels, Boxes.from_boxes([box]), 8, 15)
+                    pa, pb, _ = pgd_attack(graph, image, prop, pixels, Boxes.from_boxes([box], device=device), 8, 15)
                     with torch.no_grad():
                         p = pixels(graph.evaluate(image, pa, pb))
                     assert (p >= lo[k]).all() and (p <= hi[k]).all()
@@ -142,12 +143,12 @@ def test_bounds_shrink_when_the_box_shrinks():
             assert (lo[1:] >= lo[:-1] - 1e-9).all() and (hi[1:] <= hi[:-1] + 1e-9).all(), method
 
 
-def test_certified_boxes_resist_a_strong_attack():
-    pixels = PixelMap.for_image(2, SIZE, SIZE)
+def test_certified_boxes_resist_a_strong_attack(device):
+    pixels = PixelMap.for_image(2, SIZE, SIZE, device=device)
     certified = 0
     for seed in range(4):
-        graph = lower(_random_model("cnn7", 10 + seed), (1, SIZE, SIZE))
-        image = _image(seed)
+        graph = lower(_random_model("cnn7", 10 + seed), (1, SIZE, SIZE), device=device)
+        image = _image(seed).to(device)
         ref = nominal_pixels(graph, image, pixels)
         prop = KeypointProperty(ref, 0.05)
         boxes = [PhotometricBox.symmetric(e, e) for e in (0.01, 0.03, 0.1)]
@@ -156,9 +157,10 @@ def test_certified_boxes_resist_a_strong_attack():
             if out.status is not Status.CERTIFIED:
                 continue
             certified += 1
-            a, b, dev = pgd_attack(graph, image, prop, pixels, Boxes.from_boxes([box]), 32, 30, seed=seed)
+            a, b, dev = pgd_attack(graph, image, prop, pixels, Boxes.from_boxes([box], device=device), 32, 30,
+                                   seed=seed)
             assert dev.item() <= prop.delta
-            a, b = _samples(box, 30, 500, np.random.default_rng(seed))
+            a, b = (t.to(device) for t in _samples(box, 30, 500, np.random.default_rng(seed)))
             assert (prop.deviation(pixels(graph.evaluate(image, a, b).detach())) <= prop.delta).all()
     assert certified >= 3  # the check above must have had something to check
 

@@ -56,6 +56,20 @@ def test_onnx_runtime_matches_torch(exported):
         np.testing.assert_allclose(backend.infer(batch), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_torch_backend_matches_onnx_runtime(exported, device):
+    """The torch backend (the checkpoint itself, on CPU or CUDA) gives the exported model's outputs."""
+    from usn_offline.runtime.backends import TorchBackend
+
+    backend = TorchBackend(exported["ckpt"], device)
+    assert backend.device.type == device
+    batch = exported["test"].images[:8, None]
+    # CUDA convolutions may run in TF32 (10-bit mantissa): 1e-3 of the normalised range is
+    # 0.03 px at 64x64; CPU float32 agrees to 1e-5.
+    tol = 1e-5 if device == "cpu" else 1e-3
+    np.testing.assert_allclose(backend.infer(batch), OnnxRuntimeBackend(exported["bundle"].onnx_path).infer(batch),
+                               atol=tol, rtol=tol)
+
+
 def test_onnx_file_is_static_checked_and_carries_metadata(exported):
     proto = onnx.load(str(exported["bundle"].onnx_path))
     onnx.checker.check_model(proto)

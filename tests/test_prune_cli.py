@@ -22,13 +22,13 @@ def tiny_checkpoint(tiny_dataset, tmp_path_factory):
     return path
 
 
-def test_prune_writes_a_smaller_loadable_checkpoint(tiny_dataset, tiny_checkpoint, tmp_path, capsys):
+def test_prune_writes_a_smaller_loadable_checkpoint(tiny_dataset, tiny_checkpoint, tmp_path, capsys, device):
     from usn_offline.models import count_parameters
     from usn_offline.train import load_checkpoint
 
     out = tmp_path / "pruned.pt"
     code = main(["prune", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_dataset), "--ratio", "0.4",
-                 "--rounds", "2", "--score-images", "8", "--device", "cpu", "--out", str(out), "--quiet"])
+                 "--rounds", "2", "--score-images", "8", "--device", device, "--out", str(out), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "round" in printed and "PCK@2px" in printed and "pruned checkpoint written to" in printed
@@ -38,7 +38,7 @@ def test_prune_writes_a_smaller_loadable_checkpoint(tiny_dataset, tiny_checkpoin
     assert info.training["pruning"]["config"]["method"] == "usn-wd"
     assert len(info.training["pruning"]["rounds"]) == 3
     # The pruned checkpoint goes on through the rest of the pipeline.
-    assert main(["evaluate", "--checkpoint", str(out), "--data", str(tiny_dataset), "--device", "cpu"]) == 0
+    assert main(["evaluate", "--checkpoint", str(out), "--data", str(tiny_dataset), "--device", device]) == 0
 
 
 def test_compare_writes_table_json_and_plot(tiny_dataset, tiny_checkpoint, tmp_path, capsys):

@@ -22,10 +22,10 @@ def splits(tiny_dataset):
     return load_split(tiny_dataset, "train"), load_split(tiny_dataset, "val")
 
 
-def test_short_training_run_reduces_the_loss(splits, tmp_path):
+def test_short_training_run_reduces_the_loss(splits, tmp_path, device):
     train, val = splits
     result = train_model(train, val, model_config_for("cnn7", **SMALL),
-                         TrainConfig(epochs=6, batch_size=16, lr=3e-3, device="cpu"),
+                         TrainConfig(epochs=6, batch_size=16, lr=3e-3, device=device),
                          tmp_path / "m.pt", progress=False)
     assert len(result.loss_history) == 6
     assert result.loss_history[-1] < 0.6 * result.loss_history[0]

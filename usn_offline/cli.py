@@ -188,7 +188,8 @@ def _cmd_certify(args: argparse.Namespace) -> None:
     radius = None
     if args.radius_search:
         radius = RadiusConfig(eps_max=args.eps_max, steps=args.radius_steps, eps_start=args.eps_start,
-                              contrast_scale=args.contrast_scale, brightness_scale=args.brightness_scale)
+                              contrast_scale=args.contrast_scale, brightness_scale=args.brightness_scale,
+                              strategy=args.radius_strategy, max_boxes=args.radius_budget)
     config = CertifyConfig(box=box, delta=args.delta, norm=args.norm, reference=args.reference,
                            clip=not args.no_clip, bab=bab, radius=radius, eps_list=tuple(args.eps or ()),
                            region_grid=args.region_grid, coverage=args.coverage, dtype=args.dtype)
@@ -300,9 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["ibp", "crown", "alpha-crown"], default="crown")
     p.add_argument("--bab-budget", type=_positive_int, default=512, help="max boxes bounded per call")
     p.add_argument("--bab-depth", type=int, default=10, help="max splits along one path")
-    p.add_argument("--bab-time", type=_positive_float, default=20.0, help="seconds per branch-and-bound call")
+    p.add_argument("--bab-time", type=_positive_float, default=20.0,
+                   help="seconds per branch-and-bound call (and per image for the frontier radius search)")
     p.add_argument("--radius-search", action="store_true", help="find each image's largest certified eps")
     p.add_argument("--eps-max", type=_positive_float, default=0.4)
+    p.add_argument("--radius-strategy", choices=["frontier", "bisection"], default="frontier",
+                   help="frontier: refine the unproven sub-box nearest nominal (default); bisection: probe whole boxes")
+    p.add_argument("--radius-budget", type=_positive_int, default=256,
+                   help="frontier: sub-boxes bounded per image for the whole radius search")
     p.add_argument("--radius-steps", type=int, default=4, help="bisection steps after doubling")
     p.add_argument("--eps-start", type=_positive_float, default=0.0025, help="first eps of the radius search")
     p.add_argument("--contrast-scale", type=float, default=1.0, help="eps_c = eps * this")

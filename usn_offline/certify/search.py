@@ -1,7 +1,11 @@
-"""Largest certified symmetric radius (bisection) and certified-region maps."""
+"""Largest certified symmetric radius (frontier refinement or bisection) and certified-region maps."""
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -14,28 +18,60 @@ from usn_offline.certify.graph import Graph
 from usn_offline.certify.spec import KeypointProperty
 from usn_offline.perturb import PhotometricBox
 
+STRATEGIES = ("frontier", "bisection")
+
 
 @dataclass(frozen=True)
 class RadiusConfig:
     """Symmetric boxes a in [1 - eps*contrast_scale, 1 + eps*contrast_scale],
-    b in [-eps*brightness_scale, eps*brightness_scale]; eps searched in [0, eps_max]."""
+    b in [-eps*brightness_scale, eps*brightness_scale]; eps searched in [0, eps_max].
+
+    ``strategy``: "frontier" (default) refines the sub-box nearest to nominal that is not yet
+    proven, within ``max_boxes`` bounded sub-boxes in all; "bisection" probes whole boxes
+    (doubling eps from ``eps_start``, then ``steps`` bisections), each probe a branch and
+    bound with the BabConfig's budget.
+    """
 
     eps_max: float = 0.4
     steps: int = 4  # bisection steps after the growth phase
     eps_start: float = 0.0025
     contrast_scale: float = 1.0
     brightness_scale: float = 1.0
+    strategy: str = "frontier"
+    max_boxes: int = 256  # frontier: sub-boxes bounded for the whole search
 
     def __post_init__(self) -> None:
         if not self.eps_max > 0 or self.steps < 0 or not 0 < self.eps_start <= self.eps_max:
             raise CertificationError("radius search needs eps_max > 0, 0 < eps_start <= eps_max, steps >= 0")
         if self.contrast_scale < 0 or self.brightness_scale < 0:
             raise CertificationError("radius scales must be >= 0")
+        if self.contrast_scale == 0 and self.brightness_scale == 0:
+            raise CertificationError("radius scales cannot both be 0 (the box would not grow)")
         if self.eps_max * self.contrast_scale > 1:
             raise CertificationError("eps_max * contrast_scale must be <= 1 (contrast stays >= 0)")
+        if self.strategy not in STRATEGIES:
+            raise CertificationError(f"radius strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.max_boxes < 1:
+            raise CertificationError(f"radius search budget must be >= 1 box, got {self.max_boxes}")
 
     def box(self, eps: float) -> PhotometricBox:
         return PhotometricBox.symmetric(eps * self.contrast_scale, eps * self.brightness_scale)
+
+    def distance(self, box: PhotometricBox) -> float:
+        """The smallest eps whose box(eps) meets ``box`` (inf if none does)."""
+        da = max(0.0, box.a_lo - 1.0, 1.0 - box.a_hi)
+        db = max(0.0, box.b_lo, -box.b_hi)
+        return max(_scaled(da, self.contrast_scale), _scaled(db, self.brightness_scale))
+
+    def eps_of(self, a: float, b: float) -> float:
+        """The smallest eps whose box(eps) contains the point (a, b) (inf if none does)."""
+        return max(_scaled(abs(a - 1.0), self.contrast_scale), _scaled(abs(b), self.brightness_scale))
+
+
+def _scaled(gap: float, scale: float) -> float:
+    if scale > 0:
+        return gap / scale
+    return 0.0 if gap == 0 else math.inf
 
 
 @dataclass
@@ -45,11 +81,123 @@ class RadiusResult:
     falsified_eps: float | None  # smallest eps where a counterexample was found
     probes: list[tuple[float, str]]
     seconds: float
+    boxes_bounded: int = 0
 
 
 def largest_certified_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
                              radius: RadiusConfig = RadiusConfig(), bab: BabConfig = BabConfig()
                              ) -> RadiusResult:
+    """The largest eps for which the property is proven on all of ``radius.box(eps)``."""
+    if radius.strategy == "frontier":
+        return _frontier_radius(graph, image, prop, pixels, radius, bab)
+    return _bisection_radius(graph, image, prop, pixels, radius, bab)
+
+
+def _frontier_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
+                     radius: RadiusConfig, bab: BabConfig) -> RadiusResult:
+    """Best-first refinement of a tiling of box(eps_max).
+
+    The tiling starts as box(eps_start) and rings out to eps_max, eps doubling (the boxes
+    a bisection's growth phase would probe). Every tile not yet proven waits in a queue
+    ordered by its distance to nominal (the smallest eps whose box meets it); the nearest
+    ones are bounded, and a tile that fails is split in two and goes back. Proven tiles
+    leave the queue, and the tiles cover box(eps_max), so box(eps) for every eps up to the
+    nearest waiting tile's distance lies in the union of proven (closed) tiles: that
+    distance is the certified radius. Every bounded box therefore works on the current
+    limit of the radius, where bisection spends whole branch-and-bound budgets on probes
+    that fail. Ends when the queue is empty (radius eps_max), at the budget or time limit,
+    when the nearest tile is as small as box(eps_start) after ``bab.max_depth`` splits (the
+    outer tiles start larger, so a depth count would stop them coarser), or when the
+    nearest tile lies beyond a counterexample.
+    """
+    started = time.perf_counter()
+    probes: list[tuple[float, str]] = []
+    nominal = certify_boxes(graph, image, prop, pixels, [radius.box(0.0)], bab)[0]
+    probes.append((0.0, nominal.status.value))
+    if nominal.status is not Status.CERTIFIED:
+        return RadiusResult(0.0, False, 0.0, probes, time.perf_counter() - started, nominal.boxes_bounded)
+
+    edges = [radius.eps_start]
+    while edges[-1] < radius.eps_max:
+        edges.append(min(2 * edges[-1], radius.eps_max))
+    tiles = [radius.box(edges[0])]
+    for inner, outer in itertools.pairwise(edges):
+        tiles += ring(radius.box(inner), radius.box(outer))
+    order = itertools.count()  # ties: larger (less likely provable) tiles first, then FIFO
+
+    def entry(box: PhotometricBox) -> tuple:
+        area = (box.a_hi - box.a_lo) * (box.b_hi - box.b_lo)
+        return radius.distance(box), -area, next(order), box
+
+    smallest = 2 * radius.eps_start * 2.0 ** (-bab.max_depth / 2)  # longest side, eps units
+    queue = [entry(t) for t in tiles]
+    heapq.heapify(queue)
+    # Each tile is bounded once per call (no splitting inside); corners and centre are
+    # still evaluated for counterexamples.
+    once = replace(bab, max_boxes=1, attack_restarts=0, attack_steps=0)
+    batch = bab.batch_size or (64 if graph.device.type == "cuda" else 1)
+    falsified = math.inf  # eps of the nearest counterexample found
+    blocked = math.inf  # distance of the nearest tile that may not be split again
+    bounded = 0
+
+    def limit() -> float:
+        return min(falsified, blocked)
+
+    while queue and queue[0][0] < limit() and bounded < radius.max_boxes \
+            and time.perf_counter() - started <= bab.time_limit:
+        # A batch (CUDA) takes the nearest tiles, but none more than half as far again as
+        # the nearest: farther ones would spend the budget before the radius gets there.
+        take = [heapq.heappop(queue)]
+        reach = take[0][0] * 1.5 + 1e-12
+        while queue and len(take) < min(batch, radius.max_boxes - bounded) and queue[0][0] < min(limit(), reach):
+            take.append(heapq.heappop(queue))
+        outcomes = certify_boxes(graph, image, prop, pixels, [t[3] for t in take], once)
+        bounded += len(take)
+        for (distance, _, _, box), out in zip(take, outcomes, strict=True):
+            if out.status is Status.CERTIFIED:
+                continue
+            if out.status is Status.FALSIFIED:
+                falsified = min(falsified, radius.eps_of(*out.counterexample))
+            if _longest_side(box, radius) <= smallest:
+                blocked = min(blocked, distance)
+            else:
+                for child in _halves(box, radius):
+                    heapq.heappush(queue, entry(child))
+    # Unproven: the tiles still queued, the blocked ones, and (beyond the falsified eps) the
+    # tile holding the counterexample, whose children are queued at most that far out.
+    nearest = min(queue[0][0] if queue else math.inf, blocked)
+    # The distances are float quotients: step back by far more than their rounding so that
+    # box(certified), built from rounded products again, cannot reach past them. With
+    # everything proven, the tiles are box(eps_max) itself.
+    certified = max(0.0, nearest * (1 - 1e-9) - 1e-12) if nearest < radius.eps_max else radius.eps_max
+    probes.append((certified, Status.CERTIFIED.value))
+    return RadiusResult(certified, True, None if falsified == math.inf else falsified, probes,
+                        time.perf_counter() - started, nominal.boxes_bounded + bounded)
+
+
+def _sides(box: PhotometricBox, radius: RadiusConfig) -> tuple[float, float]:
+    """Side lengths in eps units (a degenerate side: 0)."""
+    wa = _scaled(box.a_hi - box.a_lo, radius.contrast_scale) if box.a_hi > box.a_lo else 0.0
+    wb = _scaled(box.b_hi - box.b_lo, radius.brightness_scale) if box.b_hi > box.b_lo else 0.0
+    return wa, wb
+
+
+def _longest_side(box: PhotometricBox, radius: RadiusConfig) -> float:
+    return max(_sides(box, radius))
+
+
+def _halves(box: PhotometricBox, radius: RadiusConfig) -> list[PhotometricBox]:
+    """Split the side that is longer in eps units."""
+    wa, wb = _sides(box, radius)
+    if wa >= wb:
+        m = (box.a_lo + box.a_hi) / 2
+        return [PhotometricBox(box.a_lo, m, box.b_lo, box.b_hi), PhotometricBox(m, box.a_hi, box.b_lo, box.b_hi)]
+    m = (box.b_lo + box.b_hi) / 2
+    return [PhotometricBox(box.a_lo, box.a_hi, box.b_lo, m), PhotometricBox(box.a_lo, box.a_hi, m, box.b_hi)]
+
+
+def _bisection_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
+                      radius: RadiusConfig, bab: BabConfig) -> RadiusResult:
     """Grow eps geometrically from ``eps_start`` (x2) until a box fails, then bisect.
 
     Certified boxes are nested, so proving eps proves every smaller one; starting small

@@ -59,20 +59,24 @@ class OnnxRuntimeBackend:
 
 
 class TorchBackend:
-    """The original checkpoint through torch (imports torch; for comparison and debugging)."""
+    """The original checkpoint through torch (imports torch; for comparison and debugging),
+    on ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
 
     name = "torch"
 
-    def __init__(self, checkpoint_path: Path | str) -> None:
+    def __init__(self, checkpoint_path: Path | str, device: str = "auto") -> None:
         from usn_offline.train.checkpoint import load_checkpoint
+        from usn_offline.train.device import resolve_device
 
-        self.model, _ = load_checkpoint(checkpoint_path)
+        self.device = resolve_device(device)
+        self.model, _ = load_checkpoint(checkpoint_path, self.device)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         with torch.no_grad():
-            return self.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()
+            return self.model(x).cpu().numpy()
 
 
 class TensorRTBackend:
