@@ -181,3 +181,15 @@ def test_clip_keeps_degenerate_targets_and_drops_shared_edges():
     assert _clip(PhotometricBox(1.2, 1.3, -0.1, 0.1), PhotometricBox(0.9, 1.1, -0.1, 0.1)) is None
     assert _clip(PhotometricBox(1.0, 1.3, 0.0, 0.3), PhotometricBox(0.9, 1.1, -0.1, 0.1)) == \
         PhotometricBox(1.0, 1.1, 0.0, 0.1)
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"strategy": "grid"}, "radius strategy must be one of frontier, bisection"),
+    ({"max_boxes": -1}, "radius search budget must be >= 1 box"),
+    ({"contrast_scale": 0.0, "brightness_scale": 0.0}, "cannot both be 0"),
+])
+def test_radius_config_errors(kwargs, fragment):
+    from usn_offline.certify.errors import CertificationError
+
+    with pytest.raises(CertificationError, match=fragment):
+        RadiusConfig(**kwargs)

@@ -189,7 +189,7 @@ def _cmd_certify(args: argparse.Namespace) -> None:
     if args.radius_search:
         radius = RadiusConfig(eps_max=args.eps_max, steps=args.radius_steps, eps_start=args.eps_start,
                               contrast_scale=args.contrast_scale, brightness_scale=args.brightness_scale,
-                              strategy=args.radius_strategy, max_boxes=args.radius_budget)
+                              strategy=args.radius_strategy, max_boxes=args.radius_budget or 0)
     config = CertifyConfig(box=box, delta=args.delta, norm=args.norm, reference=args.reference,
                            clip=not args.no_clip, bab=bab, radius=radius, eps_list=tuple(args.eps or ()),
                            region_grid=args.region_grid, coverage=args.coverage, dtype=args.dtype)
@@ -307,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps-max", type=_positive_float, default=0.4)
     p.add_argument("--radius-strategy", choices=["frontier", "bisection"], default="frontier",
                    help="frontier: refine the unproven sub-box nearest nominal (default); bisection: probe whole boxes")
-    p.add_argument("--radius-budget", type=_positive_int, default=256,
-                   help="frontier: sub-boxes bounded per image for the whole radius search")
+    p.add_argument("--radius-budget", type=_positive_int,
+                   help="frontier: sub-boxes bounded per image for the whole radius search "
+                        "(default 256 on the CPU, 512 on CUDA)")
     p.add_argument("--radius-steps", type=int, default=4, help="bisection steps after doubling")
     p.add_argument("--eps-start", type=_positive_float, default=0.0025, help="first eps of the radius search")
     p.add_argument("--contrast-scale", type=float, default=1.0, help="eps_c = eps * this")
