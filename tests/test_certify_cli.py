@@ -54,6 +54,7 @@ def test_certify_dataset_results(trained, tiny_dataset):
                            region_grid=(2, 2))
     report = certify_dataset(model, test, config, progress=False)
     assert len(report.images) == 2
+    assert report.config.radius.max_boxes == 256  # the CPU default, recorded instead of "auto" (0)
     for r in report.images:
         assert r.status in (Status.CERTIFIED, Status.FALSIFIED, Status.UNKNOWN)
         assert all(lo <= ref <= hi for lo, ref, hi in zip(r.lower_px, r.reference_px, r.upper_px, strict=True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -121,6 +121,8 @@ def certify_dataset(model: torch.nn.Module, dataset: KeypointDataset, config: Ce
     graph: Graph = lower(model, (1, h, w), clip=config.clip, dtype=dtype, device=device)
     pixels = PixelMap.for_image(dataset.num_keypoints, h, w, dtype, device)
     refs = _references(model, dataset, config.reference, device)
+    if config.radius is not None and config.radius.max_boxes == 0:  # record the budget used
+        config = replace(config, radius=replace(config.radius, max_boxes=config.radius.budget(graph.device)))
     results = []
     edges = None
     for i in tqdm(range(len(dataset)), desc="certify", unit="img", disable=not progress):

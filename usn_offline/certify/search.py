@@ -59,6 +59,10 @@ class RadiusConfig:
     def box(self, eps: float) -> PhotometricBox:
         return PhotometricBox.symmetric(eps * self.contrast_scale, eps * self.brightness_scale)
 
+    def budget(self, device: torch.device) -> int:
+        """The frontier's box budget on ``device`` (``max_boxes``, or the default for it)."""
+        return self.max_boxes or (512 if device.type == "cuda" else 256)
+
     def distance(self, box: PhotometricBox) -> float:
         """The smallest eps whose box(eps) meets ``box`` (inf if none does)."""
         da = max(0.0, box.a_lo - 1.0, 1.0 - box.a_hi)
@@ -137,9 +141,8 @@ def _frontier_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty, 
     # Each tile is bounded once per call (no splitting inside); corners and centre are
     # still evaluated for counterexamples.
     once = replace(bab, max_boxes=1, attack_restarts=0, attack_steps=0)
-    on_cuda = graph.device.type == "cuda"
-    batch = bab.batch_size or (64 if on_cuda else 1)
-    budget = radius.max_boxes or (512 if on_cuda else 256)
+    batch = bab.batch_size or (64 if graph.device.type == "cuda" else 1)
+    budget = radius.budget(graph.device)
     falsified = math.inf  # eps of the nearest counterexample found
     blocked = math.inf  # distance of the nearest tile that may not be split again
     bounded = 0
