@@ -59,6 +59,10 @@ class BabConfig:
             raise CertificationError(f"BaB time limit must be > 0 s, got {self.time_limit}")
         object.__setattr__(self, "method", Method(self.method))
 
+    def batch_for(self, device: torch.device) -> int:
+        """Boxes bounded together on ``device`` (``batch_size``, or its default there)."""
+        return self.batch_size or (64 if device.type == "cuda" else 1)
+
 
 @dataclass
 class BoxOutcome:
@@ -88,10 +92,15 @@ class _Entry:
 
 
 def _split(box: tuple[float, float, float, float], root: PhotometricBox):
-    a_lo, a_hi, b_lo, b_hi = box
     # Widest side relative to the root's extent (both axes matter equally to the user).
-    wa = (a_hi - a_lo) / max(root.a_hi - root.a_lo, 1e-12)
-    wb = (b_hi - b_lo) / max(root.b_hi - root.b_lo, 1e-12)
+    return halves(box, root.a_hi - root.a_lo, root.b_hi - root.b_lo)
+
+
+def halves(box: tuple[float, float, float, float], scale_a: float, scale_b: float):
+    """The two halves of ``box`` across its side that is widest in units of the scales."""
+    a_lo, a_hi, b_lo, b_hi = box
+    wa = (a_hi - a_lo) / max(scale_a, 1e-12)
+    wb = (b_hi - b_lo) / max(scale_b, 1e-12)
     if wa >= wb:
         m = (a_lo + a_hi) / 2
         return [(a_lo, m, b_lo, b_hi), (m, a_hi, b_lo, b_hi)]
@@ -130,7 +139,7 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
     """Certify the property on each root box for one image ((1, C, H, W), graph dtype)."""
     started = time.perf_counter()
     dtype, device = graph.dtype, graph.device
-    batch_size = config.batch_size or (64 if device.type == "cuda" else 1)
+    batch_size = config.batch_for(device)
     k2 = prop.reference.shape[0]
     n_roots = len(roots)
     status: list[Status | None] = [None] * n_roots

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from usn_offline.certify.bab import BabConfig, Status, certify_boxes
+from usn_offline.certify.bab import BabConfig, Status, certify_boxes, halves
 from usn_offline.certify.bounds import PixelMap
 from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.graph import Graph
@@ -141,7 +141,7 @@ def _frontier_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty, 
     # Each tile is bounded once per call (no splitting inside); corners and centre are
     # still evaluated for counterexamples.
     once = replace(bab, max_boxes=1, attack_restarts=0, attack_steps=0)
-    batch = bab.batch_size or (64 if graph.device.type == "cuda" else 1)
+    batch = bab.batch_for(graph.device)
     budget = radius.budget(graph.device)
     falsified = math.inf  # eps of the nearest counterexample found
     blocked = math.inf  # distance of the nearest tile that may not be split again
@@ -195,12 +195,8 @@ def _longest_side(box: PhotometricBox, radius: RadiusConfig) -> float:
 
 def _halves(box: PhotometricBox, radius: RadiusConfig) -> list[PhotometricBox]:
     """Split the side that is longer in eps units."""
-    wa, wb = _sides(box, radius)
-    if wa >= wb:
-        m = (box.a_lo + box.a_hi) / 2
-        return [PhotometricBox(box.a_lo, m, box.b_lo, box.b_hi), PhotometricBox(m, box.a_hi, box.b_lo, box.b_hi)]
-    m = (box.b_lo + box.b_hi) / 2
-    return [PhotometricBox(box.a_lo, box.a_hi, box.b_lo, m), PhotometricBox(box.a_lo, box.a_hi, m, box.b_hi)]
+    parts = halves((box.a_lo, box.a_hi, box.b_lo, box.b_hi), radius.contrast_scale, radius.brightness_scale)
+    return [PhotometricBox(*part) for part in parts]
 
 
 def _bisection_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
