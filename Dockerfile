@@ -45,5 +45,9 @@ RUN printf '#!/bin/bash\nset -e\nsource "/opt/ros/%s/setup.bash"\nsource /opt/us
       "${ROS_DISTRO}" > /opt/usn/entrypoint.sh \
     && chmod +x /opt/usn/entrypoint.sh
 
+# Camera-size frames over SENSOR_DATA QoS need a larger Fast DDS shared-memory segment in the
+# publishing process (the camera driver): give its container this file too (see README, ROS 2).
+ENV FASTDDS_DEFAULT_PROFILES_FILE=/opt/usn/ros2_ws/install/usn_keypoint_ros/share/usn_keypoint_ros/launch/fastdds_large_frames.xml
+
 ENTRYPOINT ["/opt/usn/entrypoint.sh"]
 CMD ["ros2", "launch", "usn_keypoint_ros", "usn_keypoint_node.launch.py", "bundle_dir:=/bundle"]

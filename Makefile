@@ -2,17 +2,33 @@
 # (scripts/setup.sh is idempotent and skips work already done).
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
+# QUICK=1: the same story on less data and shorter budgets (~4 min), in its own folder.
+QUICK ?= 0
+ifeq ($(QUICK),1)
+DEMO_DIR ?= runs/quick
+DATA_ARGS ?= --num-train 2000 --num-val 200 --num-test 200
+EPOCHS ?= 6
+PRUNE_ARGS ?= --rounds 1 --finetune-epochs 1 --score-images 128
+CERT_IMAGES ?= 5
+BAG_FRAMES ?= 12
+else
 DEMO_DIR ?= runs/demo
+DATA_ARGS ?=
 EPOCHS ?= 20
+PRUNE_ARGS ?=
 CERT_IMAGES ?= 20
+BAG_FRAMES ?= 30
+endif
 CERT_CONTRAST ?= 0.97 1.03
 CERT_BRIGHTNESS ?= -0.03 0.03
 CERT_EPS ?= 0.01 0.02
 PRUNE_METHOD ?= usn-wd
 PRUNE_RATIO ?= 0.3
-# Every process that may start rclpy keeps DDS on loopback, on its own domain.
+# Every process that may start rclpy keeps DDS on loopback, on its own domain, with the
+# shipped Fast DDS profile under which camera-size frames arrive over SENSOR_DATA QoS.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 57
+export FASTDDS_DEFAULT_PROFILES_FILE ?= $(CURDIR)/launch/fastdds_large_frames.xml
 ENV := source scripts/env.sh &&
 
 .PHONY: setup demo test lint clean node
@@ -21,10 +37,10 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(ENV) usn-offline data --out $(DEMO_DIR)/data
+	$(ENV) usn-offline data --out $(DEMO_DIR)/data $(DATA_ARGS)
 	$(ENV) usn-offline train --data $(DEMO_DIR)/data --out $(DEMO_DIR)/model.pt --epochs $(EPOCHS) --resume
 	$(ENV) usn-offline prune --checkpoint $(DEMO_DIR)/model.pt --data $(DEMO_DIR)/data \
-		--method $(PRUNE_METHOD) --ratio $(PRUNE_RATIO) --out $(DEMO_DIR)/pruned.pt --resume
+		--method $(PRUNE_METHOD) --ratio $(PRUNE_RATIO) $(PRUNE_ARGS) --out $(DEMO_DIR)/pruned.pt --resume
 	$(ENV) usn-offline evaluate --checkpoint $(DEMO_DIR)/pruned.pt --data $(DEMO_DIR)/data --split test \
 		--out $(DEMO_DIR)/eval.json
 	$(ENV) usn-offline certify --checkpoint $(DEMO_DIR)/pruned.pt --data $(DEMO_DIR)/data --split test \
@@ -33,7 +49,12 @@ demo: setup
 		--out $(DEMO_DIR)/certificate.json
 	$(ENV) usn-offline export --checkpoint $(DEMO_DIR)/pruned.pt --certificate $(DEMO_DIR)/certificate.json \
 		--out $(DEMO_DIR)/bundle
-	@echo "demo outputs: $(DEMO_DIR)/ (data/, model.pt, pruned.pt, eval.json, certificate.json, bundle/)"
+	rm -rf $(DEMO_DIR)/scenario_bag
+	$(ENV) usn-offline make-bag --data $(DEMO_DIR)/data --out $(DEMO_DIR)/scenario_bag --frames $(BAG_FRAMES)
+	$(ENV) usn-offline replay --bag $(DEMO_DIR)/scenario_bag --bundle $(DEMO_DIR)/bundle --live \
+		--out $(DEMO_DIR)/replay
+	@echo "demo outputs: $(DEMO_DIR)/ (data/, model.pt, pruned.pt, eval.json, certificate.json, bundle/," \
+		"scenario_bag/, replay/: report.json, summary.md, plots)"
 
 test: setup
 	$(ENV) ruff check usn_offline tests bench scripts ros2_ws/src

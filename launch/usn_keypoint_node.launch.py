@@ -7,8 +7,8 @@
 import os
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
-from launch.substitutions import LaunchConfiguration
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
@@ -24,7 +24,15 @@ def generate_launch_description():
         DeclareLaunchArgument("backend", default_value="auto", description="auto | tensorrt | onnxruntime | torch"),
         DeclareLaunchArgument("engine_file_path", default_value="", description="TensorRT engine (optional)"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="true when replaying bags"),
+        DeclareLaunchArgument(
+            "fastdds_profile",
+            default_value=EnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE",
+                                              default_value=os.path.join(HERE, "fastdds_large_frames.xml")),
+            description="Fast DDS profile (16 MiB shared-memory segment) under which camera-size frames "
+                        "arrive over SENSOR_DATA QoS; the camera driver's process needs it too"),
     ]
+    # Fast DDS reads the profile when a process starts: set it for every process this launch starts.
+    profile = SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile"))
     node = Node(
         package="usn_keypoint_ros",
         executable="keypoint_node",
@@ -41,4 +49,4 @@ def generate_launch_description():
         ],
         remappings=[("image", LaunchConfiguration("image_topic"))],
     )
-    return LaunchDescription([*args, node])
+    return LaunchDescription([*args, profile, node])

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from usn_offline.runtime.dds import large_frame_environment
+
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
+# The shipped Fast DDS profile (camera-size frames over SENSOR_DATA QoS), as the Makefile and
+# launch file set it; before any participant exists, since Fast DDS reads it once per process.
+for _name, _value in large_frame_environment().items():
+    os.environ.setdefault(_name, _value)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,8 +44,15 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported_bundle(tiny_dataset, tmp_path_factory) -> Path:
-    """A trained (~5 px mean error at 64x64), certified and exported bundle, shared by the
-    runtime and node tests (~25 s: 2000 generated images, 12 epochs of a narrow CNN7)."""
+    """A trained (~3 px mean error at 64x64), certified and exported bundle, shared by the
+    runtime and node tests (~30 s on 2 idle cores: 2000 generated images, 16 epochs of a
+    narrow CNN7).
+
+    This plain ReLU stack first sits on a plateau (predicting the mean keypoints, ~11 px)
+    and leaves it after a number of epochs that depends on the training trajectory, hence
+    on the CPU's float kernels. At lr 3e-3 some trajectories never left it; at 1.5e-3 with
+    batches of 16, 8 of 8 training seeds left it at the third epoch and ended at 2.7-3.4 px
+    on the node test's frames (the seed stands in for another CPU's trajectory)."""
     import json
 
     from usn_offline.certify import CertifyConfig, certify_dataset
@@ -56,7 +69,7 @@ def exported_bundle(tiny_dataset, tmp_path_factory) -> Path:
     generate_dataset(data, GeneratorConfig(num_train=2000, num_val=24, num_test=24, seed=3), progress=False)
     train, val = load_split(data, "train"), load_split(data, "val")
     train_model(train, val, model_config_for("cnn7", widths=(8, 16, 16, 32, 32), hidden=128),
-                TrainConfig(epochs=12, batch_size=32, lr=3e-3, device="cpu"), ckpt, progress=False)
+                TrainConfig(epochs=16, batch_size=16, lr=1.5e-3, device="cpu"), ckpt, progress=False)
     model, info = load_checkpoint(ckpt)
     test = load_split(data, "test")
     report = certify_dataset(model, test.subset(slice(0, 3)),

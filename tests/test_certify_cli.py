@@ -78,6 +78,10 @@ def test_certify_cli_writes_a_certificate(trained, tiny_dataset, tmp_path, capsy
     assert len(doc["model"]["sha256"]) == 64
     assert doc["perturbation"]["a_lo"] == 0.99 and doc["property"]["delta_px"] == 2.0
     assert doc["data"]["split"] == "test" and doc["method"]["bound"] == "crown"
+    # The budget is recorded as work (boxes, depth, the batch used here), never as seconds.
+    bab = doc["method"]["bab"]
+    assert bab["max_boxes"] == 512 and bab["max_depth"] == 10 and bab["batch_size"] >= 1  # auto resolved
+    assert not any("time" in key for key in bab)
     image = doc["images"][0]
     for key in ("status", "reference_px", "lower_px", "upper_px", "seconds"):
         assert key in image

@@ -182,6 +182,91 @@ def test_region_falls_back_to_the_radius():
         certified_region(report)
 
 
+def _fallback_report(fraction=0.5, eps=None, radius=None, cells=None):
+    """A certification report as export reads it: the requested box certified for
+    ``fraction`` of the images, ``eps`` {eps: certified fraction} from --eps (keys as
+    report.py writes them), an optional radius at coverage and region-map cells."""
+    eps = eps or {}
+    report = {"summary": {"certified_fraction": fraction, "radius_at_coverage": radius,
+                          "certified_fraction_at_eps": {f"{e:g}": v for e, v in eps.items()}},
+              "perturbation": {"a_lo": 0.8, "a_hi": 1.2, "b_lo": -0.2, "b_hi": 0.2},
+              "method": {"coverage": 0.95, "eps_list": list(eps), "radius_search": None}}
+    if cells is not None:
+        report["summary"]["region_cells_at_coverage"] = cells
+        report["region_edges"] = {"a": [0.8, 1.0, 1.2], "b": [-0.2, 0.0, 0.2]}
+    return report
+
+
+def test_region_is_the_requested_box_when_it_reaches_coverage():
+    region = certified_region(_fallback_report(fraction=0.95, eps={0.3: 1.0}, radius=0.3))
+    assert region["kind"] == "box" and "reason" not in region
+    assert region["boxes"] == [{"a_lo": 0.8, "a_hi": 1.2, "b_lo": -0.2, "b_hi": 0.2}]
+
+
+def test_region_falls_back_to_the_largest_symmetric_eps_reaching_coverage():
+    report = _fallback_report(eps={0.005: 1.0, 0.01: 1.0, 0.02: 0.95, 0.04: 0.6}, radius=0.03)
+    region = certified_region(report)
+    assert region["kind"] == "symmetric_eps" and region["eps"] == 0.02 and region["certified_fraction"] == 0.95
+    # Exactly the box certify checked (PhotometricBox.symmetric(0.02, 0.02)).
+    assert region["boxes"] == [{"a_lo": 1 - 0.02, "a_hi": 1 + 0.02, "b_lo": -0.02, "b_hi": 0.02}]
+    assert region["requested_box"] == {"a_lo": 0.8, "a_hi": 1.2, "b_lo": -0.2, "b_hi": 0.2}
+    assert region["requested_certified_fraction"] == 0.5
+    reason = region["reason"]
+    assert "requested box a in [0.8, 1.2], b in [-0.2, 0.2] is certified for 50.0 % of the images" in reason
+    assert "below the 95 % coverage" in reason and "eps = 0.02" in reason and len(reason.splitlines()) == 1
+    # The eps order in the certificate does not matter: the largest qualifying one wins.
+    report = _fallback_report(eps={0.04: 0.96, 0.01: 1.0, 0.08: 0.5})
+    assert certified_region(report)["eps"] == 0.04
+
+
+def test_symmetric_eps_region_uses_the_exact_eps_not_its_rounded_key():
+    eps = 0.0123456789  # its key "0.0123457" is larger than the eps certified
+    report = _fallback_report(eps={eps: 1.0})
+    assert list(report["summary"]["certified_fraction_at_eps"]) == ["0.0123457"]
+    region = certified_region(report)
+    assert region["eps"] == eps and region["boxes"][0]["a_hi"] == 1 + eps and region["boxes"][0]["b_hi"] == eps
+    # A fraction whose eps the certificate does not list exactly is not used; neither is eps = 0.
+    report = _fallback_report(eps={0.0: 1.0}, radius=0.01)
+    report["summary"]["certified_fraction_at_eps"]["0.05"] = 1.0
+    assert certified_region(report)["kind"] == "symmetric_radius"
+
+
+def test_region_without_a_qualifying_eps_falls_back_to_radius_then_cells_then_fails():
+    eps = {0.01: 0.9, 0.02: 0.5}  # none reaches 95 %
+    region = certified_region(_fallback_report(eps=eps, radius=0.015))
+    assert region["kind"] == "symmetric_radius" and region["radius"] == 0.015
+    assert region["boxes"][0] == pytest.approx({"a_lo": 0.985, "a_hi": 1.015, "b_lo": -0.015, "b_hi": 0.015})
+    assert "certified for 50.0 %" in region["reason"] and "radius 0.015" in region["reason"]
+    region = certified_region(_fallback_report(eps=eps, cells=[[False, True], [False, False]]))
+    assert region["kind"] == "region_map_cells"
+    assert region["boxes"] == [{"a_lo": 0.8, "a_hi": 1.0, "b_lo": 0.0, "b_hi": 0.2}]
+    assert "1 of 4 region-map cells" in region["reason"]
+    with pytest.raises(BundleError, match="proves no region for 95 % of the images"):
+        certified_region(_fallback_report(eps=eps, cells=[[False, False], [False, False]]))
+
+
+def test_export_says_when_it_falls_back_from_the_requested_box(exported, tmp_path, capsys, caplog):
+    doc = json.loads(exported["cert"].read_text())
+    doc["summary"]["certified_fraction"] = 0.0  # as if the requested box had missed coverage
+    doc["summary"]["certified_fraction_at_eps"] = {"0.01": 1.0}
+    doc["method"]["eps_list"] = [0.01]
+    cert = tmp_path / "fallback.json"
+    cert.write_text(json.dumps(doc))
+    with caplog.at_level("WARNING"):
+        code = main(["export", "--checkpoint", str(exported["ckpt"]), "--certificate", str(cert),
+                     "--out", str(tmp_path / "b"), "--no-engine"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert [r.getMessage() for r in caplog.records if "requested box" in r.getMessage()] == [
+        "the requested box a in [1, 1], b in [0, 0] is certified for 0.0 % of the images, below the 95 % "
+        "coverage: the runtime monitor uses the largest symmetric box certified for the coverage, eps = 0.01 "
+        "(a in [0.99, 1.01], b in [-0.01, 0.01], certified for 100.0 %)"]
+    assert "requested box" in out and "region used instead" in out and "symmetric eps = 0.01" in out
+    bundle = Bundle.load(tmp_path / "b")  # the torch-free loader accepts the region kind
+    assert bundle.certificate["region"]["kind"] == "symmetric_eps"
+    assert bundle.in_region(1.01, -0.01) and not bundle.in_region(1.02, 0.0)
+
+
 def test_export_cli(exported, tmp_path, capsys):
     code = main(["export", "--checkpoint", str(exported["ckpt"]), "--certificate", str(exported["cert"]),
                  "--out", str(tmp_path / "cli_bundle"), "--no-engine"])

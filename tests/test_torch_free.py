@@ -1,4 +1,4 @@
-"""Modules the robot-side node imports must work without torch installed."""
+"""Modules the robot-side node and the replay import must work without torch installed."""
 
 import subprocess
 import sys
@@ -6,7 +6,10 @@ import sys
 TORCH_FREE_MODULES = ["usn_offline.runtime", "usn_offline.runtime.preprocess", "usn_offline.runtime.bundle",
                       "usn_offline.runtime.backends", "usn_offline.runtime.hashing", "usn_offline.perturb",
                       "usn_offline.errors", "usn_offline.jsonio", "usn_offline.runtime.monitor",
-                      "usn_offline.runtime.pipeline"]
+                      "usn_offline.runtime.pipeline", "usn_offline.runtime.stream", "usn_offline.runtime.dds",
+                      "usn_offline.replay.bag_reader", "usn_offline.replay.bag_writer", "usn_offline.replay.offline",
+                      "usn_offline.replay.live", "usn_offline.replay.report", "usn_offline.replay.plots",
+                      "usn_offline.data"]
 
 
 def test_runtime_modules_import_without_torch():

@@ -13,7 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usn_offline import __version__
-from usn_offline.errors import CheckpointError, UsnError
+from usn_offline.errors import CheckpointError, ConfigError, UsnError
+from usn_offline.replay.scenarios import CAMERA, DEFAULT_SCENARIOS, EXTRAS, LIGHTING
+
+SCENARIO_RECIPES = (*LIGHTING, *CAMERA, *EXTRAS)
 
 log = logging.getLogger("usn_offline")
 
@@ -156,7 +159,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     test_set = load_split(args.data, "test", info.preprocess, expected_keypoints=info.model.num_keypoints)
     config = CompareConfig(methods=tuple(args.methods), ratios=tuple(args.ratios),
                            prune=_prune_config(args, "usn-wd", args.ratios[0]), eps_list=tuple(args.eps),
-                           delta=args.delta, num_images=args.num_images, bab=BabConfig(time_limit=args.bab_time))
+                           delta=args.delta, num_images=args.num_images, bab=BabConfig(max_boxes=args.bab_budget))
     rows = run_comparison(model, info, train_set, val_set, test_set, config, args.out, device=device,
                           progress=not args.quiet)
     print(results_markdown(rows, config))
@@ -183,8 +186,7 @@ def _cmd_certify(args: argparse.Namespace) -> None:
     from usn_offline.train.device import resolve_device
 
     box = PhotometricBox(args.contrast[0], args.contrast[1], args.brightness[0], args.brightness[1])
-    bab = BabConfig(method=args.method, max_boxes=args.bab_budget, max_depth=args.bab_depth,
-                    time_limit=args.bab_time)
+    bab = BabConfig(method=args.method, max_boxes=args.bab_budget, max_depth=args.bab_depth)
     radius = None
     if args.radius_search:
         radius = RadiusConfig(eps_max=args.eps_max, steps=args.radius_steps, eps_start=args.eps_start,
@@ -243,6 +245,77 @@ def _cmd_build_engine(args: argparse.Namespace) -> None:
     print(f"engine written to {bundle.engine_path}")
 
 
+def _default_params_file() -> Path:
+    """The node's shipped parameters file."""
+    from usn_offline.runtime.launch_files import PARAMS_FILE, shipped_launch_file
+
+    path = shipped_launch_file(PARAMS_FILE)
+    if path is None:
+        raise ConfigError(f"cannot find the shipped {PARAMS_FILE}: pass --params")
+    return path
+
+
+def _cmd_make_bag(args: argparse.Namespace) -> None:
+    import json as _json
+
+    from usn_offline.data import load_split
+    from usn_offline.data.backgrounds import load_backgrounds
+    from usn_offline.data.coco import annotation_path
+    from usn_offline.replay.bag_writer import BagConfig, make_bag
+    from usn_offline.runtime.preprocess import PreprocessConfig
+
+    config = BagConfig(scenarios=tuple(args.scenario), frames_per_scenario=args.frames, width=args.width,
+                       height=args.height, encoding=args.encoding, compressed=args.compressed, storage=args.storage,
+                       fps=args.fps, seed=args.seed, image_topic=args.image_topic)
+    labels = annotation_path(args.data, args.split)
+    size = None
+    if labels.is_file():  # keep the split's own image size (the dataset loader reads and checks the rest)
+        images = _json.loads(labels.read_text()).get("images") or [{}]
+        size = images[0].get("height"), images[0].get("width")
+    pre = PreprocessConfig(*size) if size and all(isinstance(v, int) and v > 0 for v in size) else PreprocessConfig()
+    targets = load_split(args.data, args.split, pre)
+    summary = make_bag(args.out, targets.images, targets.keypoints, load_backgrounds(), config,
+                       progress=not args.quiet)
+    print(f"{summary.frames} frames ({summary.malformed} malformed on purpose) of "
+          f"{', '.join(f'{k} ({v})' for k, v in summary.frames_per_scenario.items())}")
+    print(f"topics: {', '.join(f'{t} [{k}]' for t, k in summary.topics.items())}")
+    print(f"bag written to {summary.path} ({summary.bytes / 2**20:.1f} MiB, {config.storage})")
+
+
+def _cmd_replay(args: argparse.Namespace) -> None:
+    from usn_offline.replay.offline import replay_offline
+    from usn_offline.replay.report import build_report, summary_rows, text_table, write_report
+    from usn_offline.runtime.bundle import Bundle
+
+    params = args.params or _default_params_file()
+    args.out.mkdir(parents=True, exist_ok=True)
+    run = replay_offline(args.bag, args.bundle, params, args.image_topic, frames_out=args.out / "frames.jsonl",
+                         progress=not args.quiet)
+    bundle = Bundle.load(args.bundle)
+    mode = "offline"
+    if args.live:
+        from usn_offline.replay.live import LiveConfig, compare_runs, replay_live
+
+        live = replay_live(args.bag, args.bundle, params, LiveConfig(image_topic=args.image_topic,
+                                                                     timeout_s=args.frame_timeout,
+                                                                     rate=args.live_rate),
+                           args.out, progress=not args.quiet)
+        run.extra["live"] = compare_runs(run, live)
+        mode = "offline + live"
+    report = build_report(run, args.bag, bundle, params, mode)
+    files = write_report(args.out, report, run, plots=not args.no_plots)
+    print(text_table(summary_rows(report)))
+    if not run.complete:
+        print(f"warning: the bag ended early ({run.problem}); the report covers {len(run.records)} frames")
+    if args.live:
+        live = report["live"]
+        print(f"live: {live['frames_sent']} frames sent, {live['statuses_received']} statuses, "
+              f"{live['missing_statuses']} missing; offline and live flags identical: "
+              f"{live['agreement']['flags_identical']}, keypoints within "
+              f"{live['agreement']['max_keypoint_difference_px']:.1e} px")
+    print(f"report written to {args.out}/ ({', '.join(f.name for f in files)})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="usn-offline",
@@ -299,10 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stability (the model's own output) or correctness (ground truth)")
     p.add_argument("--no-clip", action="store_true", help="certify a*x + b without clipping to [0, 1]")
     p.add_argument("--method", choices=["ibp", "crown", "alpha-crown"], default="crown")
-    p.add_argument("--bab-budget", type=_positive_int, default=512, help="max boxes bounded per call")
+    p.add_argument("--bab-budget", type=_positive_int, default=512,
+                   help="max boxes bounded per branch-and-bound call (budgets count work, never seconds: "
+                        "the same inputs give the same certificate on an idle or a busy machine)")
     p.add_argument("--bab-depth", type=int, default=10, help="max splits along one path")
-    p.add_argument("--bab-time", type=_positive_float, default=20.0,
-                   help="seconds per branch-and-bound call (and per image for the frontier radius search)")
     p.add_argument("--radius-search", action="store_true", help="find each image's largest certified eps")
     p.add_argument("--eps-max", type=_positive_float, default=0.4)
     p.add_argument("--radius-strategy", choices=["frontier", "bisection"], default="frontier",
@@ -373,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="symmetric boxes at which certified accuracy is reported")
     p.add_argument("--delta", type=_positive_float, default=3.0, help="px from the ground truth")
     p.add_argument("--num-images", type=_positive_int, default=20, help="test images certified per model")
-    p.add_argument("--bab-time", type=_positive_float, default=10.0, help="seconds per branch-and-bound call")
+    p.add_argument("--bab-budget", type=_positive_int, default=512,
+                   help="max boxes bounded per branch-and-bound call (work, never seconds)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.set_defaults(func=_cmd_compare)
 
@@ -382,6 +456,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--workspace-mb", type=_positive_int, default=1024)
     p.set_defaults(func=_cmd_build_engine)
+
+    p = sub.add_parser("make-bag", help="write a rosbag2 of camera frames under named lighting scenarios, "
+                                        "with per-frame ground truth")
+    p.add_argument("--data", required=True, type=Path, help="dataset folder whose images are the targets")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True, type=Path, help="bag folder to create (must not exist)")
+    p.add_argument("--scenario", nargs="+", default=list(DEFAULT_SCENARIOS), metavar="NAME",
+                   help="scenarios in order, recipes joined by '+' (e.g. moving+dusk); recipes: "
+                        + ", ".join(SCENARIO_RECIPES))
+    p.add_argument("--frames", type=_positive_int, default=40, help="frames per scenario")
+    p.add_argument("--width", type=_positive_int, default=640)
+    p.add_argument("--height", type=_positive_int, default=480)
+    p.add_argument("--encoding", choices=["rgb8", "bgr8", "mono8"], default="rgb8")
+    p.add_argument("--compressed", choices=["png", "jpeg"], help="also write <image topic>/compressed")
+    p.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap")
+    p.add_argument("--fps", type=_positive_float, default=30.0)
+    p.add_argument("--image-topic", default="/camera/image_raw")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_make_bag)
+
+    p = sub.add_parser("replay", help="replay a rosbag2 through the node's runtime (offline, and live over DDS "
+                                      "with --live) and report accuracy, latency and the certified flag's safety")
+    p.add_argument("--bag", required=True, type=Path, help="rosbag2 folder (MCAP or sqlite3)")
+    p.add_argument("--bundle", required=True, type=Path, help="deployment bundle (usn-offline export --out)")
+    p.add_argument("--out", required=True, type=Path, help="report folder")
+    p.add_argument("--image-topic", help="image topic (default: the bag's only Image/CompressedImage topic)")
+    p.add_argument("--params", type=Path, help="the node's parameters YAML (default: the shipped "
+                                               "launch/usn_keypoint_node.params.yaml)")
+    p.add_argument("--live", action="store_true", help="also run the real node as a process and publish the "
+                                                      "bag to it over DDS; compare its outputs with offline")
+    p.add_argument("--live-rate", type=float, default=0.0, metavar="R",
+                   help="live: 0 publishes lock-step, as fast as the node answers (default); R > 0 publishes at "
+                        "the bag's recorded timing R times real time, with /clock and the node on use_sim_time")
+    p.add_argument("--frame-timeout", type=_positive_float, default=10.0,
+                   help="live: seconds to wait for a frame's status before counting it missing")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_replay)
     return parser
 
 

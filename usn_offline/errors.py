@@ -19,3 +19,7 @@ class BundleError(UsnError):
 
 class ConfigError(UsnError):
     """A configuration value is out of range or inconsistent."""
+
+
+class ReplayError(UsnError):
+    """A rosbag cannot be read or written, or a replay cannot run; the text says why."""

@@ -121,8 +121,11 @@ def certify_dataset(model: torch.nn.Module, dataset: KeypointDataset, config: Ce
     graph: Graph = lower(model, (1, h, w), clip=config.clip, dtype=dtype, device=device)
     pixels = PixelMap.for_image(dataset.num_keypoints, h, w, dtype, device)
     refs = _references(model, dataset, config.reference, device)
-    if config.radius is not None and config.radius.max_boxes == 0:  # record the budget used
+    # Record the budget actually used (boxes, depth, batch; never seconds), not "auto" (0).
+    if config.radius is not None and config.radius.max_boxes == 0:
         config = replace(config, radius=replace(config.radius, max_boxes=config.radius.budget(graph.device)))
+    if config.bab.batch_size == 0:
+        config = replace(config, bab=replace(config.bab, batch_size=config.bab.batch_for(graph.device)))
     results = []
     edges = None
     for i in tqdm(range(len(dataset)), desc="certify", unit="img", disable=not progress):

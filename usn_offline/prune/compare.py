@@ -42,7 +42,7 @@ class CompareConfig:
     eps_list: tuple[float, ...] = (0.005, 0.01, 0.02)
     delta: float = 3.0
     num_images: int = 20
-    bab: BabConfig = field(default_factory=lambda: BabConfig(time_limit=10.0))
+    bab: BabConfig = field(default_factory=BabConfig)  # budget in boxes and depth, never seconds
     crosscheck_images: int = 8
 
     def __post_init__(self) -> None:

@@ -30,6 +30,7 @@ class FrameResult:
     keypoints_px: np.ndarray | None  # (K, 2) in pixels of the input frame
     status: MonitorResult
     seconds: dict[str, float] = field(default_factory=dict)
+    frame: np.ndarray | None = field(default=None, repr=False)  # the decoded frame, when there was one
 
     @property
     def certified(self) -> bool:

@@ -16,7 +16,7 @@ setup(
         # The launch sources live in the repository's top-level launch/ folder.
         ("share/" + package_name + "/launch", [os.path.relpath(os.path.join(LAUNCH, f))
                                                for f in sorted(os.listdir(LAUNCH))
-                                               if f.endswith((".launch.py", ".yaml"))]),
+                                               if f.endswith((".launch.py", ".yaml", ".xml"))]),
     ],
     install_requires=["setuptools"],
     zip_safe=True,

@@ -25,9 +25,9 @@ from usn_offline.errors import UsnError
 from usn_offline.runtime.backends import create_backend
 from usn_offline.runtime.bundle import CERTIFICATE, Bundle
 from usn_offline.runtime.hashing import sha256_file
-from usn_offline.runtime.image_decode import ImageDecodeError, decode_compressed, decode_image
-from usn_offline.runtime.monitor import MonitorResult, PhotometricMonitor, Reason, nominal_from_images
-from usn_offline.runtime.pipeline import FrameResult, KeypointPipeline, bad_input
+from usn_offline.runtime.monitor import MonitorResult, PhotometricMonitor, Reason
+from usn_offline.runtime.pipeline import FrameResult, KeypointPipeline
+from usn_offline.runtime.stream import FrameStream
 
 QOS_CHOICES = ("SENSOR_DATA", "DEFAULT", "SYSTEM_DEFAULT")
 TRANSPORTS = ("raw", "compressed")
@@ -72,8 +72,8 @@ class KeypointNode(Node):
         self._declare("monitor_max_saturated_fraction", 0.05, "fraction of clipped pixels flagged SATURATED",
                       floating_point_range=_float_range(0.0, 1.0))
         self._declare("monitor_calibration_frames", 0,
-                      "use the first N frames (nominal light assumed) as the scene's nominal statistics; 0: "
-                      "the bundle's", integer_range=_int_range(0, 10000), **ro)
+                      "use the first N frames that are not flat (nominal light assumed) as the scene's nominal "
+                      "statistics; 0: the bundle's", integer_range=_int_range(0, 10000), **ro)
         self._declare("publish_debug_image", False, "publish ~/debug_image with keypoints and a red border "
                       "when a frame is not certified")
         self._declare("diagnostics_period", 1.0, "seconds between /diagnostics messages",
@@ -109,8 +109,7 @@ class KeypointNode(Node):
         self.monitor = PhotometricMonitor(self.bundle.region, self.bundle.nominal, p["monitor_z"],
                                           p["monitor_max_saturated_fraction"])
         self.pipeline = KeypointPipeline(self.bundle, self.backend, self.monitor, matches, p["max_image_pixels"])
-        self.calibration_left = p["monitor_calibration_frames"]
-        self.calibration_images: list[np.ndarray] = []
+        self.stream = FrameStream(self.pipeline, p["monitor_calibration_frames"])
         self.declare_parameter("keypoint_names", list(self.bundle.keypoint_names),
                                ParameterDescriptor(description="names of the keypoint ids", read_only=True))
 
@@ -167,21 +166,14 @@ class KeypointNode(Node):
     def on_image(self, msg: Image | CompressedImage) -> None:
         started = time.perf_counter()
         self.arrivals.append(time.monotonic())
-        try:
-            if isinstance(msg, CompressedImage):
-                frame = decode_compressed(msg.format, bytes(msg.data), self.pipeline.max_pixels)
-            else:
-                frame = decode_image(msg.height, msg.width, msg.encoding, bool(msg.is_bigendian), msg.step,
-                                     bytes(msg.data), self.pipeline.max_pixels)
-            result = self.pipeline.process(frame)
-        except ImageDecodeError as exc:
-            result = FrameResult(None, bad_input(str(exc)))
-        except Exception as exc:  # never let one frame take the node down
-            result = FrameResult(None, bad_input(f"internal error: {type(exc).__name__}: {exc}"))
-        if result.keypoints_px is not None and self.calibration_left > 0:
-            self._calibrate(frame)
-            result.status.reasons = [Reason.UNCERTAIN_ESTIMATE]
-            result.status.detail = f"calibrating the monitor on nominal frames ({self.calibration_left} left)"
+        was_calibrating = self.stream.calibrating
+        if isinstance(msg, CompressedImage):
+            result = self.stream.process_compressed(msg.format, bytes(msg.data))
+        else:
+            result = self.stream.process_raw(msg.height, msg.width, msg.encoding, bool(msg.is_bigendian), msg.step,
+                                             bytes(msg.data))
+        if was_calibrating and not self.stream.calibrating:
+            self.get_logger().info(f"{result.status.detail}: {self.monitor.nominal}")
         self.frames += 1
         self.flagged += not result.certified
         if Reason.BAD_INPUT in result.status.reasons:
@@ -191,18 +183,8 @@ class KeypointNode(Node):
             self.keypoint_pub.publish(self._keypoints_msg(msg, result))
         self.status_pub.publish(self._status_msg(msg, result.status))
         if self.get_parameter("publish_debug_image").value and result.keypoints_px is not None:
-            self.debug_pub.publish(self._debug_msg(msg, frame, result))
+            self.debug_pub.publish(self._debug_msg(msg, result.frame, result))
         self.latencies.append(time.perf_counter() - started)
-
-    def _calibrate(self, frame: np.ndarray) -> None:
-        from usn_offline.runtime.preprocess import preprocess
-
-        self.calibration_images.append(preprocess(frame, self.bundle.preprocess))
-        self.calibration_left -= 1
-        if self.calibration_left == 0:
-            self.monitor.nominal = nominal_from_images(np.stack(self.calibration_images))
-            self.get_logger().info(f"monitor calibrated on {len(self.calibration_images)} frames: "
-                                   f"{self.monitor.nominal}")
 
     def _keypoints_msg(self, image: Image, result: FrameResult) -> KeypointArray:
         msg = KeypointArray(header=image.header, model_sha256=self.bundle.model_sha256)

@@ -1,0 +1,188 @@
+"""Offline replay of generated bags through the node's runtime: the counts the scenario
+generator implies, the report files, and bags that end early."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from usn_offline.data import load_split
+from usn_offline.data.backgrounds import load_backgrounds
+from usn_offline.replay.bag_writer import BagConfig, make_bag
+from usn_offline.replay.offline import replay_offline
+from usn_offline.replay.records import summarise
+from usn_offline.replay.report import build_report, write_report
+from usn_offline.replay.scenarios import Scenario
+from usn_offline.runtime.bundle import Bundle
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "launch" / "usn_keypoint_node.params.yaml"
+SCENARIOS = ("static+malformed", "lens_cap", "flash", "dusk")
+FRAMES = 20
+
+
+@pytest.fixture(scope="module")
+def scenario_bag(tiny_dataset, tmp_path_factory):
+    targets = load_split(tiny_dataset, "test")
+    out = tmp_path_factory.mktemp("replay") / "bag"
+    make_bag(out, targets.images, targets.keypoints, load_backgrounds(),
+             BagConfig(scenarios=SCENARIOS, frames_per_scenario=FRAMES), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def offline_run(scenario_bag, exported_bundle, tmp_path_factory):
+    frames = tmp_path_factory.mktemp("replay_out") / "frames.jsonl"
+    return replay_offline(scenario_bag, exported_bundle, PARAMS, frames_out=frames, progress=False), frames
+
+
+def _recipes():
+    return [Scenario.parse(name).frame(i, FRAMES) for name in SCENARIOS for i in range(FRAMES)]
+
+
+def test_replay_gives_the_counts_the_generator_implies(offline_run, exported_bundle):
+    run, _ = offline_run
+    bundle = Bundle.load(exported_bundle)
+    recipes = _recipes()
+    assert run.complete and run.has_truth and len(run.records) == len(recipes) == 80
+    for record, recipe in zip(run.records, recipes, strict=True):
+        assert record.scenario == recipe.scenario
+        assert (record.true_contrast, record.true_brightness) == (recipe.contrast, recipe.brightness)
+        assert record.malformed == (recipe.malformed is not None)
+        assert record.in_region == bundle.in_region(recipe.contrast, recipe.brightness)
+        bad = "BAD_INPUT" in record.reasons
+        assert bad == record.malformed, (record.index, record.reasons)
+        assert (record.keypoints is None) == bad and (record.moved is None) == bad
+        if recipe.contrast == 0.0:  # lens cap: a flat black frame carries no contrast
+            assert not record.certified and "UNCERTAIN_ESTIMATE" in record.reasons
+        if recipe.contrast == 1.8:  # the flash saturates most of the frame
+            assert not record.certified and "SATURATED" in record.reasons
+        if (recipe.contrast, recipe.brightness) == (1.0, 0.0) and not bad:  # the frame is its nominal frame
+            assert record.deviation_ratio < 1e-3 and not record.moved
+        if record.moved is not None:
+            assert record.moved == (record.deviation_ratio > 1.0)
+            assert record.error_px is not None and record.error_px < 400
+    overall = summarise(run.records)
+    malformed = sum(r.malformed is not None for r in recipes)
+    assert malformed == 2
+    assert overall["malformed_frames"] == overall["malformed_detected"] == overall["bad_input_frames"] == malformed
+    assert overall["unexpected_bad_input"] == 0
+    assert overall["in_region_frames"] == sum(bundle.in_region(r.contrast, r.brightness) for r in recipes)
+    judged = [r for r in run.records if r.moved is not None]
+    certified = [r for r in judged if r.certified]
+    moved = [r for r in judged if r.moved]
+    assert overall["judged_frames"] == len(judged) == 78
+    assert overall["silent_failures"] == sum(r.moved for r in certified)
+    assert overall["failure_recall"] == (sum(not r.certified for r in moved) / len(moved) if moved else None)
+
+
+def test_report_files_and_keys(offline_run, scenario_bag, exported_bundle, tmp_path):
+    run, frames = offline_run
+    report = build_report(run, scenario_bag, Bundle.load(exported_bundle), PARAMS)
+    files = write_report(tmp_path, report, run)
+    assert {f.name for f in files} == {"report.json", "summary.md", "timeline.png", "deviation.png", "latency.png",
+                                       "confusion.png"}
+    doc = json.loads((tmp_path / "report.json").read_text())
+    for key in ("frames", "certified_fraction", "silent_failures", "silent_failure_rate", "failure_recall",
+                "false_alarm_rate", "latency_ms_p50", "latency_ms_p99"):
+        assert key in doc["overall"] and all(key in s for s in doc["scenarios"].values())
+    assert list(doc["scenarios"]) == list(SCENARIOS)
+    assert doc["delta_image_px"] == [{"frame": [640, 480], "x": pytest.approx(10 * doc["bundle"]["effective_delta_px"]),
+                                      "y": pytest.approx(7.5 * doc["bundle"]["effective_delta_px"])}]
+    assert sum(doc["confusion"].values()) == doc["overall"]["judged_frames"]
+    lines = frames.read_text().splitlines()
+    assert len(lines) == 80 and json.loads(lines[0])["scenario"] == "static+malformed"
+    assert "| **all** | 80 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_replay_is_deterministic(offline_run, scenario_bag, exported_bundle):
+    again = replay_offline(scenario_bag, exported_bundle, PARAMS, progress=False)
+    first, _ = offline_run
+    for a, b in zip(first.records, again.records, strict=True):
+        assert (a.certified, a.reasons, a.keypoints, a.deviation_ratio) == (b.certified, b.reasons, b.keypoints,
+                                                                            b.deviation_ratio)
+
+
+def test_truncated_bag_keeps_a_partial_report(scenario_bag, exported_bundle, tmp_path):
+    cut = tmp_path / "cut"
+    shutil.copytree(scenario_bag, cut)
+    mcap = next(cut.glob("*.mcap"))
+    os.truncate(mcap, int(mcap.stat().st_size * 0.6))
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "usn_offline.cli", "replay", "--bag", str(cut), "--bundle",
+                           str(exported_bundle), "--out", str(out), "--quiet", "--no-plots"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: the bag ended early" in proc.stdout
+    doc = json.loads((out / "report.json").read_text())
+    assert not doc["complete"] and "ends early" in doc["problem"]
+    assert 10 < doc["frames_replayed"] < 80 and doc["overall"]["frames"] == doc["frames_replayed"]
+    assert len((out / "frames.jsonl").read_text().splitlines()) == doc["frames_replayed"]
+
+
+def test_replay_cli_errors(exported_bundle, scenario_bag, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "usn_offline.cli", "replay", *args], capture_output=True,
+                              text=True, timeout=120)
+
+    missing = run("--bag", str(tmp_path / "nope"), "--bundle", str(exported_bundle), "--out", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "usn-offline: error: bag not found" in missing.stderr
+    topic = run("--bag", str(scenario_bag), "--bundle", str(exported_bundle), "--out", str(tmp_path / "o"),
+                "--image-topic", "/camera/other")
+    assert topic.returncode == 2 and "no topic '/camera/other' (topics: /camera/image_raw" in topic.stderr
+    params = tmp_path / "params.yaml"
+    params.write_text("usn_keypoint_node:\n  ros__parameters:\n    monitor_z: fast\n")
+    bad = run("--bag", str(scenario_bag), "--bundle", str(exported_bundle), "--out", str(tmp_path / "o"),
+              "--params", str(params))
+    assert bad.returncode == 2 and "parameter monitor_z must be a float, got 'fast'" in bad.stderr
+    assert np.all([len(p.stderr.strip().splitlines()) == 1 for p in (missing, topic, bad)])
+
+
+def _user_bag(path, frames):
+    """A bag as a user records it: bgr8 images and their JPEG copies, no ground truth."""
+    import cv2
+    from rosbags.rosbag2 import Writer
+
+    from usn_offline.replay.typestore import COMPRESSED_IMAGE, IMAGE, replay_typestore
+
+    store = replay_typestore()
+    Image, Compressed = store.types[IMAGE], store.types[COMPRESSED_IMAGE]
+    Header, Time = store.types["std_msgs/msg/Header"], store.types["builtin_interfaces/msg/Time"]
+    with Writer(path, version=9) as writer:  # sqlite3, rosbag2's default before Iron
+        raw = writer.add_connection("/cam/image", IMAGE, typestore=store)
+        jpeg = writer.add_connection("/cam/image/compressed", COMPRESSED_IMAGE, typestore=store)
+        for i, frame in enumerate(frames):
+            header = Header(stamp=Time(sec=100 + i, nanosec=0), frame_id="cam")
+            bgr = np.ascontiguousarray(frame[:, :, ::-1])
+            writer.write(raw, (100 + i) * 10**9, store.serialize_cdr(Image(
+                header=header, height=bgr.shape[0], width=bgr.shape[1], encoding="bgr8", is_bigendian=0,
+                step=bgr.shape[1] * 3, data=np.frombuffer(bgr.tobytes(), np.uint8)), IMAGE))
+            ok, buf = cv2.imencode(".jpg", bgr)
+            writer.write(jpeg, (100 + i) * 10**9, store.serialize_cdr(Compressed(
+                header=header, format="jpeg", data=buf.reshape(-1)), COMPRESSED_IMAGE))
+
+
+def test_a_users_bag_without_ground_truth(tmp_path, exported_bundle, tiny_dataset):
+    test = load_split(tiny_dataset, "test")
+    frames = [np.repeat(np.rint(255 * img)[:, :, None], 3, 2).astype(np.uint8) for img in test.images[:6]]
+    frames = [np.kron(f, np.ones((5, 5, 1), np.uint8)) for f in frames]  # 320x320
+    bag = tmp_path / "user_bag"
+    _user_bag(bag, frames)
+    for topic in ("/cam/image", "/cam/image/compressed"):
+        run = replay_offline(bag, exported_bundle, PARAMS, image_topic=topic, progress=False)
+        assert run.complete and not run.has_truth and len(run.records) == 6
+        assert all(r.scenario is None and r.moved is None and r.keypoints is not None for r in run.records)
+        assert [r.stamp_ns for r in run.records] == [(100 + i) * 10**9 for i in range(6)]
+        report = build_report(run, bag, Bundle.load(exported_bundle), PARAMS)
+        assert report["overall"]["frames"] == 6 and "silent_failures" not in report["overall"]
+        assert list(report["scenarios"]) == ["(no ground truth)"]
+        files = write_report(tmp_path / topic.replace("/", "_"), report, run)
+        assert "has no ground truth" in files[1].read_text() and not any(f.name == "confusion.png" for f in files)
+    # Raw and JPEG agree to within JPEG's loss on 320x320 frames.
+    raw = replay_offline(bag, exported_bundle, PARAMS, image_topic="/cam/image", progress=False)
+    assert np.abs(np.array(raw.records[0].keypoints) - np.array(run.records[0].keypoints)).max() < 10

@@ -1,0 +1,123 @@
+"""Offline replay: every image of a bag through the node's own per-frame code
+(:class:`usn_offline.runtime.stream.FrameStream`, set up from the node's parameters file),
+judged against the bag's ground truth when it has one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from usn_offline.errors import ReplayError
+from usn_offline.replay.bag_reader import BagImage, BagReader, BagTruth
+from usn_offline.replay.records import FrameRecord, add_truth, frame_record
+from usn_offline.runtime.bundle import Bundle
+from usn_offline.runtime.pipeline import KeypointPipeline
+from usn_offline.runtime.stream import FrameStream, StreamSettings
+
+
+@dataclass
+class ReplayRun:
+    """What one pass over a bag produced."""
+
+    records: list[FrameRecord]
+    image_topic: str
+    has_truth: bool
+    complete: bool = True
+    problem: str | None = None  # why the bag ended early, when it did
+    frames_in_bag: int = 0
+    truth_without_image: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)  # more report sections (the live replay's)
+    live_latencies_ms: list[float] = field(default_factory=list)
+
+
+class NominalKeypoints:
+    """The detector's keypoints on a frame's nominal image (the same pipeline, no monitor
+    state involved), cached for consecutive frames of a static view."""
+
+    def __init__(self, pipeline: KeypointPipeline) -> None:
+        self.pipeline = pipeline
+        self._key: bytes | None = None
+        self._value: np.ndarray | None = None
+
+    def __call__(self, truth: BagTruth) -> np.ndarray | None:
+        key = hashlib.sha1(truth.nominal_data).digest()
+        if key != self._key:
+            stream = FrameStream(self.pipeline)
+            self._key, self._value = key, stream.process_compressed(truth.nominal_format, truth.nominal_data
+                                                                    ).keypoints_px
+        return self._value
+
+
+def process_image(stream: FrameStream, image: BagImage):
+    if image.compressed:
+        return stream.process_compressed(image.format, image.data)
+    return stream.process_raw(image.height, image.width, image.encoding, image.is_bigendian, image.step, image.data)
+
+
+def replay_offline(bag: Path | str, bundle_dir: Path | str, params_file: Path | str, image_topic: str | None = None,
+                   frames_out: Path | None = None, progress: bool = True) -> ReplayRun:
+    """Replay ``bag`` through the runtime the node runs, with the node's ``params_file``.
+
+    Per-frame records are also streamed to ``frames_out`` (JSON lines) as they are made,
+    so a long bag's results survive an interruption. A bag that ends early or turns
+    unreadable ends the run with ``complete`` False and what was read so far.
+    """
+    bundle = Bundle.load(bundle_dir)
+    settings = StreamSettings.from_params_file(params_file)
+    stream = settings.open(bundle)
+    nominal = NominalKeypoints(KeypointPipeline(bundle, stream.pipeline.backend, stream.pipeline.monitor,
+                                                max_pixels=settings.max_image_pixels))
+    started = time.perf_counter()
+    with BagReader(bag, image_topic) as reader:
+        run = ReplayRun([], reader.image_topic, reader.has_truth, frames_in_bag=reader.image_count)
+        if reader.truncated:
+            run.complete, run.problem = False, reader.problem
+        images: dict[int, FrameRecord] = {}  # waiting for their ground truth
+        truths: dict[int, BagTruth] = {}  # waiting for their image
+        sink = frames_out.open("w") if frames_out else None
+        bar = tqdm(total=reader.image_count, desc="replay", unit="frame", disable=not progress)
+
+        def finish(record: FrameRecord, truth: BagTruth | None) -> None:
+            if truth is not None:
+                add_truth(record, truth, nominal(truth) if not truth.malformed else None, bundle)
+            run.records.append(record)
+            if sink:
+                sink.write(json.dumps(record.to_dict()) + "\n")
+
+        try:
+            for message in reader.messages():
+                if isinstance(message, BagTruth):
+                    if message.stamp_ns in images:
+                        finish(images.pop(message.stamp_ns), message)
+                    else:
+                        truths[message.stamp_ns] = message
+                    continue
+                result = process_image(stream, message)
+                record = frame_record(len(run.records) + len(images), message.stamp_ns, result,
+                                      result.seconds["total"])
+                bar.update()
+                if message.stamp_ns in truths:
+                    finish(record, truths.pop(message.stamp_ns))
+                elif reader.has_truth:
+                    images[message.stamp_ns] = record
+                else:
+                    finish(record, None)
+        except ReplayError as exc:
+            run.complete, run.problem = False, str(exc)
+        finally:
+            for record in images.values():  # an image whose truth never came: judged without it
+                finish(record, None)
+            run.truth_without_image = len(truths)
+            bar.close()
+            if sink:
+                sink.close()
+    run.records.sort(key=lambda r: r.index)
+    run.seconds = time.perf_counter() - started
+    return run
