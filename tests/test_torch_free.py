@@ -20,3 +20,18 @@ def test_runtime_modules_import_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_the_node_and_replay_runtime_serve_a_bundle_without_torch(exported_bundle):
+    """backend auto without TensorRT: ONNX Runtime, and torch is never imported."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np\n"
+            "from usn_offline.runtime.bundle import Bundle\n"
+            "from usn_offline.runtime.stream import StreamSettings\n"
+            f"stream = StreamSettings(backend='auto').open(Bundle.load({str(exported_bundle)!r}))\n"
+            "result = stream.process_frame(np.full((480, 640, 3), 128, np.uint8))\n"
+            "assert result.keypoints_px.shape == (4, 2), result.status\n"
+            "print(stream.pipeline.backend.name)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "onnxruntime"

@@ -87,15 +87,16 @@ def _node_command(bundle_dir: Path, params_file: Path, topic: str, compressed: b
     return cmd
 
 
-def _stop(proc: subprocess.Popen) -> str:
+def _stop(proc: subprocess.Popen, log_path: Path) -> str:
+    """Stop the node (SIGINT, as ros2 launch does) and return the tail of its log."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
-    _, err = proc.communicate()
-    return err.decode(errors="replace")
+            proc.wait()
+    return log_path.read_bytes()[-20000:].decode(errors="replace")
 
 
 def replay_live(bag: Path | str, bundle_dir: Path | str, params_file: Path | str, config: LiveConfig,
@@ -121,9 +122,11 @@ def replay_live(bag: Path | str, bundle_dir: Path | str, params_file: Path | str
     publish_topic = config.node_image_topic + ("/compressed" if compressed else "")
     env = {**os.environ, **large_frame_environment()}
     os.environ.update(large_frame_environment())  # our own participant publishes the large frames
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "live_node.log"  # a file, not a pipe: a chatty node must never block on a full pipe
+    log = log_path.open("wb")
     proc = subprocess.Popen(_node_command(bundle_dir, params_file, config.node_image_topic, compressed,
-                                          config.rate > 0), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                                          config.rate > 0), env=env, stdout=log, stderr=subprocess.STDOUT)
     frames: dict[int, LiveFrame] = {}
     order: list[int] = []
     extra = 0
@@ -181,7 +184,7 @@ def replay_live(bag: Path | str, bundle_dir: Path | str, params_file: Path | str
         if not ready:
             raise ReplayError(f"the node did not come up within {config.startup_timeout_s:g} s"
                               + (f" (it exited with code {proc.returncode})" if proc.poll() is not None else "")
-                              + f": {_stop(proc).strip()[-1500:]}")
+                              + f": {_stop(proc, log_path).strip()[-1500:]}")
         spin_until(lambda: False, 0.5)  # let the node's subscription settle before the first frame
         bar = tqdm(total=reader.image_count, desc="live replay", unit="frame", disable=not progress)
         first_log: int | None = None
@@ -214,7 +217,8 @@ def replay_live(bag: Path | str, bundle_dir: Path | str, params_file: Path | str
         node.destroy_node()
     finally:
         rclpy.try_shutdown(context=context)
-        stderr = _stop(proc)
+        stderr = _stop(proc, log_path)
+        log.close()
         reader.close()
     record_path = _record(out / "live_outputs", recorded) if config.record else None
     run = LiveRun([frames[s] for s in order], seconds, stderr, extra, record_path)

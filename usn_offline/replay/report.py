@@ -140,6 +140,7 @@ def summary_markdown(report: dict, pictures: list[str]) -> str:
     lines += ["Definitions: *moved* = some keypoint deviates from the detector's output on the frame's nominal "
               "image by more than δ (image pixels, per axis); *silent-failure rate* = moved among certified frames; "
               "*failure recall* = flagged among moved frames; *false alarms* = flagged among frames whose true "
-              "(a, b) is in the certified region and that did not move. Keys of report.json: see the README.", ""]
+              "(a, b) is in the certified region and that did not move. Keys of report.json: docs/REPLAY.md "
+              "in the repository.", ""]
     lines += [f"![{name}]({name})" for name in pictures]
     return "\n".join(lines) + "\n"

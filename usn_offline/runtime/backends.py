@@ -6,6 +6,7 @@ keypoint coordinates, exactly like the torch model it was exported from.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -124,11 +125,18 @@ def create_backend(kind: str, bundle, model_path: Path | str | None = None, engi
             raise BundleError("backend torch needs checkpoint_path (the bundle holds no torch model)")
         return TorchBackend(checkpoint_path)
     if kind in ("tensorrt", "auto"):
-        try:
-            return TensorRTBackend(bundle, model_path, engine_path, force_engine_update, fp16)
-        except BundleError:
+        # Without the tensorrt package, do not touch the TensorRT code at all: its builder
+        # lives with the (torch) export stage, which a robot without torch cannot import.
+        if importlib.util.find_spec("tensorrt") is None:
             if kind == "tensorrt":
-                raise
+                raise BundleError("backend tensorrt is not available here: the tensorrt Python package is not "
+                                  "installed")
+        else:
+            try:
+                return TensorRTBackend(bundle, model_path, engine_path, force_engine_update, fp16)
+            except BundleError:
+                if kind == "tensorrt":
+                    raise
     if kind not in ("onnxruntime", "auto", "tensorrt"):
         raise BundleError(f"unknown backend '{kind}' (auto, tensorrt, onnxruntime, torch)")
     try:
