@@ -2,7 +2,7 @@
 # (scripts/setup.sh is idempotent and skips work already done).
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
-# QUICK=1: the same story on less data and shorter budgets (~4 min), in its own folder.
+# QUICK=1: the same story on less data and shorter budgets (~2 min), in its own folder.
 QUICK ?= 0
 ifeq ($(QUICK),1)
 DEMO_DIR ?= runs/quick
