@@ -313,6 +313,10 @@ def _cmd_replay(args: argparse.Namespace) -> None:
               f"{live['missing_statuses']} missing; offline and live flags identical: "
               f"{live['agreement']['flags_identical']}, keypoints within "
               f"{live['agreement']['max_keypoint_difference_px']:.1e} px")
+        if live["missing_statuses"] or live["duplicate_statuses"] or not live["agreement"]["flags_identical"] \
+                or live["agreement"]["keypoint_mismatches"]:
+            print("warning: the live replay does not match the offline replay frame by frame (see "
+                  f"{args.out / 'report.json'}, 'live', and {args.out / 'live_node.log'})")
     print(f"report written to {args.out}/ ({', '.join(f.name for f in files)})")
 
 

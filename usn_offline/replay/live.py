@@ -53,7 +53,7 @@ class LiveFrame:
     stamp_ns: int
     sent_at: float
     certified: bool | None = None
-    reasons: list[str] | None = None
+    reasons: tuple[str, ...] | None = None
     contrast: float | None = None
     brightness: float | None = None
     keypoints: list[list[float]] | None = None
@@ -156,7 +156,7 @@ def replay_live(bag: Path | str, bundle_dir: Path | str, params_file: Path | str
             if frame.statuses == 1:
                 frame.latency_ms = 1e3 * (time.perf_counter() - frame.sent_at)
                 frame.certified = bool(msg.certified)
-                frame.reasons = [_reason_names().get(int(r), str(int(r))) for r in msg.reasons]
+                frame.reasons = tuple(_reason_names().get(int(r), str(int(r))) for r in msg.reasons)
                 frame.contrast, frame.brightness = float(msg.contrast), float(msg.brightness)
             if config.record:
                 recorded.append((status_topic, time.time_ns(), serialize_message(msg)))
@@ -206,7 +206,7 @@ def replay_live(bag: Path | str, bundle_dir: Path | str, params_file: Path | str
             pub.publish(msg)
             if config.rate == 0:
                 answered = spin_until(lambda f=frame: f.statuses > 0 and (
-                    f.keypoints is not None or "BAD_INPUT" in (f.reasons or [])), config.timeout_s)
+                    f.keypoints is not None or "BAD_INPUT" in (f.reasons or ())), config.timeout_s)
                 if not answered and proc.poll() is not None:
                     break
             bar.update()

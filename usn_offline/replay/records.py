@@ -29,17 +29,17 @@ from usn_offline.runtime.monitor import Reason
 from usn_offline.runtime.pipeline import FrameResult
 
 
-@dataclass
+@dataclass(slots=True)  # a long bag keeps one per frame: ~0.5 KB each
 class FrameRecord:
     index: int  # position among the bag's images
     stamp_ns: int
     certified: bool
-    reasons: list[str]
+    reasons: tuple[str, ...]
     contrast: float | None  # the monitor's estimates (None when it has none)
     brightness: float | None
     margin: float | None
     latency_ms: float
-    keypoints: list[list[float]] | None  # (K, 2) pixels of the frame
+    keypoints: tuple[tuple[float, float], ...] | None  # (K, 2) pixels of the frame
     width: int | None = None
     height: int | None = None
     # Ground truth (None for bags without it)
@@ -65,10 +65,11 @@ def frame_record(index: int, stamp_ns: int, result: FrameResult, latency_s: floa
     status = result.status
     frame = result.frame
     return FrameRecord(
-        index=index, stamp_ns=stamp_ns, certified=result.certified, reasons=[r.name for r in status.reasons],
+        index=index, stamp_ns=stamp_ns, certified=result.certified,
+        reasons=tuple(r.name for r in status.reasons),
         contrast=_finite(status.contrast), brightness=_finite(status.brightness), margin=_finite(status.margin),
         latency_ms=1e3 * latency_s,
-        keypoints=None if result.keypoints_px is None else result.keypoints_px.tolist(),
+        keypoints=None if result.keypoints_px is None else tuple(map(tuple, result.keypoints_px.tolist())),
         width=None if frame is None else int(frame.shape[1]), height=None if frame is None else int(frame.shape[0]))
 
 
