@@ -124,13 +124,6 @@ class Graph:
         return values[self.output]
 
 
-def _fold_batchnorm(conv: Conv2dOp, bn: nn.BatchNorm2d, dtype, device) -> Conv2dOp:
-    scale, shift = _bn_affine(bn, dtype, device)
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
-    bias = (conv.bias if conv.bias is not None else torch.zeros_like(scale)) * scale + shift
-    return Conv2dOp(weight, bias, conv.stride, conv.padding, conv.in_shape, conv.out_shape)
-
-
 def _bn_affine(bn: nn.BatchNorm2d, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     if bn.running_mean is None or bn.running_var is None:
         raise CertificationError("BatchNorm without running statistics cannot be certified")
@@ -173,11 +166,8 @@ class _Lowering:
             op = Conv2dOp(self.t(mod.weight), self.t(mod.bias), stride, padding, shape, out)
             return self.add(op, [src], out, name)
         if isinstance(mod, nn.BatchNorm2d):
-            prev = self.nodes[src]
-            if isinstance(prev.op, Conv2dOp) and self.uses[src] == 1:
-                prev.op = _fold_batchnorm(prev.op, mod, self.dtype, self.device)
-                prev.name += f"+{name}"
-                return src
+            # Folded into its convolution later (_fold_batchnorms), once the whole graph shows
+            # whether anything else reads that convolution's output.
             scale, shift = _bn_affine(mod, self.dtype, self.device)
             return self.add(ChannelAffineOp(scale, shift, shape, shape), [src], shape, name)
         if isinstance(mod, nn.Linear):
@@ -192,8 +182,8 @@ class _Lowering:
                 raise CertificationError(f"{name}: only Flatten(start_dim=1) is supported")
             return self.flatten(src, name)
         if isinstance(mod, nn.AvgPool2d):
-            if _pair(mod.padding) != (0, 0) or mod.ceil_mode:
-                raise CertificationError(f"{name}: only AvgPool2d without padding/ceil_mode")
+            if _pair(mod.padding) != (0, 0) or mod.ceil_mode or mod.divisor_override is not None:
+                raise CertificationError(f"{name}: only AvgPool2d without padding, ceil_mode or divisor_override")
             kernel = _pair(mod.kernel_size)
             stride = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
             out = (shape[0],) + tuple((shape[1 + i] - kernel[i]) // stride[i] + 1 for i in range(2))
@@ -239,7 +229,6 @@ def lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool = True,
         x_in = z
 
     env: dict[str, int] = {}
-    fx_users = {n.name: len(n.users) for n in traced.graph.nodes}
     output = None
     for node in traced.graph.nodes:
         if node.op == "placeholder":
@@ -255,8 +244,6 @@ def lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool = True,
             continue
         args = [a for a in node.args if isinstance(a, torch.fx.Node)]
         srcs = [env[a.name] for a in args]
-        # Folding BatchNorm into its conv is only valid when nothing else reads the conv output.
-        low.uses = {env[a.name]: fx_users[a.name] for a in args}
         if node.op == "call_module":
             env[node.name] = low.module(modules[node.target], srcs[0], node.target)
         elif node.op == "call_function" and node.target in (operator.add, torch.add):
@@ -279,8 +266,68 @@ def lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool = True,
             raise CertificationError(f"unsupported operation {node.op} '{node.target}' in {node.name}")
     if output is None:
         raise CertificationError("the traced model has no output")
-    nodes = _prune_unused(low.nodes, output)
-    return Graph(nodes=nodes[0], output=nodes[1], input_shape=tuple(input_shape), dtype=dtype, device=device)
+    nodes, output = _prune_unused(*_fold_batchnorms(*_prune_unused(low.nodes, output)))
+    graph = Graph(nodes=nodes, output=output, input_shape=tuple(input_shape), dtype=dtype, device=device)
+    _check_equal(graph, model, input_shape)
+    return graph
+
+
+def _fold_batchnorms(nodes: list[Node], output: int) -> tuple[list[Node], int]:
+    """Fold each BatchNorm (a channel affine op) into the convolution it reads, when that
+    convolution's output has no other reader; the BatchNorm node then passes through."""
+    users = [0] * len(nodes)
+    for node in nodes:
+        for j in node.inputs:
+            users[j] += 1
+    nodes = list(nodes)
+    alias: dict[int, int] = {}
+    for i, node in enumerate(nodes):
+        inputs = tuple(alias.get(j, j) for j in node.inputs)
+        node = Node(node.op, inputs, node.shape, node.name)
+        nodes[i] = node
+        if isinstance(node.op, ChannelAffineOp):
+            src = inputs[0]
+            conv = nodes[src]
+            if isinstance(conv.op, Conv2dOp) and users[src] == 1 and src != output:
+                nodes[src] = Node(_fold_batchnorm_affine(conv.op, node.op), conv.inputs, conv.shape,
+                                  f"{conv.name}+{node.name}")
+                alias[i] = src
+                users[src] = users[i]  # the folded conv now has the BatchNorm's readers
+    return nodes, alias.get(output, output)
+
+
+def _fold_batchnorm_affine(conv: Conv2dOp, bn: ChannelAffineOp) -> Conv2dOp:
+    weight = conv.weight * bn.scale.view(-1, 1, 1, 1)
+    bias = (conv.bias if conv.bias is not None else torch.zeros_like(bn.scale)) * bn.scale + bn.shift
+    return Conv2dOp(weight, bias, conv.stride, conv.padding, conv.in_shape, conv.out_shape)
+
+
+def _check_equal(graph: Graph, model: nn.Module, input_shape: tuple[int, ...], samples: int = 4) -> None:
+    """Refuse a lowering that does not compute exactly what the module computes.
+
+    The structure is checked while lowering; this also catches what the structure cannot
+    show (a layer subclass with its own forward, a module option the lowering ignored): at
+    a = 1, b = 0 and inputs in [0, 1] the graph must equal the module, run in float64."""
+    import copy
+
+    reference = copy.deepcopy(model).to(device=graph.device, dtype=torch.float64).eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand((samples, *input_shape), generator=generator, dtype=torch.float64).to(graph.device)
+    x[0] = 0.5  # a flat image too
+    one, zero = torch.ones(samples, dtype=graph.dtype, device=graph.device), torch.zeros(
+        samples, dtype=graph.dtype, device=graph.device)
+    got = graph.astype(torch.float64).evaluate(x, one.double(), zero.double()) if graph.dtype != torch.float64 \
+        else graph.evaluate(x, one, zero)
+    want = reference(x)
+    if want.shape != got.shape:
+        raise CertificationError(f"the lowered graph's output shape {tuple(got.shape)} is not the model's "
+                                 f"{tuple(want.shape)}")
+    scale = 1.0 + float(want.abs().max())
+    gap = float((got.double() - want).abs().max())
+    if not gap <= 1e-9 * scale:
+        raise CertificationError(f"the lowered graph does not compute what the model computes (largest "
+                                 f"difference {gap:.3g} on test inputs): the model uses a layer or option the "
+                                 "certification engine cannot represent exactly")
 
 
 def _prune_unused(nodes: list[Node], output: int) -> tuple[list[Node], int]:
