@@ -45,7 +45,7 @@ build_ros2_ws() {
     local ws="$repo/ros2_ws" ros_stamp bases=(src)
     [[ -d "$shared/ros_src" ]] && bases+=("$shared/ros_src")
     ros_stamp="$( (cd "$repo" && find msg ros2_ws/src -type f | sort | xargs cat;
-                   [[ -d "$shared/ros_src" ]] && find "$shared/ros_src" -type f | sort | xargs cat) \
+                   if [[ -d "$shared/ros_src" ]]; then find "$shared/ros_src" -type f | sort | xargs cat; fi) \
                  | sha256sum | cut -d' ' -f1)"
     if [[ -f "$ws/install/.usn-build-stamp" && "$(cat "$ws/install/.usn-build-stamp")" == "$ros_stamp" ]]; then
         return 0
