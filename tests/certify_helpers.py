@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from usn_offline.certify import PixelMap
 from usn_offline.certify.graph import Graph
@@ -14,3 +15,17 @@ def nominal_pixels(graph: Graph, image: torch.Tensor, pixels: PixelMap) -> torch
     one = torch.ones(1, dtype=graph.dtype, device=image.device)
     with torch.no_grad():
         return pixels(graph.evaluate(image, one, torch.zeros_like(one)))[0]
+
+
+def randomise_batchnorms(model: nn.Module, mean: float = 0.3, var: tuple[float, float] = (0.5, 2.0),
+                         weight: tuple[float, float] = (0.5, 1.5), bias: float = 0.2) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters (a fresh one is the
+    identity, which hides folding mistakes); returns the model in eval mode."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-mean, mean)
+                m.running_var.uniform_(*var)
+                m.weight.uniform_(*weight)
+                m.bias.uniform_(-bias, bias)
+    return model.eval()

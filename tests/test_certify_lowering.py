@@ -5,6 +5,7 @@ forward hook) is caught by the numerical check at lowering time."""
 
 import pytest
 import torch
+from certify_helpers import randomise_batchnorms  # noqa: E402  (tests/certify_helpers.py)
 from torch import nn
 
 from usn_offline.certify import Boxes, Method, PixelMap, lower, output_bounds
@@ -15,16 +16,9 @@ from usn_offline.perturb import PhotometricBox
 SIZE = 8
 
 
-def _randomise_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.3, 2.0)
-                m.weight.uniform_(0.5, 2.0)
-                m.bias.uniform_(-0.5, 0.5)
-    return model.eval()
+def _randomise_batchnorms(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return randomise_batchnorms(model, mean=0.5, var=(0.3, 2.0), weight=(0.5, 2.0), bias=0.5)
 
 
 class SharedConv(nn.Module):

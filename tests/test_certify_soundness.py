@@ -5,7 +5,7 @@ certified boxes resist a strong attack."""
 import numpy as np
 import pytest
 import torch
-from certify_helpers import nominal_pixels  # noqa: E402  (tests/certify_helpers.py)
+from certify_helpers import nominal_pixels, randomise_batchnorms  # noqa: E402  (tests/certify_helpers.py)
 from torch import nn
 
 from usn_offline.certify import (
@@ -34,14 +34,7 @@ def _random_model(family: str, seed: int) -> nn.Module:
     widths = (3, 4, 4, 5, 5) if family == "cnn7" else (3, 4, 5)
     model = build_model(model_config_for(family, num_keypoints=2, input_height=SIZE, input_width=SIZE,
                                          widths=widths, hidden=12))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.eval()
+    return randomise_batchnorms(model)
 
 
 def _image(seed: int) -> torch.Tensor:
