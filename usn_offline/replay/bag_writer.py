@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -77,7 +77,6 @@ class BagSummary:
     malformed: int
     topics: dict[str, str]
     bytes: int = 0
-    scenario_order: list[str] = field(default_factory=list)
 
 
 def _segment_rng(seed: int, segment: int, name: str) -> np.random.Generator:
@@ -201,7 +200,7 @@ def make_bag(out: Path | str, targets: np.ndarray, target_keypoints: np.ndarray,
                 bar.update()
         bar.close()
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return BagSummary(out, index, dict(counts), malformed, topics, size, [s.name for s in scenarios])
+    return BagSummary(out, index, dict(counts), malformed, topics, size)
 
 
 def _wire_order(image: np.ndarray, encoding: str) -> np.ndarray:

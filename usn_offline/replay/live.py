@@ -28,8 +28,10 @@ from usn_offline.replay.bag_reader import BagImage, BagReader
 from usn_offline.replay.offline import ReplayRun
 from usn_offline.replay.typestore import CERTIFICATION_STATUS, KEYPOINT_ARRAY, replay_typestore
 from usn_offline.runtime.dds import large_frame_environment
+from usn_offline.runtime.monitor import Reason
 
 NODE_NAME = "usn_keypoint_node"
+REASON_NAMES = {int(r): r.name for r in Reason}  # CertificationStatus reason codes
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,6 @@ class LiveRun:
     extra_statuses: int = 0  # statuses whose stamp matches no frame sent
     recorded: Path | None = None
     reason_names: dict[int, str] = field(default_factory=dict)
-
-
-def _reason_names() -> dict[int, str]:
-    from usn_offline.runtime.monitor import Reason
-
-    return {int(r): r.name for r in Reason}
 
 
 def _node_command(bundle_dir: Path, params_file: Path, topic: str, compressed: bool, sim_time: bool) -> list[str]:
@@ -156,7 +152,7 @@ def replay_live(bag: Path | str, bundle_dir: Path | str, params_file: Path | str
             if frame.statuses == 1:
                 frame.latency_ms = 1e3 * (time.perf_counter() - frame.sent_at)
                 frame.certified = bool(msg.certified)
-                frame.reasons = tuple(_reason_names().get(int(r), str(int(r))) for r in msg.reasons)
+                frame.reasons = tuple(REASON_NAMES.get(int(r), str(int(r))) for r in msg.reasons)
                 frame.contrast, frame.brightness = float(msg.contrast), float(msg.brightness)
             if config.record:
                 recorded.append((status_topic, time.time_ns(), serialize_message(msg)))
