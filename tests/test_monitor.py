@@ -77,6 +77,15 @@ def test_saturation_fast_path_matches_the_definition(shape, dtype, max_value):
         frame = rng.integers(0, int(max_value) + 1, size=shape).astype(dtype)
     frame[:5] = max_value
     frame[-3:] = 0
-    clipped = (frame <= 0) | (frame >= max_value)
+    colour = frame[:, :, :3] if frame.ndim == 3 else frame
+    clipped = (colour <= 0) | (colour >= max_value)
     expected = (clipped.any(axis=2) if clipped.ndim == 3 else clipped).mean()
     assert saturated_fraction(frame, max_value) == pytest.approx(expected)
+
+
+def test_an_opaque_alpha_channel_is_not_saturation():
+    rgb = np.full((48, 64, 3), 120, np.uint8)
+    rgba = np.dstack([rgb, np.full((48, 64), 255, np.uint8)])
+    assert saturated_fraction(rgba, 255) == saturated_fraction(rgb, 255) == 0.0
+    rgba[:12, :, 0] = 255  # a quarter of the pixels clipped in red
+    assert saturated_fraction(rgba, 255) == pytest.approx(0.25)

@@ -127,9 +127,12 @@ class PhotometricMonitor:
 
 
 def saturated_fraction(frame: np.ndarray, max_value: float) -> float:
-    """Fraction of pixels at 0 or at ``max_value`` in any channel of a raw frame."""
+    """Fraction of pixels at 0 or at ``max_value`` in any colour channel of a raw frame
+    (an RGBA frame's alpha is not light: an opaque frame is not a saturated one)."""
     if frame.size == 0:
         return 0.0
+    if frame.ndim == 3 and frame.shape[2] == 4:
+        frame = frame[:, :, :3]
     pixels = frame.shape[0] * frame.shape[1]
     channels = 1 if frame.ndim == 2 else frame.shape[2]
     if frame.dtype in (np.uint8, np.uint16) and channels <= 4:
