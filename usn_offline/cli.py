@@ -247,7 +247,7 @@ def _cmd_build_engine(args: argparse.Namespace) -> None:
 
 def _default_params_file() -> Path:
     """The node's shipped parameters file."""
-    from usn_offline.runtime.launch_files import PARAMS_FILE, shipped_launch_file
+    from usn_offline.runtime.shipped import PARAMS_FILE, shipped_launch_file
 
     path = shipped_launch_file(PARAMS_FILE)
     if path is None:
@@ -256,24 +256,17 @@ def _default_params_file() -> Path:
 
 
 def _cmd_make_bag(args: argparse.Namespace) -> None:
-    import json as _json
-
     from usn_offline.data import load_split
     from usn_offline.data.backgrounds import load_backgrounds
-    from usn_offline.data.coco import annotation_path
+    from usn_offline.data.coco import stored_image_size
     from usn_offline.replay.bag_writer import BagConfig, make_bag
     from usn_offline.runtime.preprocess import PreprocessConfig
 
     config = BagConfig(scenarios=tuple(args.scenario), frames_per_scenario=args.frames, width=args.width,
                        height=args.height, encoding=args.encoding, compressed=args.compressed, storage=args.storage,
                        fps=args.fps, seed=args.seed, image_topic=args.image_topic)
-    labels = annotation_path(args.data, args.split)
-    size = None
-    if labels.is_file():  # keep the split's own image size (the dataset loader reads and checks the rest)
-        images = _json.loads(labels.read_text()).get("images") or [{}]
-        size = images[0].get("height"), images[0].get("width")
-    pre = PreprocessConfig(*size) if size and all(isinstance(v, int) and v > 0 for v in size) else PreprocessConfig()
-    targets = load_split(args.data, args.split, pre)
+    size = stored_image_size(args.data, args.split)  # the targets keep their own resolution
+    targets = load_split(args.data, args.split, PreprocessConfig(*size) if size else PreprocessConfig())
     summary = make_bag(args.out, targets.images, targets.keypoints, load_backgrounds(), config,
                        progress=not args.quiet)
     print(f"{summary.frames} frames ({summary.malformed} malformed on purpose) of "
@@ -285,13 +278,11 @@ def _cmd_make_bag(args: argparse.Namespace) -> None:
 def _cmd_replay(args: argparse.Namespace) -> None:
     from usn_offline.replay.offline import replay_offline
     from usn_offline.replay.report import build_report, summary_rows, text_table, write_report
-    from usn_offline.runtime.bundle import Bundle
 
     params = args.params or _default_params_file()
     args.out.mkdir(parents=True, exist_ok=True)
     run = replay_offline(args.bag, args.bundle, params, args.image_topic, frames_out=args.out / "frames.jsonl",
                          progress=not args.quiet)
-    bundle = Bundle.load(args.bundle)
     mode = "offline"
     if args.live:
         from usn_offline.replay.live import LiveConfig, compare_runs, replay_live
@@ -302,7 +293,7 @@ def _cmd_replay(args: argparse.Namespace) -> None:
                            args.out, progress=not args.quiet)
         run.extra["live"] = compare_runs(run, live)
         mode = "offline + live"
-    report = build_report(run, args.bag, bundle, params, mode)
+    report = build_report(run, args.bag, run.bundle, params, mode)
     files = write_report(args.out, report, run, plots=not args.no_plots)
     print(text_table(summary_rows(report)))
     if not run.complete:

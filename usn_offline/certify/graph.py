@@ -314,16 +314,14 @@ def _check_equal(graph: Graph, model: nn.Module, input_shape: tuple[int, ...], s
     generator = torch.Generator().manual_seed(0)
     x = torch.rand((samples, *input_shape), generator=generator, dtype=torch.float64).to(graph.device)
     x[0] = 0.5  # a flat image too
-    one, zero = torch.ones(samples, dtype=graph.dtype, device=graph.device), torch.zeros(
-        samples, dtype=graph.dtype, device=graph.device)
-    got = graph.astype(torch.float64).evaluate(x, one.double(), zero.double()) if graph.dtype != torch.float64 \
-        else graph.evaluate(x, one, zero)
+    one = torch.ones(samples, dtype=torch.float64, device=graph.device)
+    got = graph.astype(torch.float64).evaluate(x, one, torch.zeros_like(one))
     want = reference(x)
     if want.shape != got.shape:
         raise CertificationError(f"the lowered graph's output shape {tuple(got.shape)} is not the model's "
                                  f"{tuple(want.shape)}")
     scale = 1.0 + float(want.abs().max())
-    gap = float((got.double() - want).abs().max())
+    gap = float((got - want).abs().max())
     if not gap <= 1e-9 * scale:
         raise CertificationError(f"the lowered graph does not compute what the model computes (largest "
                                  f"difference {gap:.3g} on test inputs): the model uses a layer or option the "

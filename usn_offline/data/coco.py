@@ -34,6 +34,20 @@ def annotation_path(root: Path | str, split: str) -> Path:
     return Path(root) / "annotations" / f"{split}.json"
 
 
+def stored_image_size(root: Path | str, split: str) -> tuple[int, int] | None:
+    """(height, width) the split's first image is stored at, as its annotations say; None
+    when they do not say (the loader reports malformed files with its own errors)."""
+    path = annotation_path(root, split)
+    if not path.is_file():
+        return None
+    try:
+        first = (json.loads(path.read_text()).get("images") or [{}])[0]
+        size = first.get("height"), first.get("width")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, KeyError):
+        return None
+    return size if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size) else None
+
+
 def write_split(
     root: Path | str,
     split: str,

@@ -28,6 +28,7 @@ class ReplayRun:
     records: list[FrameRecord]
     image_topic: str
     has_truth: bool
+    bundle: Bundle | None = None  # the bundle the frames were served with
     complete: bool = True
     problem: str | None = None  # why the bag ended early, when it did
     frames_in_bag: int = 0
@@ -76,7 +77,7 @@ def replay_offline(bag: Path | str, bundle_dir: Path | str, params_file: Path | 
                                                 max_pixels=settings.max_image_pixels))
     started = time.perf_counter()
     with BagReader(bag, image_topic) as reader:
-        run = ReplayRun([], reader.image_topic, reader.has_truth, frames_in_bag=reader.image_count)
+        run = ReplayRun([], reader.image_topic, reader.has_truth, bundle, frames_in_bag=reader.image_count)
         if reader.truncated:
             run.complete, run.problem = False, reader.problem
         images: dict[int, FrameRecord] = {}  # waiting for their ground truth

@@ -3,15 +3,15 @@ types plus ours, parsed from the same ``.msg`` sources the ROS package is built 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore
 
 from usn_offline.errors import ReplayError
+from usn_offline.runtime.shipped import MESSAGE_PACKAGE, shipped_folders
 
-PACKAGE = "usn_keypoint_msgs"
+PACKAGE = MESSAGE_PACKAGE
 OUR_MESSAGES = ("Keypoint2D", "KeypointArray", "CertificationStatus", "FrameTruth")
 
 IMAGE = "sensor_msgs/msg/Image"
@@ -25,10 +25,7 @@ CERTIFICATION_STATUS = f"{PACKAGE}/msg/CertificationStatus"
 def message_directory() -> Path:
     """Where the ``.msg`` sources are: the repository's ``msg/`` (source checkout), else the
     built package's ``share/usn_keypoint_msgs/msg`` on ``AMENT_PREFIX_PATH`` (a ROS install)."""
-    candidates = [Path(__file__).resolve().parents[2] / "msg"]
-    candidates += [Path(prefix) / "share" / PACKAGE / "msg"
-                   for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if prefix]
-    for folder in candidates:
+    for folder in shipped_folders("msg", PACKAGE):
         if all((folder / f"{name}.msg").is_file() for name in OUR_MESSAGES):
             return folder
     raise ReplayError(f"cannot find the {PACKAGE} message definitions ({', '.join(OUR_MESSAGES)}.msg): "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from usn_offline.runtime.launch_files import shipped_launch_file
+from usn_offline.runtime.shipped import shipped_launch_file
 
 PROFILE_NAME = "fastdds_large_frames.xml"
 PROFILE_VARIABLE = "FASTDDS_DEFAULT_PROFILES_FILE"
