@@ -5,6 +5,7 @@ All timings come from this one process on this machine, and costs are reported a
 to a forward pass of the same model on the same device measured in the same run.
 
     python bench/certify_bench.py --checkpoint runs/demo/pruned.pt --data runs/demo/data
+    python bench/certify_bench.py --only-lirpa   # the single-box comparison with auto_LiRPA only
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def main() -> None:
     parser.add_argument("--radius-images", type=int, default=4, help="images for the (slow) radius search")
     parser.add_argument("--radius-boxes", type=int, nargs="+", default=[128, 256],
                         help="frontier radius search: boxes per image (one row each)")
+    parser.add_argument("--lirpa-eps", type=float, nargs="*", default=[0.01, 0.03, 0.05, 0.1],
+                        help="eps of the single-box comparison with auto_LiRPA CROWN (none: skip it)")
+    parser.add_argument("--lirpa-images", type=int, default=4)
+    parser.add_argument("--only-lirpa", action="store_true", help="stop after the auto_LiRPA comparison")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -76,6 +81,46 @@ def main() -> None:
         for r in rows:
             print(" | ".join(str(c).ljust(wd) for c, wd in zip(r, widths, strict=True)))
 
+    # 0. Single-box tightness and time against the reference verifier's CROWN.
+    if args.lirpa_eps:
+        from usn_offline.certify.bounds import BoundOptions
+        from usn_offline.certify.lirpa import LIRPA_MARGIN, lirpa_available
+
+        if not lirpa_available():
+            print("auto_LiRPA not installed: skipping the comparison with its CROWN")
+        else:
+            rows = []
+            for eps in args.lirpa_eps:
+                box = Boxes.from_boxes([PhotometricBox.symmetric(eps, eps)], device=device)
+                ours_w, theirs_w, ours_t, theirs_t, fwd_w = [], [], [], [], []
+                for image in images[:args.lirpa_images]:
+                    output_bounds(graph, image, box, pixels, "crown", BoundOptions(backend="auto_lirpa"))  # build
+                    t = time.perf_counter()
+                    tlo, thi = output_bounds(graph, image, box, pixels, "crown", BoundOptions(backend="auto_lirpa"))
+                    theirs_t.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    lo, hi = output_bounds(graph, image, box, pixels, "crown", BoundOptions(intermediate="crown"))
+                    ours_t.append(time.perf_counter() - t)
+                    flo, fhi = output_bounds(graph, image, box, pixels, "crown", BoundOptions(intermediate="forward"))
+                    # auto_LiRPA's raw width: its bounds without our stated float32 margin.
+                    raw = (thi - tlo) - 2 * LIRPA_MARGIN * (1 + torch.maximum(thi.abs(), tlo.abs()))
+                    theirs_w.append(float(raw.mean()))
+                    ours_w.append(float((hi - lo).mean()))
+                    fwd_w.append(float((fhi - flo).mean()))
+                med = statistics.median
+                rows.append((f"{eps:g}", f"{med(ours_w):.4g}", f"{med(theirs_w):.4g}", f"{med(fwd_w):.4g}",
+                             f"{max(o - t for o, t in zip(ours_w, theirs_w, strict=True)):+.1e}",
+                             f"{med(ours_t) * 1e3:.0f}", f"{med(theirs_t) * 1e3:.0f}",
+                             f"{med(theirs_t) / med(ours_t):.2f}x"))
+            print(f"\nOne box, no branching, {min(len(images), args.lirpa_images)} images: median over images of the "
+                  "mean keypoint-bound width (px); our CROWN (CROWN intermediate bounds) against auto_LiRPA 0.7.1 "
+                  "CROWN (float32, patches mode) and our forward-intermediate CROWN; max over images of "
+                  "(ours - theirs); median time per box")
+            table(("eps", "ours px", "auto_LiRPA px", "forward px", "max ours-theirs", "ours ms",
+                   "auto_LiRPA ms", "speed-up"), rows)
+
+    if args.only_lirpa:
+        return
     # 1. One bound computation per image and box (no branching).
     rows = []
     for method in ("ibp", "crown", "alpha-crown"):

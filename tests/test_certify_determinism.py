@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from usn_offline.certify import BabConfig, CertifyConfig, RadiusConfig, certify_dataset
+from usn_offline.certify.bounds import BoundOptions
 from usn_offline.data import load_split
 from usn_offline.models import build_model, model_config_for
 from usn_offline.perturb import PhotometricBox
@@ -23,8 +24,10 @@ def setting(tiny_dataset):
     test = load_split(tiny_dataset, "test").subset(slice(0, 2))
     # A box and budget where branch and bound splits: the first image runs out of its 32
     # boxes (not_certified), the second is certified after 28; the frontier radius search
-    # stops at its box budget.
-    config = CertifyConfig(box=PhotometricBox.symmetric(0.05, 0.05), delta=0.5, bab=BabConfig(max_boxes=32),
+    # stops at its box budget. Forward intermediate bounds: CROWN's prove both images
+    # without a split here.
+    bab = BabConfig(max_boxes=32, bounds=BoundOptions(intermediate="forward"))
+    config = CertifyConfig(box=PhotometricBox.symmetric(0.05, 0.05), delta=0.5, bab=bab,
                            eps_list=(0.02,), radius=RadiusConfig(eps_max=0.1, max_boxes=6))
     return model, test, config
 

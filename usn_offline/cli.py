@@ -179,6 +179,7 @@ def _grid(text: str) -> tuple[int, int]:
 
 def _cmd_certify(args: argparse.Namespace) -> None:
     from usn_offline.certify import BabConfig, CertifyConfig, RadiusConfig, certify_dataset
+    from usn_offline.certify.bounds import BoundOptions
     from usn_offline.certify.report import report_to_dict, summary_table, write_report
     from usn_offline.data import load_split
     from usn_offline.perturb import PhotometricBox
@@ -186,7 +187,9 @@ def _cmd_certify(args: argparse.Namespace) -> None:
     from usn_offline.train.device import resolve_device
 
     box = PhotometricBox(args.contrast[0], args.contrast[1], args.brightness[0], args.brightness[1])
-    bab = BabConfig(method=args.method, max_boxes=args.bab_budget, max_depth=args.bab_depth)
+    bounds = BoundOptions(intermediate=args.intermediate, crown_max_unstable=args.crown_max_unstable,
+                          backend=args.backend)
+    bab = BabConfig(method=args.method, max_boxes=args.bab_budget, max_depth=args.bab_depth, bounds=bounds)
     radius = None
     if args.radius_search:
         radius = RadiusConfig(eps_max=args.eps_max, steps=args.radius_steps, eps_start=args.eps_start,
@@ -367,6 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stability (the model's own output) or correctness (ground truth)")
     p.add_argument("--no-clip", action="store_true", help="certify a*x + b without clipping to [0, 1]")
     p.add_argument("--method", choices=["ibp", "crown", "alpha-crown"], default="crown")
+    p.add_argument("--intermediate", choices=["auto", "crown", "forward"], default="auto",
+                   help="hidden-neuron bounds behind the relaxations: crown = backward passes to the input "
+                        "(auto_LiRPA's CROWN), forward = forward linear bounds (cheap, loose on large boxes), "
+                        "auto = forward, then crown for the boxes still unproven with at most "
+                        "--crown-max-unstable unstable neurons")
+    p.add_argument("--crown-max-unstable", type=_positive_int, default=3000,
+                   help="auto: largest count of unstable neurons for which a box gets CROWN intermediate bounds")
+    p.add_argument("--backend", choices=["ours", "auto_lirpa"], default="ours",
+                   help="auto_lirpa: bound every box with the reference verifier auto_LiRPA (installed separately; "
+                        "float32 plus a stated margin)")
     p.add_argument("--bab-budget", type=_positive_int, default=512,
                    help="max boxes bounded per branch-and-bound call (budgets count work, never seconds: "
                         "the same inputs give the same certificate on an idle or a busy machine)")

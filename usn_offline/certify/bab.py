@@ -184,7 +184,10 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
         leaf_lo[r] = torch.minimum(leaf_lo[r], lo)
         leaf_hi[r] = torch.maximum(leaf_hi[r], hi)
 
-    screen = fast if config.screen_float32_px is not None else None
+    # The screen's float32 forward bounds would split boxes that CROWN intermediate bounds
+    # prove: it only serves the forward setting.
+    screen = fast if (config.screen_float32_px is not None and config.bounds.intermediate == "forward"
+                      and config.bounds.backend == "ours") else None
 
     queue = deque(_Entry(r, (bx.a_lo, bx.a_hi, bx.b_lo, bx.b_hi), 0, None, None) for r, bx in enumerate(roots))
     total = 0

@@ -9,9 +9,16 @@ from enum import Enum
 import torch
 
 from usn_offline.certify.boxes import Boxes
-from usn_offline.certify.crown import alpha_crown_lower, crown_lower, tighten_relu_inputs
+from usn_offline.certify.crown import (
+    alpha_crown_lower,
+    crown_intermediate,
+    crown_lower,
+    relus_needing_backward,
+    tighten_relu_inputs,
+)
 from usn_offline.certify.forward import ForwardBounds, propagate
 from usn_offline.certify.graph import Graph
+from usn_offline.certify.lirpa import lirpa_output_bounds
 
 
 class Method(str, Enum):
@@ -29,13 +36,28 @@ DEFAULT_MARGIN = {torch.float64: 1e-9, torch.float32: 1e-4}
 class BoundOptions:
     """Trade-offs of the linear methods.
 
-    ``cut``: node where the backward pass switches to forward linear bounds ("auto":
-    :meth:`Graph.default_cut`, None: go back to the input). ``tighten_rows``: the deepest
-    ReLU layer's unstable neurons get CROWN bounds when there are at most this many.
+    ``intermediate``: how the ReLU input bounds behind the relaxations are computed:
+    "crown" by backward passes to the input for every unstable neuron, layer by layer
+    (:func:`crown_intermediate`; the bounds of the reference verifier's CROWN), "forward"
+    by forward linear propagation (cheaper, far looser once ReLUs become unstable),
+    "auto" forward first, then CROWN for the boxes still unproven whose forward bounds
+    leave at most ``crown_max_unstable`` unstable neurons (its cost grows with them).
+    With "forward" or "auto": ``cut``, the node where the final backward pass switches to
+    forward linear bounds ("auto": :meth:`Graph.default_cut`, None: go back to the
+    input), and ``tighten_rows``: the deepest ReLU layer's unstable neurons get CROWN
+    bounds when there are at most this many. ``max_elements`` caps the entries of each
+    backward tensor (memory), by splitting the rows into chunks. ``backend``: "ours", or
+    "auto_lirpa" to compute the same bounds with the reference verifier
+    (:mod:`usn_offline.certify.lirpa`, float32 plus a stated margin; the other options
+    do not apply to it).
     """
 
+    intermediate: str = "auto"
     cut: int | str | None = "auto"
     tighten_rows: int = 0
+    max_elements: int = 1 << 24
+    crown_max_unstable: int = 3000
+    backend: str = "ours"
     alpha_steps: int = 20
     margin: float | None = None
 
@@ -71,8 +93,16 @@ def output_bounds(graph: Graph, images: torch.Tensor, boxes: Boxes, pixels: Pixe
     already suffice: the backward pass then only runs for the others.
     """
     method = Method(method)
+    if options.backend == "auto_lirpa":
+        if images.shape[0] != 1:
+            raise ValueError("the auto_LiRPA backend bounds boxes of one image at a time")
+        return lirpa_output_bounds(graph, images, boxes, pixels.scale, pixels.offset, method.value)
+    if options.backend != "ours":
+        raise ValueError(f"bounds backend must be 'ours' or 'auto_lirpa', got {options.backend!r}")
+    if options.intermediate not in ("crown", "forward", "auto"):
+        raise ValueError(f"intermediate bounds must be 'crown', 'forward' or 'auto', got {options.intermediate!r}")
     margin = DEFAULT_MARGIN.get(graph.dtype, 1e-4) if options.margin is None else options.margin
-    cut = graph.default_cut() if options.cut == "auto" else options.cut
+    cut = None if options.intermediate == "crown" else graph.default_cut() if options.cut == "auto" else options.cut
     with torch.no_grad():
         # Intersecting with interval bounds at every layer costs ~10 % and makes the linear
         # methods never looser than IBP.
@@ -81,28 +111,46 @@ def output_bounds(graph: Graph, images: torch.Tensor, boxes: Boxes, pixels: Pixe
     lo, hi = _with_margin(pixels(fwd.out_lo), pixels(fwd.out_hi), margin)
     if method is Method.IBP:
         return lo, hi
-    todo = torch.arange(len(boxes), device=lo.device)
-    if done is not None:
-        todo = (~done(lo, hi)).nonzero().flatten()
-    if todo.numel() == 0:
-        return lo, hi
-    sub_fwd: ForwardBounds = fwd.select(todo) if todo.numel() < len(boxes) else fwd
-    sub_boxes = boxes.select(todo) if todo.numel() < len(boxes) else boxes
-    sub_images = images if images.shape[0] == 1 else images[todo]
+    k2 = pixels.scale.shape[0]
     eye = torch.diag(pixels.scale)
     rows = torch.cat([eye, -eye], dim=0)  # lower bounds of px and of -px
-    with torch.no_grad():
-        deepest = graph.relu_indices[-1:]
-        tighten_relu_inputs(graph, sub_fwd, sub_images, sub_boxes, deepest, options.tighten_rows)
-        if method is Method.CROWN:
-            bound = crown_lower(graph, sub_fwd, sub_images, sub_boxes, rows)
-    if method is Method.ALPHA_CROWN:
-        with torch.enable_grad():
-            bound = alpha_crown_lower(graph, sub_fwd, sub_images, sub_boxes, rows, steps=options.alpha_steps)
-    k2 = pixels.scale.shape[0]
-    c_lo, c_hi = _with_margin(bound[:, :k2] + pixels.offset, -bound[:, k2:] + pixels.offset, margin)
-    # Forward and backward bounds are both sound: keep the tighter of each.
-    lo, hi = lo.clone(), hi.clone()
-    lo[todo] = torch.maximum(lo[todo], c_lo.detach())
-    hi[todo] = torch.minimum(hi[todo], c_hi.detach())
+
+    def open_boxes() -> torch.Tensor:
+        return (torch.ones(len(boxes), dtype=torch.bool, device=lo.device) if done is None
+                else ~done(lo, hi)).nonzero().flatten()
+
+    def tighten(todo: torch.Tensor, crown: bool) -> None:
+        """Backward bounds for the boxes ``todo``; keep the tighter of old and new."""
+        sub_fwd: ForwardBounds = fwd.select(todo) if todo.numel() < len(boxes) else fwd
+        sub_boxes = boxes.select(todo) if todo.numel() < len(boxes) else boxes
+        sub_images = images if images.shape[0] == 1 else images[todo]
+        with torch.no_grad():
+            if crown:
+                sub_fwd = crown_intermediate(graph, sub_images, sub_boxes, options.max_elements)
+            else:
+                deepest = graph.relu_indices[-1:]
+                tighten_relu_inputs(graph, sub_fwd, sub_images, sub_boxes, deepest, options.tighten_rows)
+            if method is Method.CROWN:
+                bound = crown_lower(graph, sub_fwd, sub_images, sub_boxes, rows)
+        if method is Method.ALPHA_CROWN:
+            with torch.enable_grad():
+                bound = alpha_crown_lower(graph, sub_fwd, sub_images, sub_boxes, rows, steps=options.alpha_steps)
+        c_lo, c_hi = _with_margin(bound[:, :k2] + pixels.offset, -bound[:, k2:] + pixels.offset, margin)
+        # Forward and backward bounds are both sound: keep the tighter of each.
+        lo[todo] = torch.maximum(lo[todo], c_lo.detach())
+        hi[todo] = torch.minimum(hi[todo], c_hi.detach())
+
+    todo = open_boxes()
+    if todo.numel() and options.intermediate != "crown":
+        tighten(todo, crown=False)
+        todo = open_boxes()
+    needing = relus_needing_backward(graph)
+    if todo.numel() and needing and options.intermediate == "auto":
+        # CROWN intermediate bounds cost about one backward pass per unstable neuron: only
+        # where the forward bounds leave few enough (a budget in work, not time).
+        unstable = sum(((fwd.relu_input[r][0] < 0) & (fwd.relu_input[r][1] > 0)).flatten(1).sum(dim=1)
+                       for r in needing)
+        todo = todo[unstable[todo] <= options.crown_max_unstable]
+    if todo.numel() and needing and options.intermediate != "forward":
+        tighten(todo, crown=True)
     return lo, hi

@@ -10,12 +10,15 @@ minimised in closed form over each box. alpha-CROWN optimises the lower ReLU slo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from usn_offline.certify.boxes import Boxes, linear_min
-from usn_offline.certify.forward import ForwardBounds, relu_slopes
+from usn_offline.certify.forward import ForwardBounds, propagate, relu_slopes
 from usn_offline.certify.graph import Graph
 from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp
+from usn_offline.certify.patches import neuron_bounds
 
 
 def reached_backward(graph: Graph, start: int, cut: set[int]) -> set[int]:
@@ -132,6 +135,89 @@ def tighten_relu_inputs(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, 
         new_lo[:, unstable] = torch.maximum(flat_lo[:, unstable], bound[:, :k])
         new_hi[:, unstable] = torch.minimum(flat_hi[:, unstable], -bound[:, k:])
         fwd.relu_input[r] = (new_lo.view_as(lo), new_hi.view_as(hi))
+
+
+def relus_needing_backward(graph: Graph) -> list[int]:
+    """The ReLUs whose input bounds a backward pass can tighten: those with a relaxed
+    (non-clip) ReLU behind them. For the others (the clip layer, and the first network
+    ReLU, one affine layer after it) forward linear bounds already equal CROWN's."""
+    cached = graph.__dict__.get("_relus_needing_backward")
+    if cached is not None:
+        return cached
+    clip = {i for i in graph.relu_indices if graph.nodes[i].name.startswith("clip.")}
+    out = []
+    for r in graph.relu_indices:
+        if r in clip:
+            continue
+        behind = reached_backward(graph, graph.nodes[r].inputs[0], set())
+        if any(isinstance(graph.nodes[k].op, ReluOp) and k not in clip for k in behind):
+            out.append(r)
+    graph.__dict__["_relus_needing_backward"] = out
+    return out
+
+
+def dense_neuron_bounds(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes, node: int,
+                        box_index: torch.Tensor, neuron: torch.Tensor, max_elements: int = 1 << 24
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`usn_offline.certify.patches.neuron_bounds`, by dense backward passes: for
+    the neurons of a flat layer, whose receptive field is the whole image, the dense
+    pass is about twice as fast (bench/certify_bench.py). Each box's neurons are padded
+    to the largest count with zero rows."""
+    n, numel = len(boxes), graph.nodes[node].shape[0]
+    counts = torch.bincount(box_index, minlength=n)
+    slot = torch.arange(neuron.numel(), device=neuron.device) - (torch.cumsum(counts, 0) - counts)[box_index]
+    s = int(counts.max())
+    widest = max(math.prod(nd.shape) for nd in graph.nodes[:node + 1])
+    chunk = max(1, max_elements // (2 * n * widest))
+    lower = torch.empty(neuron.numel(), dtype=graph.dtype, device=neuron.device)
+    upper = torch.empty_like(lower)
+    exact = ForwardBounds(relu_input=fwd.relu_input, out_lo=fwd.out_lo, out_hi=fwd.out_hi, kept_linear={})
+    for start in range(0, s, chunk):
+        pick = (slot >= start) & (slot < start + chunk)
+        k = min(chunk, s - start)
+        rows = torch.zeros(n, 2 * k, numel, dtype=graph.dtype, device=neuron.device)
+        bi, sl, ne = box_index[pick], slot[pick] - start, neuron[pick]
+        rows[bi, sl, ne] = 1.0
+        rows[bi, sl + k, ne] = -1.0
+        bound = linear_min(backward_linear(graph, exact, images, rows, start=node), boxes)
+        lower[pick] = bound[bi, sl]
+        upper[pick] = -bound[bi, sl + k]
+    return lower, upper
+
+
+def crown_intermediate(graph: Graph, images: torch.Tensor, boxes: Boxes, max_elements: int = 1 << 24
+                       ) -> ForwardBounds:
+    """Forward bounds whose ReLU input bounds are CROWN's: layer by layer, every neuron the
+    bounds so far leave unstable gets a backward pass to the input (each box its own
+    neurons, :func:`usn_offline.certify.patches.neuron_bounds`), and the forward pass is
+    redone with the tightened bounds so that the next layer starts from them (fewer
+    unstable neurons to go back from). Every interval only ever shrinks: each forward
+    pass is intersected with all earlier ones."""
+    relu_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward() -> ForwardBounds:
+        fwd = propagate(graph, images, boxes, linear=True, intersect_ibp=True, relu_bounds=relu_bounds)
+        relu_bounds.update(fwd.relu_input)
+        return fwd
+
+    fwd = forward()
+    for r in relus_needing_backward(graph):
+        lo, hi = fwd.relu_input[r]
+        flat_lo, flat_hi = lo.flatten(1).clone(), hi.flatten(1).clone()
+        box_index, neuron = ((flat_lo < 0) & (flat_hi > 0)).nonzero(as_tuple=True)
+        if neuron.numel() == 0:
+            continue
+        node = graph.nodes[r].inputs[0]
+        if len(graph.nodes[node].shape) == 1:
+            new_lo, new_hi = dense_neuron_bounds(graph, fwd, images, boxes, node, box_index, neuron,
+                                                 max_elements)
+        else:
+            new_lo, new_hi = neuron_bounds(graph, fwd, images, boxes, node, box_index, neuron, max_elements)
+        flat_lo[box_index, neuron] = torch.maximum(flat_lo[box_index, neuron], new_lo)
+        flat_hi[box_index, neuron] = torch.minimum(flat_hi[box_index, neuron], new_hi)
+        relu_bounds[r] = (flat_lo.view_as(lo), flat_hi.view_as(hi))
+        fwd = forward()
+    return fwd
 
 
 def alpha_crown_lower(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes,

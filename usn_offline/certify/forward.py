@@ -64,11 +64,14 @@ def _batched(op: AffineOp, fn: torch.Tensor, use_abs: bool) -> torch.Tensor:
 
 
 def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = True,
-              intersect_ibp: bool = True, keep_linear: tuple[int, ...] = ()) -> ForwardBounds:
+              intersect_ibp: bool = True, keep_linear: tuple[int, ...] = (),
+              relu_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> ForwardBounds:
     """Propagate bounds for B boxes; ``images`` is (B, C, H, W) or (1, C, H, W).
 
     The forward linear bounds of the nodes in ``keep_linear`` are returned too, for a
-    backward pass that stops there.
+    backward pass that stops there. ``relu_bounds`` holds tighter (sound) interval bounds
+    of some ReLUs' inputs, computed elsewhere (backward passes): they are intersected with
+    the forward ones before the ReLU is relaxed, so every later layer profits.
     """
     n = len(boxes)
     images = images.expand(n, *images.shape[1:]) if images.shape[0] == 1 else images
@@ -111,6 +114,9 @@ def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = T
                     lo[i], hi[i] = lin_lo, lin_hi
         elif isinstance(op, ReluOp):
             j = node.inputs[0]
+            if relu_bounds is not None and i in relu_bounds:
+                lo[j] = torch.maximum(lo[j], relu_bounds[i][0])
+                hi[j] = torch.minimum(hi[j], relu_bounds[i][1])
             relu_input[i] = (lo[j], hi[j])
             lo[i], hi[i] = lo[j].clamp(min=0), hi[j].clamp(min=0)
             if linear:

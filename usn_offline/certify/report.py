@@ -7,9 +7,13 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from usn_offline import __version__
 from usn_offline.certify.bab import Status
-from usn_offline.certify.engine import CertificationReport
+from usn_offline.certify.bounds import DEFAULT_MARGIN
+from usn_offline.certify.engine import CertificationReport, CertifyConfig
+from usn_offline.certify.lirpa import LIRPA_MARGIN
 from usn_offline.runtime.hashing import sha256_file
 from usn_offline.train.metrics import format_table
 
@@ -50,6 +54,15 @@ def summary(report: CertificationReport) -> dict:
     return out
 
 
+def rounding_margin(cfg: CertifyConfig) -> str:
+    """The outward margin every bound got for floating-point rounding, in words."""
+    if cfg.bab.bounds.backend == "auto_lirpa":
+        return f"auto_LiRPA float32 bounds widened by {LIRPA_MARGIN:g} * (1 + |bound|) px"
+    dtype = getattr(torch, cfg.dtype)
+    margin = DEFAULT_MARGIN.get(dtype, 1e-4) if cfg.bab.bounds.margin is None else cfg.bab.bounds.margin
+    return f"{cfg.dtype} bounds widened by {margin:g} * (1 + |bound|) px"
+
+
 def report_to_dict(report: CertificationReport, checkpoint: Path | str, data: Path | str, split: str) -> dict:
     cfg = report.config
     return {
@@ -63,7 +76,9 @@ def report_to_dict(report: CertificationReport, checkpoint: Path | str, data: Pa
                          "b_hi": cfg.box.b_hi, "clip": cfg.clip,
                          "formula": "x' = clip(a*x + b, 0, 1)" if cfg.clip else "x' = a*x + b"},
         "property": {"delta_px": cfg.delta, "norm": cfg.norm.value, "reference": cfg.reference.value},
-        "method": {"bound": cfg.bab.method.value, "dtype": cfg.dtype, "bab": _plain(cfg.bab),
+        "method": {"bound": cfg.bab.method.value, "dtype": cfg.dtype,
+                   "intermediate": cfg.bab.bounds.intermediate, "backend": cfg.bab.bounds.backend,
+                   "rounding_margin": rounding_margin(cfg), "bab": _plain(cfg.bab),
                    "radius_search": _plain(cfg.radius), "eps_list": list(cfg.eps_list),
                    "region_grid": list(cfg.region_grid) if cfg.region_grid else None,
                    "coverage": cfg.coverage},

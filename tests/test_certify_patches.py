@@ -1,0 +1,114 @@
+"""CROWN intermediate bounds: the receptive-field (patches) backward pass equals the dense
+one, the bounds it gives are sound, and they are never looser than forward bounds."""
+
+import numpy as np
+import pytest
+import torch
+from certify_helpers import randomise_batchnorms  # noqa: E402  (tests/certify_helpers.py)
+
+from usn_offline.certify import Boxes, PixelMap, lower, output_bounds
+from usn_offline.certify.bounds import BoundOptions
+from usn_offline.certify.boxes import linear_min
+from usn_offline.certify.crown import backward_linear, crown_intermediate
+from usn_offline.certify.forward import propagate
+from usn_offline.certify.ops import ReluOp
+from usn_offline.certify.patches import neuron_bounds
+from usn_offline.models import build_model, model_config_for
+from usn_offline.perturb import PhotometricBox
+
+SIZE = 16
+
+
+def _model(family: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    widths = (3, 4, 4, 5, 5) if family == "cnn7" else (3, 4, 5)
+    model = build_model(model_config_for(family, num_keypoints=2, input_height=SIZE, input_width=SIZE,
+                                         widths=widths, hidden=12))
+    return randomise_batchnorms(model)
+
+
+def _image(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(1, 1, SIZE, SIZE, generator=g, dtype=torch.float64)
+    img[0, 0, :3, :3] = 0.0
+    img[0, 0, -3:, -3:] = 1.0
+    return img
+
+
+BOXES = [PhotometricBox(0.8, 1.15, -0.12, 0.1), PhotometricBox(0.95, 1.05, -0.02, 0.03),
+         PhotometricBox(0.6, 0.9, 0.05, 0.2)]
+
+
+@pytest.mark.parametrize("family", ["cnn7", "resnet"])
+@pytest.mark.parametrize("clip", [True, False])
+def test_patches_pass_equals_the_dense_pass(family, clip):
+    graph = lower(_model(family, 1), (1, SIZE, SIZE), clip=clip)
+    image = _image(1)
+    boxes = Boxes.from_boxes(BOXES)
+    fwd = propagate(graph, image, boxes)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for node in range(1, len(graph.nodes)):
+        if isinstance(graph.nodes[node].op, ReluOp):
+            continue
+        numel = int(np.prod(graph.nodes[node].shape))
+        neurons = torch.as_tensor(rng.choice(numel, size=min(numel, 7), replace=False))
+        box_index = torch.arange(len(boxes)).repeat_interleave(len(neurons))
+        neuron = neurons.repeat(len(boxes))
+        lo, hi = neuron_bounds(graph, fwd, image, boxes, node, box_index, neuron, max_elements=4096)
+        rows = torch.zeros(2 * len(neurons), numel, dtype=torch.float64)
+        rows[torch.arange(len(neurons)), neurons] = 1.0
+        rows[len(neurons) + torch.arange(len(neurons)), neurons] = -1.0
+        dense = linear_min(backward_linear(graph, fwd.__class__(**{**fwd.__dict__, "kept_linear": {}}), image,
+                                           rows, start=node), boxes)
+        k = len(neurons)
+        torch.testing.assert_close(lo, dense[:, :k].flatten(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(hi, -dense[:, k:].flatten(), rtol=1e-10, atol=1e-10)
+        checked += 1
+    assert checked >= 6
+
+
+@pytest.mark.parametrize("family", ["cnn7", "resnet"])
+def test_crown_intermediate_bounds_are_sound_and_tighter(family):
+    graph = lower(_model(family, 2), (1, SIZE, SIZE))
+    image = _image(2)
+    boxes = Boxes.from_boxes(BOXES)
+    fwd = propagate(graph, image, boxes)
+    tight = crown_intermediate(graph, image, boxes, max_elements=4096)
+    rng = np.random.default_rng(2)
+    values = {}
+    for k, box in enumerate(BOXES):
+        a = torch.tensor(rng.uniform(box.a_lo, box.a_hi, 400))
+        b = torch.tensor(rng.uniform(box.b_lo, box.b_hi, 400))
+        a[:4] = torch.tensor([box.a_lo, box.a_lo, box.a_hi, box.a_hi], dtype=torch.float64)
+        b[:4] = torch.tensor([box.b_lo, box.b_hi, box.b_lo, box.b_hi], dtype=torch.float64)
+        values[k] = _relu_inputs(graph, image, a, b)
+    for r, (lo, hi) in tight.relu_input.items():
+        flo, fhi = fwd.relu_input[r]
+        assert (lo >= flo - 1e-12).all() and (hi <= fhi + 1e-12).all()
+        for k in range(len(BOXES)):
+            v = values[k][r]
+            assert (v >= lo[k] - 1e-9).all() and (v <= hi[k] + 1e-9).all(), (r, k)
+    pixels = PixelMap.for_image(2, SIZE, SIZE)
+    flo, fhi = output_bounds(graph, image, boxes, pixels, "crown", BoundOptions(intermediate="forward"))
+    clo, chi = output_bounds(graph, image, boxes, pixels, "crown", BoundOptions(intermediate="crown"))
+    assert ((chi - clo) <= (fhi - flo) + 1e-9).all()
+    assert ((chi - clo).sum() < (fhi - flo).sum())
+
+
+def _relu_inputs(graph, image, a, b) -> dict[int, torch.Tensor]:
+    """The exact input of every ReLU over a batch of (a, b) values."""
+    from usn_offline.certify.ops import AddOp, AffineOp, SemanticInputOp
+    values, out = [None] * len(graph.nodes), {}
+    for i, node in enumerate(graph.nodes):
+        op = node.op
+        if isinstance(op, SemanticInputOp):
+            values[i] = image * a.view(-1, 1, 1, 1) + b.view(-1, 1, 1, 1)
+        elif isinstance(op, AffineOp):
+            values[i] = op.apply(values[node.inputs[0]])
+        elif isinstance(op, ReluOp):
+            out[i] = values[node.inputs[0]]
+            values[i] = torch.relu(out[i])
+        elif isinstance(op, AddOp):
+            values[i] = sum(c * values[j] for c, j in zip(op.coeffs, node.inputs, strict=True))
+    return out

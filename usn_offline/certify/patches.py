@@ -1,0 +1,266 @@
+"""Backward (CROWN) passes for single neurons, restricted to their receptive fields.
+
+Bounding a hidden neuron by a backward pass to the input is what makes CROWN tight, and
+there are thousands of unstable neurons per layer. A dense pass carries, for every such
+neuron, a coefficient tensor the size of each earlier feature map, almost all zeros: a
+neuron of a convolutional layer only sees a small window of every earlier map. Here each
+row carries just that window, (C, h, w) plus its offset in the map, and a convolution
+steps back by a transposed convolution of the window (the window grows by the kernel, its
+offset maps through stride and padding). Positions of a window outside the map are
+padding: their coefficients are zeroed. Maps that are flat (after Flatten) are carried
+whole. The result is the same linear bound in (a, b) as the dense pass, at a fraction of
+the work (the "patches" mode of auto_LiRPA, here for a two-parameter input).
+
+Every row belongs to one box (``box_index``), so the unstable neurons of each box get
+their own rows and nothing is padded between boxes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from usn_offline.certify.boxes import Boxes, linear_min
+from usn_offline.certify.errors import CertificationError
+from usn_offline.certify.forward import ForwardBounds, relu_slopes
+from usn_offline.certify.graph import Graph
+from usn_offline.certify.ops import (
+    AddOp,
+    AvgPool2dOp,
+    ChannelAffineOp,
+    Conv2dOp,
+    FlattenOp,
+    LinearOp,
+    ReluOp,
+    SemanticInputOp,
+)
+
+
+@dataclass
+class Window:
+    """Coefficients of R rows on one node: (R, C, h, w) on a (C, H, W) map, where the
+    rows of one group share a window at offsets (oy, ox) (per group, (G,)), or (R, N) on
+    a flat node (oy = ox = None). The rows of a group are neurons of one position."""
+
+    lam: torch.Tensor
+    oy: torch.Tensor | None = None
+    ox: torch.Tensor | None = None
+
+    @property
+    def flat(self) -> bool:
+        return self.oy is None
+
+
+def _positions(offset: torch.Tensor, size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, size) map coordinates of a window and whether each lies inside [0, limit)."""
+    pos = offset.unsqueeze(1) + torch.arange(size, device=offset.device)
+    return pos.clamp(0, limit - 1), (pos >= 0) & (pos < limit)
+
+
+def gather_window(maps: torch.Tensor, box_index: torch.Tensor, win: Window) -> torch.Tensor:
+    """Values of per-box maps (B, C, H, W) under each group's window: (G, C, h, w), zero
+    outside the map (``box_index``: each group's box)."""
+    h, w = win.lam.shape[-2:]
+    ys, vy = _positions(win.oy, h, maps.shape[2])
+    xs, vx = _positions(win.ox, w, maps.shape[3])
+    out = maps[box_index[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # (P, h, w, C)
+    inside = (vy[:, :, None] & vx[:, None, :]).unsqueeze(3)
+    return (out * inside).permute(0, 3, 1, 2)
+
+
+def _inside(win: Window, shape: tuple[int, ...]) -> torch.Tensor:
+    """(G, 1, h, w) mask of the window positions inside a (C, H, W) map."""
+    h, w = win.lam.shape[-2:]
+    _, vy = _positions(win.oy, h, shape[1])
+    _, vx = _positions(win.ox, w, shape[2])
+    return (vy[:, :, None] & vx[:, None, :])[:, None]
+
+
+def _merge(first: Window, second: Window) -> Window:
+    """Sum of two windows of the same rows on one node (residual branches)."""
+    if first.flat != second.flat:
+        raise CertificationError("residual branches reach one node as flat and as a feature map")
+    if first.flat:
+        return Window(first.lam + second.lam)
+    dy, dx = second.oy - first.oy, second.ox - first.ox
+    if (dy != dy[0]).any() or (dx != dx[0]).any():
+        raise CertificationError("residual branches shift receptive fields unevenly")
+    dy, dx = int(dy[0]), int(dx[0])
+    h1, w1 = first.lam.shape[-2:]
+    h2, w2 = second.lam.shape[-2:]
+    top, left = min(0, dy), min(0, dx)
+    bottom, right = max(h1, dy + h2), max(w1, dx + w2)
+    a = F.pad(first.lam, (-left, right - w1, -top, bottom - h1))
+    b = F.pad(second.lam, (dx - left, right - dx - w2, dy - top, bottom - dy - h2))
+    return Window(a + b, first.oy + top, first.ox + left)
+
+
+def _masked(win: Window, graph: Graph, node: int, row_group: torch.Tensor) -> Window:
+    """The window with its positions outside the map zeroed: padding, not neurons. A
+    ReLU's gathered relaxation is zero there already, so only other nodes need it."""
+    if isinstance(graph.nodes[node].op, ReluOp):
+        return win
+    inside = _inside(win, graph.nodes[node].shape)
+    return Window(win.lam * (inside if inside.shape[0] == 1 else inside[row_group]), win.oy, win.ox)
+
+
+def relaxation_maps(fwd: ForwardBounds) -> dict[int, torch.Tensor]:
+    """Per ReLU, its relaxation as one (B, 3, *shape) tensor: lower slope, upper slope,
+    upper intercept (so one gather serves all three)."""
+    maps = {}
+    for i, (lo, hi) in fwd.relu_input.items():
+        sl, su, iu, _ = relu_slopes(lo, hi)
+        maps[i] = torch.stack([sl, su, iu], dim=1)
+    return maps
+
+
+def backward_windows(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, start: int,
+                     start_window: Window, box_index: torch.Tensor, row_group: torch.Tensor,
+                     relaxations: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Linear lower bounds in (a, b) of each row's combination of node ``start``: (R, 3).
+
+    The same computation as :func:`usn_offline.certify.crown.backward_linear` without a
+    cut, one box per group of rows (``box_index``, (G,)); ``row_group`` (R,) names each
+    row's group. A map's values under a window are gathered once per group.
+    """
+    dtype = graph.dtype
+    relaxations = relaxation_maps(fwd) if relaxations is None else relaxations
+    lam: list[Window | None] = [None] * len(graph.nodes)
+    lam[start] = start_window
+    r = start_window.lam.shape[0]
+    coef = torch.zeros(r, 3, dtype=dtype, device=box_index.device)
+    const = coef[:, 2]
+    row_box = box_index[row_group]
+
+    def under(maps: torch.Tensor, win: Window) -> torch.Tensor:
+        """Per row, the per-box maps under its window (or the flat maps of its box)."""
+        if win.flat:
+            return maps[row_box]
+        gathered = gather_window(maps, box_index, win)
+        if gathered.shape[0] == 1:  # one window for all rows (a flat start): no copies
+            return gathered.expand(r, *gathered.shape[1:])
+        return gathered[row_group]
+
+    def add_to(j: int, win: Window) -> None:
+        lam[j] = win if lam[j] is None else _merge(lam[j], win)
+
+    for i in range(start, -1, -1):
+        win = lam[i]
+        if win is None:
+            continue
+        lam[i] = None
+        node = graph.nodes[i]
+        op = node.op
+        if isinstance(op, Conv2dOp):
+            if op.bias is not None:
+                const += win.lam.sum(dim=(2, 3)) @ op.bias
+            back = F.conv_transpose2d(win.lam, op.weight, None, op.stride)
+            step = Window(back, win.oy * op.stride[0] - op.padding[0], win.ox * op.stride[1] - op.padding[1])
+            add_to(node.inputs[0], _masked(step, graph, node.inputs[0], row_group))
+        elif isinstance(op, AvgPool2dOp):
+            back = F.conv_transpose2d(win.lam, op._w(win.lam), None, op.stride, groups=op.channels)
+            step = Window(back, win.oy * op.stride[0], win.ox * op.stride[1])
+            add_to(node.inputs[0], _masked(step, graph, node.inputs[0], row_group))
+        elif isinstance(op, ChannelAffineOp):
+            view = (1, -1) + (1,) * (win.lam.dim() - 2)
+            const += (win.lam * op.shift.view(view)).flatten(1).sum(dim=1)
+            add_to(node.inputs[0], Window(win.lam * op.scale.view(view), win.oy, win.ox))
+        elif isinstance(op, LinearOp):
+            if op.bias is not None:
+                const += win.lam @ op.bias
+            add_to(node.inputs[0], Window(win.lam @ op.weight))
+        elif isinstance(op, FlattenOp):
+            zero = torch.zeros(box_index.shape[0], dtype=torch.long, device=box_index.device)
+            add_to(node.inputs[0], Window(win.lam.reshape(r, *op.in_shape), zero, zero))
+        elif isinstance(op, AddOp):
+            for c, j in zip(op.coeffs, node.inputs, strict=True):
+                add_to(j, Window(c * win.lam, win.oy, win.ox))
+        elif isinstance(op, ReluOp):
+            maps = relaxations[i]
+            relax = under(maps, win) if win.flat else under(maps.flatten(1, 2), win).unflatten(1, (3, -1))
+            sl, su, iu = relax.unbind(dim=1)
+            negative = win.lam < 0
+            const += (win.lam * iu).masked_fill_(~negative, 0.0).flatten(1).sum(dim=1)
+            add_to(node.inputs[0], Window(win.lam * torch.where(negative, su, sl), win.oy, win.ox))
+        elif isinstance(op, SemanticInputOp):
+            if win.flat:
+                x, inside = images[row_box].flatten(1), 1.0
+            else:
+                x, inside = under(images, win), _inside(win, node.shape)[row_group]
+            coef[:, 0] += (win.lam * x).flatten(1).sum(dim=1)
+            coef[:, 1] += (win.lam * inside).flatten(1).sum(dim=1)
+        else:  # pragma: no cover - lowering only creates the ops above
+            raise CertificationError(f"no backward step for {type(op).__name__}")
+    return coef
+
+
+def neuron_bounds(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes, node: int,
+                  box_index: torch.Tensor, neuron: torch.Tensor, max_elements: int = 1 << 24
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CROWN lower and upper bounds of single neurons of ``node``: entry k is the flat
+    neuron ``neuron[k]`` in box ``box_index[k]``.
+
+    The neurons of one position of a feature map share one window (a group); rows go in
+    chunks whose widest window stays below ``max_elements`` entries.
+    """
+    shape = graph.nodes[node].shape
+    images = images.expand(len(boxes), *images.shape[1:]) if images.shape[0] == 1 else images
+    relaxations = relaxation_maps(fwd)
+    hw = 1 if len(shape) == 1 else shape[1] * shape[2]
+    channel = neuron // hw
+    order = torch.argsort(box_index * hw + neuron % hw, stable=True)  # rows of a group side by side
+    box_index, neuron, channel = box_index[order], neuron[order], channel[order]
+    chunk = max(1, max_elements // max(1, 2 * receptive_elements(graph, node)))
+    lower = torch.empty(neuron.shape[0], dtype=graph.dtype, device=neuron.device)
+    upper = torch.empty_like(lower)
+    for start in range(0, neuron.shape[0], chunk):
+        bidx, idx, ch = (t[start:start + chunk] for t in (box_index, neuron, channel))
+        k = idx.shape[0]
+        groups, row_group = torch.unique(bidx * hw + idx % hw, return_inverse=True)
+        group_box = groups // hw
+        lam = torch.zeros(k, shape[0], dtype=graph.dtype, device=idx.device)
+        lam[torch.arange(k, device=idx.device), ch] = 1.0
+        if len(shape) == 1:
+            win = Window(torch.cat([lam, -lam]))
+        else:
+            pos = groups % hw
+            win = Window(torch.cat([lam, -lam]).view(2 * k, shape[0], 1, 1), pos // shape[2], pos % shape[2])
+        rows = torch.cat([row_group, row_group])
+        coef = backward_windows(graph, fwd, images, node, win, group_box, rows, relaxations)
+        row_box = bidx.repeat(2)
+        sub = Boxes(boxes.a_lo[row_box], boxes.a_hi[row_box], boxes.b_lo[row_box], boxes.b_hi[row_box])
+        bound = linear_min(coef.unsqueeze(2), sub)[:, 0]
+        lower[start:start + k] = bound[:k]
+        upper[start:start + k] = -bound[k:]
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device=order.device)
+    return lower[back], upper[back]
+
+
+def receptive_elements(graph: Graph, node: int) -> int:
+    """The largest number of entries one row's window holds on its way back from ``node``
+    (a cheap over-estimate from window growth through each layer)."""
+    size: dict[int, tuple[int, int] | None] = {node: (1, 1) if len(graph.nodes[node].shape) == 3 else None}
+    widest = 1
+    for i in range(node, -1, -1):
+        if i not in size:
+            continue
+        n = graph.nodes[i]
+        hw = size[i]
+        widest = max(widest, math.prod(n.shape) if hw is None else n.shape[0] * hw[0] * hw[1])
+        op = n.op
+        for j in n.inputs:
+            in_shape = graph.nodes[j].shape
+            if isinstance(op, (Conv2dOp, AvgPool2dOp)) and hw is not None:
+                k = op.weight.shape[2:] if isinstance(op, Conv2dOp) else op.kernel
+                new = tuple((hw[d] - 1) * op.stride[d] + k[d] for d in range(2))
+            elif isinstance(op, FlattenOp):
+                new = tuple(in_shape[1:])
+            else:
+                new = hw
+            old = size.get(j)
+            size[j] = new if old is None or new is None else (max(old[0], new[0]), max(old[1], new[1]))
+    return widest
