@@ -29,3 +29,25 @@ def randomise_batchnorms(model: nn.Module, mean: float = 0.3, var: tuple[float, 
                 m.weight.uniform_(*weight)
                 m.bias.uniform_(-bias, bias)
     return model.eval()
+
+
+def random_model(family: str, seed: int, size: int = 16) -> nn.Module:
+    """A small random CNN7 or ResNet (2 keypoints, size x size gray input) with non-trivial
+    BatchNorms, in eval mode."""
+    from usn_offline.models import build_model, model_config_for
+
+    torch.manual_seed(seed)
+    widths = (3, 4, 4, 5, 5) if family == "cnn7" else (3, 4, 5)
+    model = build_model(model_config_for(family, num_keypoints=2, input_height=size, input_width=size,
+                                         widths=widths, hidden=12))
+    return randomise_batchnorms(model)
+
+
+def sample_image(seed: int, size: int = 16) -> torch.Tensor:
+    """A random gray image (1, 1, size, size) with black and white corners, which exercise
+    the clip relaxation."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(1, 1, size, size, generator=g, dtype=torch.float64)
+    img[0, 0, :3, :3] = 0.0
+    img[0, 0, -3:, -3:] = 1.0
+    return img

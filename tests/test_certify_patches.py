@@ -4,7 +4,7 @@ one, the bounds it gives are sound, and they are never looser than forward bound
 import numpy as np
 import pytest
 import torch
-from certify_helpers import randomise_batchnorms  # noqa: E402  (tests/certify_helpers.py)
+from certify_helpers import random_model, sample_image  # noqa: E402  (tests/certify_helpers.py)
 
 from usn_offline.certify import Boxes, PixelMap, lower, output_bounds
 from usn_offline.certify.bounds import BoundOptions
@@ -13,26 +13,12 @@ from usn_offline.certify.crown import backward_linear, crown_intermediate
 from usn_offline.certify.forward import propagate
 from usn_offline.certify.ops import ReluOp
 from usn_offline.certify.patches import neuron_bounds
-from usn_offline.models import build_model, model_config_for
 from usn_offline.perturb import PhotometricBox
 
 SIZE = 16
 
 
-def _model(family: str, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    widths = (3, 4, 4, 5, 5) if family == "cnn7" else (3, 4, 5)
-    model = build_model(model_config_for(family, num_keypoints=2, input_height=SIZE, input_width=SIZE,
-                                         widths=widths, hidden=12))
-    return randomise_batchnorms(model)
-
-
-def _image(seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    img = torch.rand(1, 1, SIZE, SIZE, generator=g, dtype=torch.float64)
-    img[0, 0, :3, :3] = 0.0
-    img[0, 0, -3:, -3:] = 1.0
-    return img
+_model, _image = random_model, sample_image
 
 
 BOXES = [PhotometricBox(0.8, 1.15, -0.12, 0.1), PhotometricBox(0.95, 1.05, -0.02, 0.03),

@@ -5,7 +5,7 @@ certified boxes resist a strong attack."""
 import numpy as np
 import pytest
 import torch
-from certify_helpers import nominal_pixels, randomise_batchnorms  # noqa: E402  (tests/certify_helpers.py)
+from certify_helpers import nominal_pixels, random_model, sample_image  # noqa: E402  (tests/certify_helpers.py)
 from torch import nn
 
 from usn_offline.certify import (
@@ -22,7 +22,6 @@ from usn_offline.certify import (
 )
 from usn_offline.certify.bounds import BoundOptions
 from usn_offline.certify.falsify import pgd_attack
-from usn_offline.models import build_model, model_config_for
 from usn_offline.perturb import PhotometricBox
 
 SIZE = 16
@@ -30,19 +29,11 @@ METHODS = [Method.IBP, Method.CROWN, Method.ALPHA_CROWN]
 
 
 def _random_model(family: str, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    widths = (3, 4, 4, 5, 5) if family == "cnn7" else (3, 4, 5)
-    model = build_model(model_config_for(family, num_keypoints=2, input_height=SIZE, input_width=SIZE,
-                                         widths=widths, hidden=12))
-    return randomise_batchnorms(model)
+    return random_model(family, seed, SIZE)
 
 
 def _image(seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    img = torch.rand(1, 1, SIZE, SIZE, generator=g, dtype=torch.float64)
-    img[0, 0, :3, :3] = 0.0  # saturated pixels exercise the clip relaxation
-    img[0, 0, -3:, -3:] = 1.0
-    return img
+    return sample_image(seed, SIZE)
 
 
 def _random_box(rng: np.random.Generator) -> PhotometricBox:

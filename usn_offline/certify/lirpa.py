@@ -41,6 +41,15 @@ def lirpa_available() -> bool:
     return True
 
 
+def _with_parameters(module: nn.Module, op: Conv2dOp | LinearOp) -> nn.Module:
+    """``module`` holding the op's weight and bias."""
+    with torch.no_grad():
+        module.weight.copy_(op.weight)
+        if op.bias is not None:
+            module.bias.copy_(op.bias)
+    return module
+
+
 class GraphModule(nn.Module):
     """A lowered graph as a float32 torch module of (a, b) for one image: the module
     auto_LiRPA bounds."""
@@ -59,20 +68,12 @@ class GraphModule(nn.Module):
         for i, node in enumerate(graph.nodes):
             op = node.op
             if isinstance(op, Conv2dOp):
-                conv = nn.Conv2d(op.in_shape[0], op.out_shape[0], tuple(op.weight.shape[2:]), op.stride, op.padding,
-                                 bias=op.bias is not None)
-                with torch.no_grad():
-                    conv.weight.copy_(op.weight)
-                    if op.bias is not None:
-                        conv.bias.copy_(op.bias)
-                self.layers[str(i)] = conv
+                self.layers[str(i)] = _with_parameters(
+                    nn.Conv2d(op.in_shape[0], op.out_shape[0], tuple(op.weight.shape[2:]), op.stride, op.padding,
+                              bias=op.bias is not None), op)
             elif isinstance(op, LinearOp):
-                lin = nn.Linear(op.in_shape[0], op.out_shape[0], bias=op.bias is not None)
-                with torch.no_grad():
-                    lin.weight.copy_(op.weight)
-                    if op.bias is not None:
-                        lin.bias.copy_(op.bias)
-                self.layers[str(i)] = lin
+                self.layers[str(i)] = _with_parameters(
+                    nn.Linear(op.in_shape[0], op.out_shape[0], bias=op.bias is not None), op)
             elif isinstance(op, AvgPool2dOp):
                 self.layers[str(i)] = nn.AvgPool2d(op.kernel, op.stride)
             elif isinstance(op, ChannelAffineOp):
