@@ -23,6 +23,7 @@ def _scene(seed: int) -> np.ndarray:
 def test_shipped_parameters_file_is_read():
     settings = StreamSettings.from_params_file(PARAMS)
     assert settings.backend == "auto" and settings.monitor_z == 2.0 and settings.max_image_pixels == 16777216
+    assert settings.frame_proof and not settings.monitor_veto and settings.frame_proof_lighting == (0.0,) * 4
 
 
 @pytest.mark.parametrize("text, message", [
@@ -31,6 +32,8 @@ def test_shipped_parameters_file_is_read():
      "monitor_calibration_frames must be a int, got 2.5"),
     ("usn_keypoint_node:\n  ros__parameters:\n    monitor_z: true\n", "monitor_z must be a float"),
     ("usn_keypoint_node: [unclosed\n", "not valid YAML"),
+    ("usn_keypoint_node:\n  ros__parameters:\n    frame_proof_lighting: [0.9, 1.1]\n",
+     "frame_proof_lighting must be a list of 4 numbers"),
 ])
 def test_bad_parameters_files(tmp_path, text, message):
     path = tmp_path / "p.yaml"
@@ -44,23 +47,25 @@ def test_bad_parameters_files(tmp_path, text, message):
 def test_calibration_skips_black_frames(exported_bundle):
     """A lens cap at start: black frames neither calibrate the monitor nor break it."""
     bundle = Bundle.load(exported_bundle)
-    stream = StreamSettings(monitor_calibration_frames=3).open(bundle)
+    stream = StreamSettings(monitor_calibration_frames=3, monitor_veto=True).open(bundle)  # no verifier
     black = np.zeros((480, 640), np.uint8)
     for _ in range(4):
         result = stream.process_raw(480, 640, "mono8", False, 640, black.tobytes())
-        assert result.status.reasons == [Reason.UNCERTAIN_ESTIMATE, Reason.SATURATED]  # every pixel at 0
+        # every pixel at 0; nothing proved (no verifier)
+        assert result.status.reasons == [Reason.UNCERTAIN_ESTIMATE, Reason.SATURATED, Reason.NOT_CHECKED]
         assert "3 left" in result.status.detail
     assert stream.calibrating
     for i in range(3):
         result = stream.process_frame(_scene(i))
-        assert result.status.reasons == [Reason.UNCERTAIN_ESTIMATE]
+        assert result.status.reasons == [Reason.UNCERTAIN_ESTIMATE, Reason.NOT_CHECKED]
     assert not stream.calibrating and "calibrated on 3 frames" in result.status.detail
     nominal = stream.pipeline.monitor.nominal
     assert nominal.num_images == 3 and nominal.mean_of_stds > 0.1
     after = stream.process_frame(_scene(7))
     assert Reason.UNCERTAIN_ESTIMATE not in after.status.reasons and np.isfinite(after.status.contrast)
     dark = stream.process_raw(480, 640, "mono8", False, 640, black.tobytes())
-    assert dark.status.reasons == [Reason.UNCERTAIN_ESTIMATE, Reason.SATURATED] and dark.keypoints_px is not None
+    assert dark.status.reasons == [Reason.UNCERTAIN_ESTIMATE, Reason.SATURATED, Reason.NOT_CHECKED]
+    assert dark.keypoints_px is not None
 
 
 def test_bad_frames_never_raise(exported_bundle):

@@ -17,7 +17,7 @@ import torch
 from usn_offline.certify.boxes import Boxes, linear_min
 from usn_offline.certify.forward import ForwardBounds, propagate, relu_slopes
 from usn_offline.certify.graph import Graph
-from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp
+from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp, input_terms
 from usn_offline.certify.patches import neuron_bounds
 
 
@@ -100,9 +100,15 @@ def backward_linear(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, rows
             const = const + (neg * iu.unsqueeze(1)).flatten(2).sum(dim=2)
             add_to(node.inputs[0], pos * lower + neg * su.unsqueeze(1))
         elif isinstance(op, SemanticInputOp):
-            x = images if images.shape[0] == n else images.expand(n, *images.shape[1:])
+            batch = images if images.shape[0] == n else images.expand(n, *images.shape[1:])
+            x, m, c_lo, c_hi = input_terms(batch, op.out_shape[0])
             coef[:, :, 0] += (l_i * x.unsqueeze(1)).flatten(2).sum(dim=2)
-            coef[:, :, 1] += l_i.flatten(2).sum(dim=2)
+            if m is None:
+                coef[:, :, 1] += l_i.flatten(2).sum(dim=2)
+            else:
+                coef[:, :, 1] += (l_i * m.unsqueeze(1)).flatten(2).sum(dim=2)
+                const = const + (l_i.clamp(min=0) * c_lo.unsqueeze(1) + l_i.clamp(max=0) * c_hi.unsqueeze(1)
+                                 ).flatten(2).sum(dim=2)
     coef[:, :, 2] += const
     return coef.transpose(1, 2)
 

@@ -12,7 +12,7 @@ import torch
 
 from usn_offline.certify.boxes import Boxes, linear_max, linear_min
 from usn_offline.certify.graph import Graph
-from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp
+from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp, input_terms
 
 
 @dataclass
@@ -87,13 +87,21 @@ def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = T
     for i, node in enumerate(graph.nodes):
         op = node.op
         if isinstance(op, SemanticInputOp):
-            # x >= 0, so the extremes of a*x + b sit at (a_lo, b_lo) and (a_hi, b_hi).
+            # x >= 0 and m >= 0, so the extremes of a*x + b*m + c sit at (a_lo, b_lo, c_lo)
+            # and (a_hi, b_hi, c_hi).
+            x, m, c_lo, c_hi = input_terms(images, op.out_shape[0])
             v = (-1,) + (1,) * nd
-            lo[i] = images * boxes.a_lo.view(v) + boxes.b_lo.view(v)
-            hi[i] = images * boxes.a_hi.view(v) + boxes.b_hi.view(v)
+            if m is None:
+                lo[i] = x * boxes.a_lo.view(v) + boxes.b_lo.view(v)
+                hi[i] = x * boxes.a_hi.view(v) + boxes.b_hi.view(v)
+                m, c_lo = torch.ones_like(x), torch.zeros_like(x)
+                c_hi = c_lo
+            else:
+                lo[i] = x * boxes.a_lo.view(v) + m * boxes.b_lo.view(v) + c_lo
+                hi[i] = x * boxes.a_hi.view(v) + m * boxes.b_hi.view(v) + c_hi
             if linear:
-                fn = torch.stack([images, torch.ones_like(images), torch.zeros_like(images)], dim=1)
-                low[i] = up[i] = fn
+                low[i] = torch.stack([x, m, c_lo], dim=1)
+                up[i] = torch.stack([x, m, c_hi], dim=1)
         elif isinstance(op, AffineOp):
             j = node.inputs[0]
             if not linear or intersect_ibp:

@@ -29,6 +29,7 @@ from usn_offline.certify.ops import (
     LinearOp,
     ReluOp,
     SemanticInputOp,
+    input_terms,
 )
 
 
@@ -104,15 +105,22 @@ class Graph:
     def relu_indices(self) -> list[int]:
         return [i for i, n in enumerate(self.nodes) if isinstance(n.op, ReluOp)]
 
-    def evaluate(self, images: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, images: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 fill: torch.Tensor | float = 0.5) -> torch.Tensor:
         """Exact network output on clip(a x + b) for a batch: images (N, C, H, W) (or (1, ...)
-        broadcast), a and b of shape (N,). Differentiable in a and b."""
+        broadcast), a and b of shape (N,). Differentiable in a and b.
+
+        For pixel sets (:func:`~usn_offline.certify.ops.input_terms`) the input is
+        a x + b m + c with c = c_lo + fill (c_hi - c_lo), ``fill`` in [0, 1] (a scalar or a
+        tensor broadcast against (N, C, H, W)): one member of the set."""
         values: list[torch.Tensor | None] = [None] * len(self.nodes)
         for i, node in enumerate(self.nodes):
             op = node.op
             if isinstance(op, SemanticInputOp):
                 view = (-1,) + (1,) * len(self.input_shape)
-                values[i] = images * a.view(view) + b.view(view)
+                x, m, c_lo, c_hi = input_terms(images, self.input_shape[0])
+                values[i] = x * a.view(view) + (b.view(view) if m is None else
+                                                b.view(view) * m + c_lo + fill * (c_hi - c_lo))
             elif isinstance(op, AffineOp):
                 values[i] = op.apply(values[node.inputs[0]])
             elif isinstance(op, ReluOp):
@@ -201,6 +209,20 @@ class _Lowering:
         return self.add(FlattenOp(shape, out), [src], out, name)
 
 
+def clip_input(low: _Lowering, input_shape: tuple[int, ...], clip: bool) -> int:
+    """Add the perturbation layer z = a x + b and, with ``clip``, x' = relu(z) - relu(z - 1);
+    returns the node the network reads."""
+    z = low.add(SemanticInputOp(input_shape), [], input_shape, "semantic_input")
+    if not clip:
+        return z
+    zero = torch.zeros(input_shape[0], dtype=low.dtype, device=low.device)
+    one = torch.ones(input_shape[0], dtype=low.dtype, device=low.device)
+    shifted = low.add(ChannelAffineOp(one, zero - 1.0, input_shape, input_shape), [z], input_shape, "clip.shift")
+    r0 = low.add(ReluOp(input_shape), [z], input_shape, "clip.relu0")
+    r1 = low.add(ReluOp(input_shape), [shifted], input_shape, "clip.relu1")
+    return low.add(AddOp((1.0, -1.0), input_shape), [r0, r1], input_shape, "clip")
+
+
 @torch.no_grad()
 def lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool = True,
           dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Graph:
@@ -216,17 +238,7 @@ def lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool = True,
     modules = dict(traced.named_modules())
     low.uses = {}
 
-    z = low.add(SemanticInputOp(tuple(input_shape)), [], input_shape, "semantic_input")
-    if clip:
-        zero = torch.zeros(input_shape[0], dtype=dtype, device=device)
-        one = torch.ones(input_shape[0], dtype=dtype, device=device)
-        shifted = low.add(ChannelAffineOp(one, zero - 1.0, input_shape, input_shape), [z], input_shape,
-                          "clip.shift")
-        r0 = low.add(ReluOp(input_shape), [z], input_shape, "clip.relu0")
-        r1 = low.add(ReluOp(input_shape), [shifted], input_shape, "clip.relu1")
-        x_in = low.add(AddOp((1.0, -1.0), input_shape), [r0, r1], input_shape, "clip")
-    else:
-        x_in = z
+    x_in = clip_input(low, tuple(input_shape), clip)
 
     env: dict[str, int] = {}
     output = None

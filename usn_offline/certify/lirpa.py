@@ -134,6 +134,8 @@ def lirpa_output_bounds(graph: Graph, image: torch.Tensor, boxes: Boxes, scale: 
         raise CertificationError("the auto_LiRPA backend needs auto_LiRPA installed "
                                  "(pip install 'auto_LiRPA @ git+https://github.com/Verified-Intelligence/auto_LiRPA')"
                                  ) from exc
+    if image.shape[1] != graph.input_shape[0]:
+        raise CertificationError("the auto_LiRPA backend bounds images, not pixel sets (per-frame proofs)")
     if method not in LIRPA_METHODS:
         raise CertificationError(f"auto_LiRPA backend: method must be one of {sorted(LIRPA_METHODS)}, got {method!r}")
     cache = graph.__dict__.setdefault("_lirpa_cache", {})

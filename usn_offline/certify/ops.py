@@ -187,6 +187,29 @@ class ReluOp:
 
 @dataclass
 class SemanticInputOp:
-    """z = a * x + b for the image x of each batch entry: exactly linear in (a, b)."""
+    """z = a * x + b for the image x of each batch entry: exactly linear in (a, b).
+
+    An entry may instead be a *pixel set* (:func:`input_terms`): z = a * x + b * m + c
+    with c anywhere in [c_lo, c_hi] per pixel, for pixels whose value is only partly
+    known (a frame's clipped pixels, camera rounding)."""
 
     out_shape: tuple[int, ...]
+
+
+InputTerms = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def input_terms(images: torch.Tensor, channels: int) -> InputTerms:
+    """(x, m, c_lo, c_hi) of a batch of network inputs (B, C', H, W).
+
+    C' = C: plain images, z = a x + b (m, c_lo and c_hi are None). C' = 4 C: pixel sets,
+    the planes x, m, c_lo, c_hi stacked along the channels, z = a x + b m + c with
+    c_lo <= c <= c_hi. The bounds need x >= 0 and m >= 0 (extremes at the box corners).
+    """
+    if images.shape[1] == channels:
+        return images, None, None, None
+    if images.shape[1] != 4 * channels:
+        raise ValueError(f"network input has {images.shape[1]} channels; expected {channels} (an image) "
+                         f"or {4 * channels} (a pixel set)")
+    x, m, c_lo, c_hi = images.split(channels, dim=1)
+    return x, m, c_lo, c_hi

@@ -36,6 +36,7 @@ from usn_offline.certify.ops import (
     LinearOp,
     ReluOp,
     SemanticInputOp,
+    input_terms,
 )
 
 
@@ -186,12 +187,17 @@ def backward_windows(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, sta
             const += (win.lam * iu).masked_fill_(~negative, 0.0).flatten(1).sum(dim=1)
             add_to(node.inputs[0], Window(win.lam * torch.where(negative, su, sl), win.oy, win.ox))
         elif isinstance(op, SemanticInputOp):
-            if win.flat:
-                x, inside = images[row_box].flatten(1), 1.0
+            # The gathered planes are zero outside the map, so m needs no mask there.
+            planes = images[row_box] if win.flat else under(images, win)
+            x, m, c_lo, c_hi = input_terms(planes, op.out_shape[0])
+            lam_x = win.lam.view(x.shape)
+            coef[:, 0] += (lam_x * x).flatten(1).sum(dim=1)
+            if m is None:
+                inside = 1.0 if win.flat else _inside(win, node.shape)[row_group]
+                coef[:, 1] += (win.lam * inside).flatten(1).sum(dim=1)
             else:
-                x, inside = under(images, win), _inside(win, node.shape)[row_group]
-            coef[:, 0] += (win.lam * x).flatten(1).sum(dim=1)
-            coef[:, 1] += (win.lam * inside).flatten(1).sum(dim=1)
+                coef[:, 1] += (lam_x * m).flatten(1).sum(dim=1)
+                const += (lam_x.clamp(min=0) * c_lo + lam_x.clamp(max=0) * c_hi).flatten(1).sum(dim=1)
         else:  # pragma: no cover - lowering only creates the ops above
             raise CertificationError(f"no backward step for {type(op).__name__}")
     return coef

@@ -255,14 +255,16 @@ def _record(path: Path, messages: list[tuple[str, int, bytes]]) -> Path:
 def compare_runs(offline: ReplayRun, live: LiveRun) -> dict:
     """The live replay's delivery and its agreement with the offline replay, frame by frame."""
     by_stamp = {r.stamp_ns: r for r in offline.records}
-    compared = flag_mismatches = keypoint_mismatches = 0
+    compared = flag_mismatches = keypoint_mismatches = busy = 0
     worst = 0.0
     for frame in live.frames:
         record = by_stamp.get(frame.stamp_ns)
         if record is None or frame.statuses == 0:
             continue
         compared += 1
-        if frame.certified != record.certified or frame.reasons != record.reasons:
+        if "NOT_CHECKED" in (frame.reasons or ()) and "NOT_CHECKED" not in record.reasons:
+            busy += 1  # the node's prover was busy with an earlier frame (real-time pacing)
+        elif frame.certified != record.certified or frame.reasons != record.reasons:
             flag_mismatches += 1
         if (frame.keypoints is None) != (record.keypoints is None):
             keypoint_mismatches += 1
@@ -284,6 +286,7 @@ def compare_runs(offline: ReplayRun, live: LiveRun) -> dict:
         "latency_ms_p99": float(np.percentile(latencies, 99)) if latencies else math.nan,
         "recorded_outputs": str(live.recorded) if live.recorded else None,
         "agreement": {"frames_compared": compared, "flag_mismatches": flag_mismatches,
+                      "not_checked_live": busy,
                       "keypoint_mismatches": keypoint_mismatches,
                       "flags_identical": flag_mismatches == 0 and compared == len(offline.records),
                       "max_keypoint_difference_px": worst},

@@ -62,6 +62,15 @@ def process_image(stream: FrameStream, image: BagImage):
     return stream.process_raw(image.height, image.width, image.encoding, image.is_bigendian, image.step, image.data)
 
 
+def _verifier(bundle: Bundle, settings: StreamSettings):
+    """The node's per-frame prover, or None without torch (every frame NOT_CHECKED then)."""
+    try:
+        from usn_offline.certify.frame import make_verifier
+    except ImportError:
+        return None
+    return make_verifier(bundle, settings.frame_proof, settings.frame_proof_max_boxes, settings.frame_proof_lighting)
+
+
 def replay_offline(bag: Path | str, bundle_dir: Path | str, params_file: Path | str, image_topic: str | None = None,
                    frames_out: Path | None = None, progress: bool = True) -> ReplayRun:
     """Replay ``bag`` through the runtime the node runs, with the node's ``params_file``.
@@ -72,7 +81,7 @@ def replay_offline(bag: Path | str, bundle_dir: Path | str, params_file: Path | 
     """
     bundle = Bundle.load(bundle_dir)
     settings = StreamSettings.from_params_file(params_file)
-    stream = settings.open(bundle)
+    stream = settings.open(bundle, verifier=_verifier(bundle, settings))
     nominal = NominalKeypoints(KeypointPipeline(bundle, stream.pipeline.backend, stream.pipeline.monitor,
                                                 max_pixels=settings.max_image_pixels))
     started = time.perf_counter()

@@ -42,6 +42,8 @@ class Reason(IntEnum):
     BAD_INPUT = 3
     CERTIFICATE_MISMATCH = 4
     UNCERTAIN_ESTIMATE = 5
+    NOT_PROVED = 6
+    NOT_CHECKED = 7
 
 
 def nominal_from_images(images: np.ndarray) -> NominalStatistics:
@@ -63,6 +65,9 @@ class MonitorResult:
     saturated_fraction: float
     reasons: list[Reason] = field(default_factory=list)
     detail: str = ""
+    # The per-frame proof: largest proven keypoint deviation (network-input pixels; None
+    # when no proof ran or it proved nothing).
+    proven_deviation_px: float | None = None
 
     @property
     def certified(self) -> bool:

@@ -1,9 +1,15 @@
 """One frame in, keypoints and a certification status out (torch-free).
 
 The ROS node and the rosbag replay share this pipeline, so preprocessing, inference and
-the monitor exist once. Every frame yields exactly one :class:`FrameResult`; a frame
+the decision exist once. Every frame yields exactly one :class:`FrameResult`; a frame
 that cannot be processed yields keypoints=None and the BAD_INPUT reason, never an
 exception.
+
+The decision: a frame is certified only when a per-frame proof (a :class:`FrameVerifier`,
+e.g. ``usn_offline.certify.frame.FrameCertifier``, which needs torch) shows that its
+keypoints hold for every lighting change of the stated range. The photometric monitor's
+(a, b) estimate is diagnostic output; with ``monitor_veto`` its flags also withhold
+certification (never grant it).
 """
 
 from __future__ import annotations
@@ -25,16 +31,28 @@ class Backend(Protocol):
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+class Proof(Protocol):
+    certified: bool
+    deviation_px: float
+    detail: str
+
+
+class FrameVerifier(Protocol):
+    def prove(self, frame: np.ndarray, keypoints_normalised: np.ndarray) -> Proof: ...
+
+
 @dataclass
 class FrameResult:
     keypoints_px: np.ndarray | None  # (K, 2) in pixels of the input frame
     status: MonitorResult
     seconds: dict[str, float] = field(default_factory=dict)
     frame: np.ndarray | None = field(default=None, repr=False)  # the decoded frame, when there was one
+    # (frame, network output, frame index) while the decision is pending (KeypointPipeline.finish)
+    pending: tuple | None = field(default=None, repr=False)
 
     @property
     def certified(self) -> bool:
-        return self.keypoints_px is not None and self.status.certified
+        return self.keypoints_px is not None and self.pending is None and self.status.certified
 
 
 def bad_input(detail: str) -> MonitorResult:
@@ -68,8 +86,55 @@ class KeypointPipeline:
     monitor: PhotometricMonitor
     certificate_matches: bool = True  # False: serve, but flag every frame CERTIFICATE_MISMATCH
     max_pixels: int = 4096 * 4096
+    verifier: FrameVerifier | None = None
+    prove_every: int = 1  # prove every n-th frame; the others are NOT_CHECKED
+    monitor_veto: bool = False
+    frames_seen: int = field(default=0, init=False)
 
-    def process(self, frame: np.ndarray) -> FrameResult:
+    def __post_init__(self) -> None:
+        if self.prove_every < 1:
+            raise ValueError(f"prove_every must be >= 1, got {self.prove_every}")
+
+    def _decide(self, frame: np.ndarray, output: np.ndarray, status: MonitorResult, index: int, busy: bool
+                ) -> MonitorResult:
+        """Replace the monitor's flags by the per-frame decision (keeping them as
+        diagnostics, and as reasons with ``monitor_veto``)."""
+        reasons = list(status.reasons) if self.monitor_veto else []
+        details = [status.detail] if self.monitor_veto and status.detail else []
+        if self.verifier is None:
+            reasons.append(Reason.NOT_CHECKED)
+            details.append("no per-frame verifier (needs torch; node parameter frame_proof)")
+        elif index % self.prove_every:
+            reasons.append(Reason.NOT_CHECKED)
+            details.append(f"not proved: proving every {self.prove_every}th frame")
+        elif busy:
+            reasons.append(Reason.NOT_CHECKED)
+            details.append("not proved: the prover was busy with an earlier frame")
+        else:
+            try:
+                proof = self.verifier.prove(frame, output.reshape(-1))
+            except Exception as exc:  # a bad frame never stops the node: say what failed
+                reasons.append(Reason.NOT_PROVED)
+                details.append(f"verifier error: {type(exc).__name__}: {exc}")
+            else:
+                if proof.certified:
+                    status.proven_deviation_px = float(proof.deviation_px)
+                else:
+                    reasons.append(Reason.NOT_PROVED)
+                    details.append(proof.detail)
+        if not self.monitor_veto and status.detail:
+            details.append(f"monitor (diagnostic): {status.detail}")
+        status.reasons = reasons
+        status.detail = "; ".join(filter(None, details))
+        return status
+
+    def process(self, frame: np.ndarray, prove: str = "now") -> FrameResult:
+        """Keypoints and the decision for one frame. ``prove``: "now" (prove before
+        returning), "busy" (a prover is occupied: NOT_CHECKED) or "later" (return at once
+        with the decision pending; :meth:`finish` completes it, e.g. on a worker thread,
+        so a slow proof never holds back the keypoints or the next frame)."""
+        if prove not in ("now", "busy", "later"):
+            raise ValueError(f"prove must be 'now', 'busy' or 'later', got {prove!r}")
         t0 = time.perf_counter()
         problem = check_frame(frame, self.max_pixels)
         if problem is not None:
@@ -83,9 +148,27 @@ class KeypointPipeline:
         net_px = normalised_to_pixels(out.reshape(-1, 2), h, w)
         keypoints = scale_keypoints(net_px, (h, w), frame.shape[:2])
         status = self.monitor.assess(image, saturated_fraction(frame, max_value))
+        t3 = time.perf_counter()
+        index = self.frames_seen
+        self.frames_seen += 1
+        result = FrameResult(keypoints, status, {"preprocess": t1 - t0, "inference": t2 - t1, "monitor": t3 - t2})
+        result.pending = (frame, out, index)
+        if prove == "later":
+            return result
+        self.finish(result, busy=prove == "busy")
+        result.seconds["total"] = time.perf_counter() - t0
+        return result
+
+    def finish(self, result: FrameResult, busy: bool = False) -> FrameResult:
+        """Complete the pending decision of a frame from :meth:`process`."""
+        if result.pending is None:
+            raise ValueError("this frame's decision is not pending")
+        started = time.perf_counter()
+        frame, out, index = result.pending
+        result.pending = None
+        status = self._decide(frame, out, result.status, index, busy)
         if not self.certificate_matches:
             status.reasons.append(Reason.CERTIFICATE_MISMATCH)
             status.detail = "; ".join(filter(None, [status.detail, "certificate does not match the model"]))
-        t3 = time.perf_counter()
-        return FrameResult(keypoints, status, {"preprocess": t1 - t0, "inference": t2 - t1,
-                                               "monitor": t3 - t2, "total": t3 - t0})
+        result.seconds["proof"] = time.perf_counter() - started
+        return result

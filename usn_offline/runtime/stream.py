@@ -19,7 +19,7 @@ from usn_offline.errors import ConfigError
 from usn_offline.runtime.bundle import Bundle
 from usn_offline.runtime.image_decode import ImageDecodeError, decode_compressed, decode_image
 from usn_offline.runtime.monitor import PhotometricMonitor, Reason, nominal_from_images
-from usn_offline.runtime.pipeline import FrameResult, KeypointPipeline, bad_input
+from usn_offline.runtime.pipeline import FrameResult, FrameVerifier, KeypointPipeline, bad_input
 from usn_offline.runtime.preprocess import preprocess
 
 
@@ -41,8 +41,8 @@ class FrameStream:
         return len(self._calibration) < self.calibration_frames
 
     def process_raw(self, height: int, width: int, encoding: str, is_bigendian: bool, step: int,
-                    data: bytes | bytearray | memoryview) -> FrameResult:
-        """A ``sensor_msgs/Image`` payload."""
+                    data: bytes | bytearray | memoryview, prove: str = "now") -> FrameResult:
+        """A ``sensor_msgs/Image`` payload (``prove``: see :meth:`KeypointPipeline.process`)."""
         started = time.perf_counter()
         try:
             frame = decode_image(height, width, encoding, is_bigendian, step, data, self.pipeline.max_pixels)
@@ -50,9 +50,10 @@ class FrameStream:
             return _failed(str(exc), started)
         except Exception as exc:  # a frame never takes the stream down
             return _failed(f"internal error: {type(exc).__name__}: {exc}", started)
-        return self._process(frame, started)
+        return self._process(frame, started, prove)
 
-    def process_compressed(self, format_: str, data: bytes | bytearray | memoryview) -> FrameResult:
+    def process_compressed(self, format_: str, data: bytes | bytearray | memoryview, prove: str = "now"
+                           ) -> FrameResult:
         """A ``sensor_msgs/CompressedImage`` payload (JPEG, PNG, ...)."""
         started = time.perf_counter()
         try:
@@ -61,16 +62,16 @@ class FrameStream:
             return _failed(str(exc), started)
         except Exception as exc:
             return _failed(f"internal error: {type(exc).__name__}: {exc}", started)
-        return self._process(frame, started)
+        return self._process(frame, started, prove)
 
-    def process_frame(self, frame: np.ndarray) -> FrameResult:
+    def process_frame(self, frame: np.ndarray, prove: str = "now") -> FrameResult:
         """An already decoded frame (mono or RGB(A), uint8/uint16/float)."""
-        return self._process(frame, time.perf_counter())
+        return self._process(frame, time.perf_counter(), prove)
 
-    def _process(self, frame: np.ndarray, started: float) -> FrameResult:
+    def _process(self, frame: np.ndarray, started: float, prove: str = "now") -> FrameResult:
         decoded = time.perf_counter()
         try:
-            result = self.pipeline.process(frame)
+            result = self.pipeline.process(frame, prove)
             if result.keypoints_px is not None and self.calibrating:
                 self._calibrate(frame, result)
         except Exception as exc:
@@ -86,14 +87,17 @@ class FrameStream:
         if float(image.std()) >= monitor.min_std:  # a flat frame (lens cap, darkness) is not nominal light
             self._calibration.append(image)
         left = self.calibration_frames - len(self._calibration)
-        # The estimate means nothing before calibration; what was measured on the frame stays.
-        result.status.reasons = [Reason.UNCERTAIN_ESTIMATE] + [r for r in result.status.reasons
-                                                               if r is Reason.SATURATED]
+        if self.pipeline.monitor_veto:
+            # The estimate means nothing before calibration: it withholds certification
+            # until then; what was measured or proved on the frame stays.
+            result.status.reasons = [Reason.UNCERTAIN_ESTIMATE] + [
+                r for r in result.status.reasons if r not in (Reason.UNCERTAIN_ESTIMATE, Reason.OUT_OF_REGION)]
         if left == 0:
             monitor.nominal = nominal_from_images(np.stack(self._calibration))
-            result.status.detail = f"monitor calibrated on {len(self._calibration)} frames"
+            note = f"monitor calibrated on {len(self._calibration)} frames"
         else:
-            result.status.detail = f"calibrating the monitor on nominal frames ({left} left)"
+            note = f"calibrating the monitor on nominal frames ({left} left)"
+        result.status.detail = "; ".join(filter(None, [note, result.status.detail]))
 
 
 def _failed(detail: str, started: float) -> FrameResult:
@@ -111,6 +115,12 @@ class StreamSettings:
     monitor_max_saturated_fraction: float = 0.05
     monitor_calibration_frames: int = 0
     max_image_pixels: int = 4096 * 4096
+    frame_proof: bool = True
+    frame_proof_max_boxes: int = 16
+    frame_proof_every: int = 1
+    # (contrast min, max, brightness min, max) the proofs cover; all zero: the certificate's box
+    frame_proof_lighting: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    monitor_veto: bool = False
 
     @classmethod
     def from_params_file(cls, path: Path | str, node_name: str = "usn_keypoint_node") -> StreamSettings:
@@ -134,19 +144,30 @@ class StreamSettings:
             if f.name not in params:
                 continue
             kind, value = type(f.default), params[f.name]
+            if kind is tuple:
+                if not (isinstance(value, list) and len(value) == len(f.default) and all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                    raise ConfigError(f"{path}: parameter {f.name} must be a list of {len(f.default)} numbers, "
+                                      f"got {value!r}")
+                values[f.name] = tuple(float(v) for v in value)
+                continue
             accepted = (int, float) if kind is float else kind  # YAML writes 2.0 as 2 too
             if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
                 raise ConfigError(f"{path}: parameter {f.name} must be a {kind.__name__}, got {value!r}")
             values[f.name] = kind(value)
         return cls(**values)
 
-    def open(self, bundle: Bundle, backend=None) -> FrameStream:
+    def open(self, bundle: Bundle, backend=None, verifier: FrameVerifier | None = None) -> FrameStream:
         """A stream serving ``bundle`` as the node would with these settings (``backend``:
-        an already created backend to share, else one made from ``self.backend``)."""
+        an already created backend to share, else one made from ``self.backend``;
+        ``verifier``: the per-frame prover, which the caller makes when ``frame_proof`` is
+        set and torch is there, see ``usn_offline.certify.frame.FrameCertifier.for_bundle``)."""
         from usn_offline.runtime.backends import create_backend
 
         backend = backend or create_backend(self.backend, bundle)
         monitor = PhotometricMonitor(bundle.region, bundle.nominal, self.monitor_z,
                                      self.monitor_max_saturated_fraction)
-        return FrameStream(KeypointPipeline(bundle, backend, monitor, max_pixels=self.max_image_pixels),
-                           self.monitor_calibration_frames)
+        pipeline = KeypointPipeline(bundle, backend, monitor, max_pixels=self.max_image_pixels,
+                                    verifier=verifier if self.frame_proof else None,
+                                    prove_every=self.frame_proof_every, monitor_veto=self.monitor_veto)
+        return FrameStream(pipeline, self.monitor_calibration_frames)

@@ -1,7 +1,8 @@
 """The certified keypoint node: ROS glue only (parameters, QoS, messages, diagnostics).
 
-Decoding, preprocessing, inference and the photometric monitor are the torch-free
-modules of ``usn_offline.runtime``, shared with the rosbag replay.
+Decoding, preprocessing, inference and the decision are the modules of
+``usn_offline.runtime``, shared with the rosbag replay; the per-frame proofs
+(``usn_offline.certify.frame``) need torch, and without it every frame is NOT_CHECKED.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import math
 import signal
 import sys
+import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -75,6 +78,15 @@ class KeypointNode(Node):
         self._declare("monitor_calibration_frames", 0,
                       "use the first N frames that are not flat (nominal light assumed) as the scene's nominal "
                       "statistics; 0: the bundle's", integer_range=_int_range(0, 10000), **ro)
+        self._declare("frame_proof", True, "prove each frame's keypoints for the certificate's lighting range "
+                      "(needs torch); off: no frame is certified", **ro)
+        self._declare("frame_proof_max_boxes", 16, "branch-and-bound budget of one frame's proof (boxes)",
+                      integer_range=_int_range(1, 4096), **ro)
+        self._declare("frame_proof_every", 1, "prove every n-th frame (the others are NOT_CHECKED)",
+                      integer_range=_int_range(1, 1000), **ro)
+        self._declare("frame_proof_lighting", [0.0, 0.0, 0.0, 0.0], "lighting range the proofs cover: contrast "
+                      "min, max, brightness min, max (contrast > 0); all zero: the certificate's box", **ro)
+        self._declare("monitor_veto", False, "the (a, b) estimate's flags also withhold certification", **ro)
         self._declare("publish_debug_image", False, "publish ~/debug_image with keypoints and a red border "
                       "when a frame is not certified")
         self._declare("diagnostics_period", 1.0, "seconds between /diagnostics messages",
@@ -109,7 +121,12 @@ class KeypointNode(Node):
                                f"delta {self.bundle.effective_delta_px:.4f} px")
         self.monitor = PhotometricMonitor(self.bundle.region, self.bundle.nominal, p["monitor_z"],
                                           p["monitor_max_saturated_fraction"])
-        self.pipeline = KeypointPipeline(self.bundle, self.backend, self.monitor, matches, p["max_image_pixels"])
+        verifier = self._verifier(p) if p["frame_proof"] else None
+        self.pipeline = KeypointPipeline(self.bundle, self.backend, self.monitor, matches, p["max_image_pixels"],
+                                         verifier=verifier, prove_every=p["frame_proof_every"],
+                                         monitor_veto=p["monitor_veto"])
+        box = verifier.config.lighting if verifier is not None else self.bundle.region[0]
+        self.lighting_range = [box.a_lo, box.a_hi, box.b_lo, box.b_hi]
         self.stream = FrameStream(self.pipeline, p["monitor_calibration_frames"])
         self.declare_parameter("keypoint_names", list(self.bundle.keypoint_names),
                                ParameterDescriptor(description="names of the keypoint ids", read_only=True))
@@ -129,7 +146,13 @@ class KeypointNode(Node):
         else:
             self.image_sub = self.create_subscription(Image, "image", self.on_image, qos)
         self.add_on_set_parameters_callback(self._on_set_parameters)
-        self.frames = self.flagged = self.bad = 0
+        self.frames = self.flagged = self.bad = self.not_checked = 0
+        self._stats_lock = threading.Lock()
+        # Proofs run on one worker thread: a frame arriving while it is busy gets its
+        # keypoints and a NOT_CHECKED status at once, so the node keeps the camera's rate
+        # and proves as many frames as the CPU allows.
+        self._prover = ThreadPoolExecutor(1, "frame_proof") if verifier is not None else None
+        self._proof_busy = False
         self.latencies: deque[float] = deque(maxlen=200)
         self.arrivals: deque[float] = deque(maxlen=200)
         self.create_timer(p["diagnostics_period"], self.publish_diagnostics)
@@ -143,8 +166,24 @@ class KeypointNode(Node):
         return {name: self.get_parameter(name).value for name in (
             "bundle_dir", "backend", "model_file_path", "engine_file_path", "force_engine_update", "enable_fp16",
             "checkpoint_path", "input_qos", "input_transport", "input_qos_depth", "on_certificate_mismatch",
-            "max_image_pixels",
+            "max_image_pixels", "frame_proof", "frame_proof_max_boxes", "frame_proof_every", "frame_proof_lighting",
+            "monitor_veto",
             "monitor_z", "monitor_max_saturated_fraction", "monitor_calibration_frames", "diagnostics_period")}
+
+    def _verifier(self, p: dict):
+        try:
+            from usn_offline.certify.frame import make_verifier
+        except ImportError as exc:
+            self.get_logger().warn(f"per-frame proofs need torch ({exc}): every frame is NOT_CHECKED")
+            return None
+        try:
+            verifier = make_verifier(self.bundle, True, p["frame_proof_max_boxes"],
+                                     tuple(float(v) for v in p["frame_proof_lighting"]))
+        except (UsnError, ValueError) as exc:
+            raise StartupError(f"cannot prove frames for this bundle: {exc}") from exc
+        self.get_logger().info(f"per-frame proofs for lighting {verifier.config.lighting}, budget "
+                               f"{p['frame_proof_max_boxes']} boxes")
+        return verifier
 
     def _validate_start(self) -> None:
         p = self._params()
@@ -168,24 +207,50 @@ class KeypointNode(Node):
         started = time.perf_counter()
         self.arrivals.append(time.monotonic())
         was_calibrating = self.stream.calibrating
+        prove = "now" if self._prover is None else "busy" if self._proof_busy else "later"
         if isinstance(msg, CompressedImage):
-            result = self.stream.process_compressed(msg.format, bytes(msg.data))
+            result = self.stream.process_compressed(msg.format, bytes(msg.data), prove)
         else:
             result = self.stream.process_raw(msg.height, msg.width, msg.encoding, bool(msg.is_bigendian), msg.step,
-                                             bytes(msg.data))
+                                             bytes(msg.data), prove)
         if was_calibrating and not self.stream.calibrating:
             self.get_logger().info(f"{result.status.detail}: {self.monitor.nominal}")
-        self.frames += 1
-        self.flagged += not result.certified
         if Reason.BAD_INPUT in result.status.reasons:
-            self.bad += 1
             self.get_logger().warn(f"BAD_INPUT: {result.status.detail}", throttle_duration_sec=5.0)
         if result.keypoints_px is not None:
             self.keypoint_pub.publish(self._keypoints_msg(msg, result))
-        self.status_pub.publish(self._status_msg(msg, result.status))
+        if result.pending is not None:
+            self._proof_busy = True
+            self._prover.submit(self._prove, msg, result, started)
+        else:
+            self._publish_decision(msg, result, started)
+
+    def _prove(self, msg: Image | CompressedImage, result: FrameResult, started: float) -> None:
+        """On the prover thread: complete the frame's decision and publish its status."""
+        try:
+            self.pipeline.finish(result)
+            self._publish_decision(msg, result, started)
+        except Exception as exc:  # shutting down, or a bug: never silently
+            self.get_logger().error(f"frame proof failed: {type(exc).__name__}: {exc}")
+        finally:
+            self._proof_busy = False
+
+    def _publish_decision(self, msg: Image | CompressedImage, result: FrameResult, started: float) -> None:
+        with self._stats_lock:
+            self.frames += 1
+            self.flagged += not result.certified
+            self.bad += Reason.BAD_INPUT in result.status.reasons
+            self.not_checked += Reason.NOT_CHECKED in result.status.reasons
+        self.status_pub.publish(self._status_msg(msg, result))
         if self.get_parameter("publish_debug_image").value and result.keypoints_px is not None:
             self.debug_pub.publish(self._debug_msg(msg, result.frame, result))
         self.latencies.append(time.perf_counter() - started)
+
+    def destroy_node(self) -> None:
+        prover = getattr(self, "_prover", None)  # None too when the start-up failed early
+        if prover is not None:
+            prover.shutdown(wait=True)  # the frame being proved still gets its status
+        super().destroy_node()
 
     def _keypoints_msg(self, image: Image, result: FrameResult) -> KeypointArray:
         msg = KeypointArray(header=image.header, model_sha256=self.bundle.model_sha256)
@@ -193,12 +258,20 @@ class KeypointNode(Node):
                          for i, (x, y) in enumerate(result.keypoints_px)]
         return msg
 
-    def _status_msg(self, image: Image, status: MonitorResult) -> CertificationStatus:
+    def _status_msg(self, image: Image, result: FrameResult) -> CertificationStatus:
+        status: MonitorResult = result.status
+        h, w = self.bundle.preprocess.input_height, self.bundle.preprocess.input_width
+        frame = result.frame
+        sy, sx = (math.nan, math.nan) if frame is None else (frame.shape[0] / h, frame.shape[1] / w)
+        gap, proven = self.bundle.deployment_gap_px, status.proven_deviation_px
+        allowed = math.nan if proven is None or not result.certified else proven + gap
         return CertificationStatus(
-            header=image.header, certified=not status.reasons, contrast=status.contrast,
+            header=image.header, certified=result.certified, lighting_range=self.lighting_range,
+            delta_x_px=self.bundle.effective_delta_px * sx, delta_y_px=self.bundle.effective_delta_px * sy,
+            proven_x_px=allowed * sx, proven_y_px=allowed * sy, contrast=status.contrast,
             brightness=status.brightness, contrast_stddev=status.contrast_stddev,
             brightness_stddev=status.brightness_stddev, margin=status.margin,
-            saturated_fraction=status.saturated_fraction, delta_px=self.bundle.effective_delta_px,
+            saturated_fraction=status.saturated_fraction,
             reasons=[int(r) for r in status.reasons], detail=status.detail, certificate_id=self.certificate_id)
 
     def _debug_msg(self, image: Image, frame: np.ndarray, result: FrameResult) -> Image:
@@ -223,12 +296,13 @@ class KeypointNode(Node):
         if self.frames == 0:
             level, message = DiagnosticStatus.WARN, "no images received yet"
         elif flagged > 0.5:
-            level, message = DiagnosticStatus.WARN, f"{100 * flagged:.0f} % of frames outside the certified region"
+            level, message = DiagnosticStatus.WARN, f"{100 * flagged:.0f} % of frames not certified"
         status = DiagnosticStatus(level=level, name="usn_keypoint_node: certified keypoints", message=message,
                                   hardware_id=self.bundle.model_sha256[:16])
         status.values = [KeyValue(key=k, value=v) for k, v in (
             ("frames", str(self.frames)), ("input_rate_hz", f"{rate:.2f}"), ("mean_latency_ms", f"{latency:.3f}"),
             ("flagged_fraction", f"{flagged:.4f}"), ("bad_input_frames", str(self.bad)),
+            ("not_checked_frames", str(self.not_checked)),
             ("backend", self.backend.name), ("certificate_id", self.certificate_id))]
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()

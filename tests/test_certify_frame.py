@@ -1,0 +1,202 @@
+"""Per-frame proofs: the pixel set of a frame holds every nominal image it can come from,
+the engine's bounds over pixel sets are sound, the ONNX lowering equals the model, and a
+proof's promise holds on relit frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from certify_helpers import random_model, sample_image  # noqa: E402  (tests/certify_helpers.py)
+
+from usn_offline.certify import Boxes, CertificationError, PixelMap, lower, output_bounds
+from usn_offline.certify.bab import Status
+from usn_offline.certify.bounds import BoundOptions
+from usn_offline.certify.frame import FrameCertifier, FrameProofConfig, inverse_box, pixel_set
+from usn_offline.certify.onnx_lowering import lower_onnx
+from usn_offline.perturb import PhotometricBox
+from usn_offline.runtime.preprocess import _LUMA, PreprocessConfig, preprocess, resize_image
+
+LIGHTING = PhotometricBox(0.8, 1.25, -0.1, 0.12)
+
+
+def _nominal_input(nominal: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """The network input of a float nominal image in [0, 1], in float64."""
+    gray = nominal if nominal.ndim == 2 else nominal[:, :, :3] @ np.array(_LUMA[3])
+    return resize_image(gray, config)
+
+
+def _camera(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """A nominal image with flat black and white patches (they clip first)."""
+    img = rng.random(shape)
+    img[: shape[0] // 4] *= 0.05
+    img[-shape[0] // 4:] = 1 - 0.05 * img[-shape[0] // 4:]
+    return img
+
+
+def test_inverse_box_bounds_every_inverse():
+    inv = inverse_box(LIGHTING)
+    rng = np.random.default_rng(0)
+    a0 = np.r_[rng.uniform(LIGHTING.a_lo, LIGHTING.a_hi, 500), LIGHTING.a_lo, LIGHTING.a_hi, LIGHTING.a_lo]
+    b0 = np.r_[rng.uniform(LIGHTING.b_lo, LIGHTING.b_hi, 500), LIGHTING.b_hi, LIGHTING.b_lo, LIGHTING.b_lo]
+    a, b = 1 / a0, -b0 / a0
+    assert (a >= inv.a_lo - 1e-15).all() and (a <= inv.a_hi + 1e-15).all()
+    assert (b >= inv.b_lo - 1e-15).all() and (b <= inv.b_hi + 1e-15).all()
+    assert b.min() == pytest.approx(inv.b_lo) and b.max() == pytest.approx(inv.b_hi)  # tight
+    with pytest.raises(CertificationError, match="contrast > 0"):
+        inverse_box(PhotometricBox(0.0, 1.0, 0.0, 0.0))
+
+
+@pytest.mark.parametrize("kind", ["gray8", "rgb8", "rgba8", "gray16", "float"])
+@pytest.mark.parametrize("rounding", [True, False])
+def test_pixel_set_holds_the_nominal_image(kind, rounding):
+    """For frames made by the stated model from random nominal images, the nominal image's
+    network input lies in the frame's pixel set at the true inverse (a, b)."""
+    config = PreprocessConfig(input_height=12, input_width=16)
+    inv = inverse_box(LIGHTING)
+    rng = np.random.default_rng(1)
+    channels = {"rgb8": 3, "rgba8": 4}.get(kind)
+    max_value = 65535.0 if kind == "gray16" else 1.0 if kind == "float" else 255.0
+    clipped = 0
+    for trial in range(12):
+        shape = (48, 64) if channels is None else (48, 64, channels)
+        nominal = _camera(rng, shape)
+        if kind == "rgba8":
+            nominal[:, :, 3] = 1.0
+        a0, b0 = rng.uniform(LIGHTING.a_lo, LIGHTING.a_hi), rng.uniform(LIGHTING.b_lo, LIGHTING.b_hi)
+        lit = np.clip(a0 * nominal + b0, 0, 1)
+        if kind == "float":
+            frame = lit
+        elif rounding:
+            frame = np.rint(lit * max_value).astype(np.uint16 if kind == "gray16" else np.uint8)
+        else:  # no rounding in the model: a frame whose values are exactly representable
+            frame = np.rint(lit * max_value).astype(np.uint16 if kind == "gray16" else np.uint8)
+            exact = frame.astype(np.float64) / max_value
+            dark = rng.random(shape) * max(0.0, -b0 / a0)  # a0 x + b0 <= 0
+            bright = 1 - rng.random(shape) * (1 - min(1.0, (1 - b0) / a0))  # a0 x + b0 >= 1
+            nominal = np.where(frame == 0, dark, np.where(frame == max_value, bright, (exact - b0) / a0))
+        if kind == "rgba8":
+            frame[:, :, 3] = 255
+        planes = pixel_set(frame, config, inv, rounding=rounding)
+        u, m, c_lo, c_hi = planes
+        assert (u >= 0).all() and (m >= 0).all() and (m <= 1 + 1e-12).all() and (c_lo <= c_hi).all()
+        tied = u / a0 - m * b0 / a0
+        x0 = _nominal_input(nominal, config)
+        assert (x0 >= tied + c_lo - 1e-9).all() and (x0 <= tied + c_hi + 1e-9).all(), (kind, trial)
+        clipped += int((m < 1).any())
+    assert clipped >= 4, "too few test frames clip"
+
+
+def _pixel_set_of(image: torch.Tensor, seed: int) -> torch.Tensor:
+    """A pixel set (1, 4, H, W) around ``image``: some pixels free in an interval (clipped),
+    the rest tied with a small rounding interval."""
+    g = torch.Generator().manual_seed(seed)
+    free = torch.rand(image.shape, generator=g, dtype=torch.float64) < 0.2
+    x = torch.where(free, torch.zeros_like(image), image)
+    m = (~free).to(torch.float64)
+    c_lo = torch.where(free, 0.3 * torch.rand(image.shape, generator=g, dtype=torch.float64), -0.002 * m)
+    c_hi = torch.where(free, c_lo + 0.2, 0.002 * m)
+    return torch.cat([x, m, c_lo, c_hi], dim=1)
+
+
+@pytest.mark.parametrize("family", ["cnn7", "resnet"])
+@pytest.mark.parametrize("intermediate", ["crown", "forward"])
+def test_bounds_over_pixel_sets_are_sound(family, intermediate):
+    graph = lower(random_model(family, 3), (1, 16, 16))
+    planes = _pixel_set_of(sample_image(3), 3)
+    boxes = [PhotometricBox(0.9, 1.1, -0.05, 0.05), PhotometricBox(0.7, 0.8, 0.1, 0.2)]
+    pixels = PixelMap.for_image(2, 16, 16)
+    lo, hi = output_bounds(graph, planes, Boxes.from_boxes(boxes), pixels,
+                           options=BoundOptions(intermediate=intermediate, max_elements=4096))
+    g = torch.Generator().manual_seed(4)
+    for k, box in enumerate(boxes):
+        n = 300
+        a = box.a_lo + (box.a_hi - box.a_lo) * torch.rand(n, generator=g, dtype=torch.float64)
+        b = box.b_lo + (box.b_hi - box.b_lo) * torch.rand(n, generator=g, dtype=torch.float64)
+        fill = torch.rand(n, 1, 16, 16, generator=g, dtype=torch.float64)
+        fill[: n // 3] = fill[: n // 3].round()  # the corners of the free intervals
+        out = pixels(graph.evaluate(planes, a, b, fill))
+        assert (out >= lo[k] - 1e-9).all() and (out <= hi[k] + 1e-9).all()
+
+
+def test_a_tied_pixel_set_bounds_like_its_image():
+    graph = lower(random_model("cnn7", 5), (1, 16, 16))
+    image = sample_image(5)
+    tied = torch.cat([image, torch.ones_like(image), torch.zeros_like(image), torch.zeros_like(image)], dim=1)
+    boxes = Boxes.from_boxes([PhotometricBox(0.9, 1.1, -0.05, 0.05)])
+    pixels = PixelMap.for_image(2, 16, 16)
+    for intermediate in ("crown", "forward"):
+        options = BoundOptions(intermediate=intermediate, max_elements=4096)
+        want = output_bounds(graph, image, boxes, pixels, options=options)
+        got = output_bounds(graph, tied, boxes, pixels, options=options)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", ["cnn7", "resnet"])
+def test_onnx_lowering_equals_the_torch_lowering(family, tmp_path):
+    model = random_model(family, 6)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model.float(), (torch.zeros(1, 1, 16, 16),), str(path), dynamo=False, opset_version=17,
+                      do_constant_folding=True)
+    from_onnx = lower_onnx(path)
+    from_torch = lower(model.double(), (1, 16, 16))
+    x = torch.rand(5, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = torch.tensor([1.0, 0.8, 1.2, 0.9, 1.0], dtype=torch.float64)
+    b = torch.tensor([0.0, 0.1, -0.1, 0.05, 0.2], dtype=torch.float64)
+    # float32 weights in the ONNX file: equal to float32 precision
+    torch.testing.assert_close(from_onnx.evaluate(x, a, b), from_torch.evaluate(x, a, b), rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_lowering_refuses_what_it_cannot_represent(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Sigmoid(), torch.nn.Flatten(),
+                                torch.nn.Linear(2 * 14 * 14, 4))
+    path = tmp_path / "sigmoid.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, 16, 16),), str(path), dynamo=False, opset_version=17)
+    with pytest.raises(CertificationError, match="unsupported ONNX operator Sigmoid"):
+        lower_onnx(path)
+    dilated = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, dilation=2), torch.nn.Flatten(),
+                                  torch.nn.Linear(2 * 12 * 12, 4))
+    torch.onnx.export(dilated, (torch.zeros(1, 1, 16, 16),), str(path), dynamo=False, opset_version=17)
+    with pytest.raises(CertificationError, match="dilation"):
+        lower_onnx(path)
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(CertificationError, match="cannot read the ONNX model"):
+        lower_onnx(tmp_path / "junk.onnx")
+
+
+def test_frame_proofs_keep_their_promise(exported_bundle):
+    """On camera-size frames relit inside the range from the bundle's test images, every
+    certified frame's served keypoints are within delta of those on its nominal image
+    (both through ONNX Runtime, as the node serves them)."""
+    import cv2
+    import onnxruntime as ort
+
+    from usn_offline.runtime.bundle import Bundle
+
+    bundle = Bundle.load(exported_bundle)
+    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
+    lighting = PhotometricBox(0.95, 1.05, -0.04, 0.04)
+    delta = 4.0
+    certifier = FrameCertifier.from_onnx(bundle.onnx_path, bundle.preprocess,
+                                         FrameProofConfig(lighting, delta, max_boxes=8))
+    from usn_offline.data import load_split
+
+    test = load_split(exported_bundle.parent / "data", "test")
+
+    def infer(frame):
+        return session.run(None, {"image": preprocess(frame, bundle.preprocess)[None, None].astype(np.float32)})[0][0]
+
+    h, w = bundle.preprocess.input_height, bundle.preprocess.input_width
+    rng = np.random.default_rng(7)
+    outcomes = []
+    for i in range(6):
+        nominal = cv2.resize(test.images[i][0], (640, 480), interpolation=cv2.INTER_LINEAR)
+        a0, b0 = rng.uniform(lighting.a_lo, lighting.a_hi), rng.uniform(lighting.b_lo, lighting.b_hi)
+        frame = np.clip(a0 * nominal + b0, 0, 1)  # the stated model, exactly (float frame)
+        served = infer(frame)
+        proof = certifier.prove(frame, served)
+        outcomes.append((proof.status, round(proof.deviation_px, 3)))
+        if proof.certified:
+            moved = np.abs(infer(nominal) - served) * np.tile([w / 2, h / 2], len(served) // 2)
+            assert moved.max() <= proof.deviation_px + 1e-3 <= delta + 1e-3
+    assert sum(status is Status.CERTIFIED for status, _ in outcomes) >= 3, outcomes
