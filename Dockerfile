@@ -1,4 +1,4 @@
-# Robot-side image: ROS 2 + the torch-free runtime of usn_offline + the keypoint node.
+# Robot-side image: ROS 2 + the runtime of usn_offline + the keypoint node (+ torch for per-frame proofs).
 #   docker build -t usn-keypoints .
 #   docker run --rm --net=host -v /path/to/bundle:/bundle:ro usn-keypoints \
 #       ros2 launch usn_keypoint_ros usn_keypoint_node.launch.py bundle_dir:=/bundle image_topic:=/camera/image_raw
@@ -11,6 +11,9 @@ FROM ${BASE_IMAGE}
 ARG INSTALL_ROS_APT=1
 # Humble's Python 3.10 / NumPy 1.x: pick an onnxruntime release that supports them.
 ARG ONNXRUNTIME_VERSION=1.32.0
+ARG FRAME_PROOFS=1
+ARG TORCH_VERSION=2.5.1
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -30,11 +33,23 @@ COPY msg ./msg
 COPY launch ./launch
 COPY ros2_ws/src ./ros2_ws/src
 
-# System ROS provides rclpy and the messages; install only our runtime (no torch, no ROS wheels).
+# System ROS provides rclpy and the messages; install only our runtime (no ROS wheels).
 RUN pip3 install --no-cache-dir --break-system-packages "onnxruntime==${ONNXRUNTIME_VERSION}" 2>/dev/null \
       || pip3 install --no-cache-dir "onnxruntime==${ONNXRUNTIME_VERSION}"; \
     pip3 install --no-cache-dir --no-deps --break-system-packages . 2>/dev/null \
       || pip3 install --no-cache-dir --no-deps .
+
+# Per-frame proofs (certified: true) need torch, onnx and tqdm; without them the node
+# serves keypoints and reports every frame NOT_CHECKED. FRAME_PROOFS=0 builds that
+# torch-free image. On a Jetson, a base image with NVIDIA's torch wheel keeps its torch.
+RUN if [ "${FRAME_PROOFS}" = "1" ]; then \
+      python3 -c "import torch" 2>/dev/null \
+        || pip3 install --no-cache-dir --break-system-packages --index-url "${TORCH_INDEX_URL}" \
+             "torch==${TORCH_VERSION}" 2>/dev/null \
+        || pip3 install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
+      pip3 install --no-cache-dir --break-system-packages "onnx==1.17.0" "tqdm==4.67.1" 2>/dev/null \
+        || pip3 install --no-cache-dir "onnx==1.17.0" "tqdm==4.67.1"; \
+    fi
 
 WORKDIR /opt/usn/ros2_ws
 RUN source "/opt/ros/${ROS_DISTRO}/setup.bash" \

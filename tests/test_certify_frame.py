@@ -200,3 +200,27 @@ def test_frame_proofs_keep_their_promise(exported_bundle):
             moved = np.abs(infer(nominal) - served) * np.tile([w / 2, h / 2], len(served) // 2)
             assert moved.max() <= proof.deviation_px + 1e-3 <= delta + 1e-3
     assert sum(status is Status.CERTIFIED for status, _ in outcomes) >= 3, outcomes
+
+
+def test_only_real_nominal_images_falsify(tmp_path):
+    """A counterexample of the over-approximating pixel set counts only when the nominal
+    image it stands for really gives the frame under the lighting change."""
+    model = random_model("cnn7", 8)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model.float(), (torch.zeros(1, 1, 16, 16),), str(path), dynamo=False, opset_version=17)
+    config = PreprocessConfig(input_height=16, input_width=16)
+    certifier = FrameCertifier.from_onnx(path, config, FrameProofConfig(LIGHTING, 0.0))
+    rng = np.random.default_rng(9)
+    frame = rng.integers(20, 236, (32, 32), dtype=np.uint8)  # nothing clipped
+    served = certifier.graph.evaluate(torch.from_numpy(preprocess(frame, config)).double()[None, None],
+                                      torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))[0]
+    pixels = PixelMap.for_image(2, 16, 16)
+    from usn_offline.certify.spec import KeypointProperty
+
+    prop = KeypointProperty(pixels(served[None])[0], 1e-6)  # float32 vs float64 preprocessing: ~1e-9
+    assert certifier._confirm(frame, (1.05, -0.02), prop, pixels) > 0  # a real nominal image: moved
+    assert certifier._confirm(frame, (1.0, 0.0), prop, pixels) is None  # the frame itself does not move
+    dark = frame.copy()
+    dark[:4] = 0  # clipped black: its nominal image needs b >= 0 (a0 X0 + b0 <= 0 with X0 >= 0)
+    assert certifier._confirm(dark, (1.05, -0.02), prop, pixels) is None
+    assert certifier._confirm(dark, (1.05, 0.02), prop, pixels) > 0

@@ -80,6 +80,11 @@ def test_replay_gives_the_counts_the_generator_implies(offline_run, exported_bun
     moved = [r for r in judged if r.moved]
     assert overall["judged_frames"] == len(judged) == 78
     assert overall["silent_failures"] == sum(r.moved for r in certified)
+    assert overall["silent_failures_in_range"] == 0  # the promise (proved frames in the range hold)
+    assert overall["silent_failures_outside_range"] == overall["silent_failures"]
+    in_range = [r for r in judged if r.in_region]
+    assert overall["certified_fraction_in_range"] == (sum(r.certified for r in in_range) / len(in_range)
+                                                      if in_range else None)
     assert overall["failure_recall"] == (sum(not r.certified for r in moved) / len(moved) if moved else None)
 
 

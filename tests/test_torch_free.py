@@ -35,3 +35,17 @@ def test_the_node_and_replay_runtime_serve_a_bundle_without_torch(exported_bundl
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "onnxruntime"
+
+
+def test_frame_proofs_need_only_torch_and_onnx_beyond_the_runtime():
+    """The robot image adds torch, onnx and tqdm for per-frame proofs (Dockerfile
+    FRAME_PROOFS): the prover must not pull the offline stack (scikit-image, scipy,
+    matplotlib) in."""
+    code = ("import sys\n"
+            "for name in ('skimage', 'scipy', 'matplotlib', 'yaml', 'rosbags'):\n"
+            "    sys.modules[name] = None\n"
+            "import usn_offline.certify.frame\n"
+            "print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"

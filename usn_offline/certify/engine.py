@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,8 +18,10 @@ from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.graph import Graph, lower
 from usn_offline.certify.search import RadiusConfig, largest_certified_radius, region_map
 from usn_offline.certify.spec import KeypointProperty, Norm, Reference
-from usn_offline.data.dataset import KeypointDataset
 from usn_offline.perturb import PhotometricBox
+
+if TYPE_CHECKING:  # the data package (scikit-image, ...) is not needed to prove frames on a robot
+    from usn_offline.data.dataset import KeypointDataset
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

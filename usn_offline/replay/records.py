@@ -6,8 +6,13 @@ Definitions (every figure is per scenario and overall; ``flagged`` = not certifi
   frame's nominal image (same view, contrast 1, brightness 0) by more than the bound the
   certificate promises, measured in the certificate's norm on the network input and
   reported in image pixels (per axis the bound is delta * W / w and delta * H / h);
-- ``silent_failures``: certified frames that moved (the certificate's promise broken);
-  ``silent_failure_rate`` = silent failures / certified frames;
+- ``silent_failures``: certified frames that moved; ``silent_failure_rate`` = silent
+  failures / certified frames. Split by the frame's true lighting: ``..._in_range`` (its
+  true (a, b) lies in the certified region, the range the per-frame proofs cover: the
+  promise itself broken, which soundness rules out) and ``..._outside_range`` (the stated
+  assumption violated: the proof covered a range the true change was not in);
+- ``certified_fraction_in_range``: certified frames among the judged frames whose true
+  lighting lies in the range;
 - ``failure_recall``: flagged frames among those that moved;
 - ``false_alarm_rate``: flagged frames among those whose true (a, b) lies in the certified
   region and that did not move.
@@ -139,6 +144,10 @@ def summarise(records: list[FrameRecord]) -> dict:
         "judged_frames": len(judged), "moved_frames": len(moved),
         "in_region_frames": sum(bool(r.in_region) for r in truth),
         "silent_failures": silent, "silent_failure_rate": _rate(silent, judged_certified),
+        "silent_failures_in_range": sum(r.certified and bool(r.in_region) for r in moved),
+        "silent_failures_outside_range": sum(r.certified and not r.in_region for r in moved),
+        "certified_fraction_in_range": _rate(sum(r.certified for r in judged if r.in_region),
+                                             sum(bool(r.in_region) for r in judged)),
         "failure_recall": _rate(sum(not r.certified for r in moved), len(moved)),
         "false_alarm_rate": _rate(sum(not r.certified for r in calm), len(calm)),
         "malformed_frames": len(malformed),

@@ -15,8 +15,10 @@ from usn_offline.runtime.hashing import sha256_file
 SCHEMA_VERSION = 1
 # The columns of the summary table: (key, header, format).
 COLUMNS = (
-    ("frames", "frames", "d"), ("certified_fraction", "certified", "%"), ("moved_frames", "moved", "d"),
-    ("silent_failures", "silent failures", "d"), ("silent_failure_rate", "silent-failure rate", "%"),
+    ("frames", "frames", "d"), ("certified_fraction", "certified", "%"),
+    ("certified_fraction_in_range", "certified in range", "%"), ("moved_frames", "moved", "d"),
+    ("silent_failures", "silent failures", "d"), ("silent_failures_in_range", "… in range", "d"),
+    ("silent_failures_outside_range", "… outside", "d"), ("silent_failure_rate", "silent-failure rate", "%"),
     ("failure_recall", "failure recall", "%"), ("false_alarm_rate", "false alarms", "%"),
     ("bad_input_frames", "bad input", "d"), ("mean_error_px", "mean error px", ".2f"),
     ("latency_ms_p50", "latency p50 ms", ".2f"), ("latency_ms_p99", "p99 ms", ".2f"),
@@ -135,10 +137,14 @@ def summary_markdown(report: dict, pictures: list[str]) -> str:
                   f"{_cell(live['latency_ms_p50'], '.2f')} ms, p99 {_cell(live['latency_ms_p99'], '.2f')} ms. "
                   f"Against the offline replay: "
                   f"{live['agreement']['frames_compared']} frames compared, flags identical: "
-                  f"{live['agreement']['flags_identical']}, largest keypoint difference "
+                  f"{live['agreement']['flags_identical']} (frames the node left NOT_CHECKED while proving "
+                  f"another: {live['agreement'].get('not_checked_live', 0)}), largest keypoint difference "
                   f"{live['agreement']['max_keypoint_difference_px']:.2e} px.", ""]
     lines += ["Definitions: *moved* = some keypoint deviates from the detector's output on the frame's nominal "
-              "image by more than δ (image pixels, per axis); *silent-failure rate* = moved among certified frames; "
+              "image by more than δ (image pixels, per axis); *silent failures* = certified frames that moved, "
+              "*… in range* those whose true (a, b) lies in the range the proofs cover (the promise broken), "
+              "*… outside* the others (its stated assumption violated); *certified in range* = certified among "
+              "the frames whose true (a, b) is in that range; *silent-failure rate* = moved among certified frames; "
               "*failure recall* = flagged among moved frames; *false alarms* = flagged among frames whose true "
               "(a, b) is in the certified region and that did not move. Keys of report.json: docs/REPLAY.md "
               "in the repository.", ""]
