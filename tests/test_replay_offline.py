@@ -121,8 +121,11 @@ def test_truncated_bag_keeps_a_partial_report(scenario_bag, exported_bundle, tmp
     mcap = next(cut.glob("*.mcap"))
     os.truncate(mcap, int(mcap.stat().st_size * 0.6))
     out = tmp_path / "report"
+    # The shipped parameters without per-frame proofs: this test is about the bag's end.
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.read_text().replace("frame_proof: true", "frame_proof: false"))
     proc = subprocess.run([sys.executable, "-m", "usn_offline.cli", "replay", "--bag", str(cut), "--bundle",
-                           str(exported_bundle), "--out", str(out), "--quiet", "--no-plots"],
+                           str(exported_bundle), "--out", str(out), "--quiet", "--no-plots", "--params", str(params)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "warning: the bag ended early" in proc.stdout
@@ -130,6 +133,7 @@ def test_truncated_bag_keeps_a_partial_report(scenario_bag, exported_bundle, tmp
     assert not doc["complete"] and "ends early" in doc["problem"]
     assert 10 < doc["frames_replayed"] < 80 and doc["overall"]["frames"] == doc["frames_replayed"]
     assert len((out / "frames.jsonl").read_text().splitlines()) == doc["frames_replayed"]
+    assert doc["overall"]["reasons"].get("NOT_CHECKED") == doc["frames_replayed"] - doc["overall"]["bad_input_frames"]
 
 
 def test_replay_cli_errors(exported_bundle, scenario_bag, tmp_path):
