@@ -45,7 +45,7 @@ def main() -> None:
     def serve(frame: np.ndarray) -> np.ndarray:
         return session.run(None, {name: preprocess(frame, bundle.preprocess)[None, None].astype(np.float32)})[0][0]
 
-    nominals = [cv2.cvtColor(cv2.resize((255 * test.images[i][0]).round().astype(np.uint8), (640, 480),
+    nominals = [cv2.cvtColor(cv2.resize((255 * test.images[i]).round().astype(np.uint8), (640, 480),
                                         interpolation=cv2.INTER_LINEAR), cv2.COLOR_GRAY2RGB)
                 for i in range(min(args.images, len(test)))]
     serve_s = median_seconds(lambda: serve(nominals[0]), 200)

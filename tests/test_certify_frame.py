@@ -190,7 +190,7 @@ def test_frame_proofs_keep_their_promise(exported_bundle):
     rng = np.random.default_rng(7)
     outcomes = []
     for i in range(6):
-        nominal = cv2.resize(test.images[i][0], (640, 480), interpolation=cv2.INTER_LINEAR)
+        nominal = cv2.resize(test.images[i], (640, 480), interpolation=cv2.INTER_LINEAR)
         a0, b0 = rng.uniform(lighting.a_lo, lighting.a_hi), rng.uniform(lighting.b_lo, lighting.b_hi)
         frame = np.clip(a0 * nominal + b0, 0, 1)  # the stated model, exactly (float frame)
         served = infer(frame)

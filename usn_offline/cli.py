@@ -58,6 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from usn_offline.models import build_model, count_parameters, model_config_for
     from usn_offline.runtime.preprocess import PreprocessConfig
     from usn_offline.train import TrainConfig, train_model
+    from usn_offline.train.bound_loss import BoundLossConfig
 
     pre = PreprocessConfig(args.input_size, args.input_size)
     train_set = load_split(args.data, "train", pre)
@@ -70,11 +71,17 @@ def _cmd_train(args: argparse.Namespace) -> None:
         overrides["hidden"] = args.hidden
     model_config = model_config_for(args.model, **overrides)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         device=args.device)
+                         device=args.device,
+                         bound=BoundLossConfig(weight=args.bound_weight, eps=args.bound_eps,
+                                               ramp_epochs=args.bound_ramp_epochs))
     print(f"model {args.model}: {count_parameters(build_model(model_config)):,} parameters; "
           f"{len(train_set)} train / {len(val_set)} val images")
+    if args.init is not None:  # the architecture is the starting checkpoint's
+        from usn_offline.train import load_checkpoint
+
+        model_config = load_checkpoint(args.init)[1].model
     result = train_model(train_set, val_set, model_config, config, args.out, resume=args.resume,
-                         progress=not args.quiet)
+                         progress=not args.quiet, init=args.init)
     if result.epochs_run == 0:
         print(f"{args.out} is up to date: all {args.epochs} epoch(s) were already trained (--resume)")
     else:
@@ -342,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=20)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=_positive_float, default=2e-3)
+    p.add_argument("--init", type=Path, help="start from this checkpoint's weights and architecture "
+                   "(fine-tuning, e.g. with --bound-weight)")
+    # Defaults equal BoundLossConfig's (a test checks; the parser must not import torch).
+    p.add_argument("--bound-weight", type=float, default=0.0,
+                   help="weight of the bound-based loss (certifiable training; 0: off)")
+    p.add_argument("--bound-eps", type=float, default=0.05,
+                   help="half-width of the (contrast, brightness) box the bound loss flattens")
+    p.add_argument("--bound-ramp-epochs", type=int, default=5,
+                   help="epochs over which the bound loss's weight and box ramp up from 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")

@@ -132,13 +132,14 @@ class Graph:
         return values[self.output]
 
 
-def _bn_affine(bn: nn.BatchNorm2d, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _bn_affine(bn: nn.BatchNorm2d, dtype, device, keep_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     if bn.running_mean is None or bn.running_var is None:
         raise CertificationError("BatchNorm without running statistics cannot be certified")
+    take = (lambda t: t.to(device, dtype)) if keep_grad else (lambda t: t.detach().to(device, dtype))  # noqa: E731
     var = bn.running_var.detach().to(device, dtype)
     mean = bn.running_mean.detach().to(device, dtype)
-    gamma = bn.weight.detach().to(device, dtype) if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.detach().to(device, dtype) if bn.bias is not None else torch.zeros_like(var)
+    gamma = take(bn.weight) if bn.weight is not None else torch.ones_like(var)
+    beta = take(bn.bias) if bn.bias is not None else torch.zeros_like(var)
     scale = gamma / torch.sqrt(var + bn.eps)
     return scale, beta - mean * scale
 
@@ -148,7 +149,8 @@ def _pair(v) -> tuple[int, int]:
 
 
 class _Lowering:
-    def __init__(self, input_shape, dtype, device):
+    def __init__(self, input_shape, dtype, device, keep_grad: bool = False):
+        self.keep_grad = keep_grad
         self.nodes: list[Node] = []
         self.dtype, self.device = dtype, device
         self.input_shape = tuple(input_shape)
@@ -158,7 +160,9 @@ class _Lowering:
         return len(self.nodes) - 1
 
     def t(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.detach().to(self.device, self.dtype)
+        if tensor is None:
+            return None
+        return tensor.to(self.device, self.dtype) if self.keep_grad else tensor.detach().to(self.device, self.dtype)
 
     def module(self, mod: nn.Module, src: int, name: str) -> int:
         shape = self.nodes[src].shape
@@ -176,7 +180,7 @@ class _Lowering:
         if isinstance(mod, nn.BatchNorm2d):
             # Folded into its convolution later (_fold_batchnorms), once the whole graph shows
             # whether anything else reads that convolution's output.
-            scale, shift = _bn_affine(mod, self.dtype, self.device)
+            scale, shift = _bn_affine(mod, self.dtype, self.device, self.keep_grad)
             return self.add(ChannelAffineOp(scale, shift, shape, shape), [src], shape, name)
         if isinstance(mod, nn.Linear):
             if len(shape) != 1:
@@ -223,18 +227,30 @@ def clip_input(low: _Lowering, input_shape: tuple[int, ...], clip: bool) -> int:
     return low.add(AddOp((1.0, -1.0), input_shape), [r0, r1], input_shape, "clip")
 
 
-@torch.no_grad()
 def lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool = True,
-          dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Graph:
-    """Lower ``model`` (in eval mode) for inputs of shape ``input_shape`` = (C, H, W)."""
-    device = torch.device(device)
+          dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+          differentiable: bool = False) -> Graph:
+    """Lower ``model`` (in eval mode) for inputs of shape ``input_shape`` = (C, H, W).
+
+    ``differentiable``: the graph's weights stay attached to the module's parameters, so
+    bounds computed on it have gradients (bound-based training); the numerical check
+    against the module is skipped then (it is a training loss, not a certificate; tests
+    check that both lowerings agree)."""
+    if differentiable:
+        return _lower(model, input_shape, clip, dtype, torch.device(device), True)
+    with torch.no_grad():
+        return _lower(model, input_shape, clip, dtype, torch.device(device), False)
+
+
+def _lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool, dtype: torch.dtype, device: torch.device,
+           differentiable: bool) -> Graph:
     if model.training:
         raise CertificationError("put the model in eval mode before certification (BatchNorm statistics)")
     try:
         traced = torch.fx.symbolic_trace(model)
     except Exception as exc:
         raise CertificationError(f"cannot trace the model with torch.fx: {exc}") from exc
-    low = _Lowering(input_shape, dtype, device)
+    low = _Lowering(input_shape, dtype, device, keep_grad=differentiable)
     modules = dict(traced.named_modules())
     low.uses = {}
 
@@ -280,7 +296,8 @@ def lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool = True,
         raise CertificationError("the traced model has no output")
     nodes, output = _prune_unused(*_fold_batchnorms(*_prune_unused(low.nodes, output)))
     graph = Graph(nodes=nodes, output=output, input_shape=tuple(input_shape), dtype=dtype, device=device)
-    _check_equal(graph, model, input_shape)
+    if not differentiable:
+        _check_equal(graph, model, input_shape)
     return graph
 
 

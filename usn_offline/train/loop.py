@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from usn_offline.errors import CheckpointError, ConfigError
 from usn_offline.models import KeypointNet, ModelConfig, build_model
 from usn_offline.perturb import apply_photometric
 from usn_offline.runtime.preprocess import PreprocessConfig, pixels_to_normalised
+from usn_offline.train.bound_loss import BoundLossConfig, bound_loss
 from usn_offline.train.checkpoint import CheckpointInfo, save_checkpoint
 from usn_offline.train.device import resolve_device, use_all_cpu_cores
 from usn_offline.train.metrics import evaluate_model
@@ -41,6 +42,8 @@ class TrainConfig:
     augment_brightness: tuple[float, float] = (-0.25, 0.25)
     augment_probability: float = 0.8
     smooth_l1_beta: float = 0.01
+    # Bound-based (certifiable) training: off unless bound.weight > 0 (train/bound_loss.py).
+    bound: BoundLossConfig = field(default_factory=BoundLossConfig)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -100,11 +103,15 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[int, float, float], None] | None = None,
+    init: Path | str | None = None,
 ) -> TrainResult:
     """Train a keypoint network and write ``out`` (+ ``.json`` config, + ``.resume.pt``).
 
     With ``resume=True`` training continues from the state saved after the last
     completed epoch; the result equals an uninterrupted run with the same seed.
+    ``init``: start from this checkpoint's weights (same architecture), e.g. to fine-tune
+    a trained network with the bound loss — trained from scratch, the bound loss pulls
+    the network to a constant output (zero width) before it learns the task.
     """
     out = Path(out)
     if train_set.image_hw != (model_config.input_height, model_config.input_width):
@@ -119,6 +126,13 @@ def train_model(
     gen = torch.Generator().manual_seed(config.seed)
 
     model: KeypointNet = build_model(model_config).to(device)
+    if init is not None:
+        from usn_offline.train.checkpoint import load_checkpoint
+
+        start, start_info = load_checkpoint(init)
+        if start_info.model != model_config:
+            raise ConfigError(f"--init {init}: its architecture differs from the one to train")
+        model.load_state_dict(start.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = (len(train_set) + config.batch_size - 1) // config.batch_size
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -149,6 +163,7 @@ def train_model(
     val_err = float("nan")
     for epoch in bar:
         model.train()
+        bound_weight, bound_eps = config.bound.schedule(epoch)
         order = torch.randperm(len(train_set), generator=gen)
         total, seen = 0.0, 0
         for start in range(0, len(order), config.batch_size):
@@ -156,6 +171,8 @@ def train_model(
             x = augment_batch(images[idx], config, gen).to(device)
             y = targets[idx].to(device)
             loss = loss_fn(model(x), y)
+            if bound_weight > 0:
+                loss = loss + bound_weight * bound_loss(model, x[:config.bound.images_per_batch], bound_eps)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

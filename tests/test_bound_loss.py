@@ -1,0 +1,123 @@
+"""Bound-based training: the differentiable bounds are the engine's bounds (sound), their
+gradients match finite differences, and training with them makes the bounds narrower."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from certify_helpers import random_model, sample_image  # noqa: E402  (tests/certify_helpers.py)
+
+from usn_offline.certify import Boxes, lower
+from usn_offline.certify.forward import propagate
+from usn_offline.errors import ConfigError
+from usn_offline.perturb import PhotometricBox
+from usn_offline.train.bound_loss import BoundLossConfig, bound_loss, keypoint_bounds
+
+
+def _images(n: int = 3) -> torch.Tensor:
+    return torch.cat([sample_image(seed) for seed in range(n)])
+
+
+@pytest.mark.parametrize("family", ["cnn7", "resnet"])
+def test_differentiable_bounds_are_the_engines_and_sound(family):
+    model = random_model(family, 11).double()
+    images = _images()
+    lo, hi = keypoint_bounds(model, images, 0.05)
+    graph = lower(model, (1, 16, 16))  # the certification lowering (checked against the module)
+    boxes = Boxes.from_boxes([PhotometricBox.symmetric(0.05, 0.05)] * len(images))
+    fwd = propagate(graph, images, boxes, linear=True, intersect_ibp=True)
+    torch.testing.assert_close(lo.detach(), fwd.out_lo, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(hi.detach(), fwd.out_hi, rtol=1e-10, atol=1e-10)
+    g = torch.Generator().manual_seed(0)
+    a = 0.95 + 0.1 * torch.rand(200, generator=g, dtype=torch.float64)
+    b = -0.05 + 0.1 * torch.rand(200, generator=g, dtype=torch.float64)
+    a[:4], b[:4] = torch.tensor([0.95, 0.95, 1.05, 1.05]), torch.tensor([-0.05, 0.05, -0.05, 0.05])
+    for i in range(len(images)):
+        with torch.no_grad():
+            out = graph.evaluate(images[i:i + 1], a, b)
+        assert (out >= lo[i].detach() - 1e-9).all() and (out <= hi[i].detach() + 1e-9).all()
+
+
+def test_bound_loss_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    model = random_model("cnn7", 12).double()
+    images = _images(2)
+    loss = bound_loss(model, images, 0.05)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss, list(params.values()))
+    rng = np.random.default_rng(0)
+    checked = 0
+    for (name, param), grad in zip(params.items(), grads, strict=True):
+        flat = param.detach().view(-1)
+        for j in rng.choice(flat.numel(), size=min(3, flat.numel()), replace=False):
+            h = 1e-6
+            with torch.no_grad():
+                old = float(flat[j])
+                flat[j] = old + h
+                up = float(bound_loss(model, images, 0.05))
+                flat[j] = old - h
+                down = float(bound_loss(model, images, 0.05))
+                flat[j] = old
+            numeric = (up - down) / (2 * h)
+            assert float(grad.view(-1)[j]) == pytest.approx(numeric, rel=1e-4, abs=1e-7), (name, j)
+            checked += 1
+    assert checked >= 10
+
+
+def test_schedule_and_config_errors():
+    config = BoundLossConfig(weight=0.5, eps=0.1, ramp_epochs=4)
+    assert config.schedule(0) == pytest.approx((0.125, 0.025))
+    assert config.schedule(3) == pytest.approx((0.5, 0.1)) and config.schedule(9) == pytest.approx((0.5, 0.1))
+    assert BoundLossConfig(weight=1.0, ramp_epochs=0).schedule(0) == (1.0, 0.05)
+    for bad, message in (({"weight": float("nan")}, "weight"), ({"eps": 0.0}, "eps"), ({"ramp_epochs": -1}, "ramp")):
+        with pytest.raises(ConfigError, match=message):
+            BoundLossConfig(**bad)
+
+
+def test_cli_defaults_equal_the_config():
+    from usn_offline.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "m.pt"])
+    default = BoundLossConfig()
+    assert (args.bound_weight, args.bound_eps, args.bound_ramp_epochs) == (default.weight, default.eps,
+                                                                             default.ramp_epochs)
+
+
+def test_fine_tuning_with_the_bound_loss_narrows_the_bounds(tiny_dataset, tmp_path):
+    from usn_offline.data import load_split
+    from usn_offline.models import model_config_for
+    from usn_offline.train import TrainConfig, load_checkpoint, train_model
+
+    train, val = load_split(tiny_dataset, "train"), load_split(tiny_dataset, "val")
+    config = model_config_for("cnn7", widths=(4, 8, 8, 8, 8), hidden=32)
+    start = tmp_path / "start.pt"
+    train_model(train, val, config, TrainConfig(epochs=2, batch_size=16, device="cpu"), start, progress=False)
+    widths = {}
+    for weight in (0.0, 1.0):  # the same fine-tuning from the same start, without and with the bound loss
+        out = tmp_path / f"m{weight}.pt"
+        train_model(train, val, config, TrainConfig(epochs=4, batch_size=16, lr=1e-3, device="cpu",
+                                                    bound=BoundLossConfig(weight=weight, eps=0.05, ramp_epochs=1,
+                                                                          images_per_batch=8)),
+                    out, progress=False, init=start)
+        model, _ = load_checkpoint(out)
+        images = torch.from_numpy(val.images[:8]).unsqueeze(1)
+        with torch.no_grad():
+            lo, hi = keypoint_bounds(model, images, 0.05)
+        widths[weight] = float((hi - lo).mean())
+    assert widths[1.0] < 0.5 * widths[0.0], widths
+
+
+def test_init_refuses_another_architecture(tiny_dataset, tmp_path):
+    from usn_offline.data import load_split
+    from usn_offline.models import model_config_for
+    from usn_offline.train import TrainConfig, train_model
+
+    train, val = load_split(tiny_dataset, "train"), load_split(tiny_dataset, "val")
+    start = tmp_path / "start.pt"
+    train_model(train, val, model_config_for("cnn7", widths=(4, 8, 8, 8, 8), hidden=32),
+                TrainConfig(epochs=1, batch_size=32, device="cpu"), start, progress=False)
+    with pytest.raises(ConfigError, match="architecture differs"):
+        train_model(train, val, model_config_for("cnn7", widths=(4, 8, 8, 8, 16), hidden=32),
+                    TrainConfig(epochs=1, batch_size=32, device="cpu"), tmp_path / "other.pt", progress=False,
+                    init=start)
