@@ -80,12 +80,12 @@ def pixel_set(frame: np.ndarray, config: PreprocessConfig, inverse: PhotometricB
     half = step / 2
     dark_hi = float(np.clip(inverse.b_hi + inverse.a_hi * half, 0.0, 1.0))
     bright_lo = float(np.clip(inverse.a_lo * (1 - half) + inverse.b_lo, 0.0, 1.0))
-    rounding = inverse.a_hi * half
+    error = inverse.a_hi * half  # the rounding error after inversion (0 without rounding)
     planes = [
         np.where(inside, raw / max_value, 0.0),
         inside.astype(np.float64),
-        np.where(inside, -rounding, np.where(bright, bright_lo, 0.0)),
-        np.where(inside, rounding, np.where(bright, 1.0, dark_hi)),
+        np.where(inside, -error, np.where(bright, bright_lo, 0.0)),
+        np.where(inside, error, np.where(bright, 1.0, dark_hi)),
     ]
     weights = None if raw.ndim == 2 else np.array(_LUMA[3])
     out = []
