@@ -12,14 +12,19 @@ TORCH_FREE_MODULES = ["usn_offline.runtime", "usn_offline.runtime.preprocess", "
                       "usn_offline.data"]
 
 
+def _python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter; its stdout (stripped), asserting it succeeded."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
 def test_runtime_modules_import_without_torch():
     # A None entry in sys.modules makes "import torch" fail, as on a robot without torch.
     code = ("import sys; sys.modules['torch'] = None\n"
             + "".join(f"import {m}\n" for m in TORCH_FREE_MODULES)
             + "assert sys.modules['torch'] is None\nprint('ok')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
+    assert _python(code) == "ok"
 
 
 def test_the_node_and_replay_runtime_serve_a_bundle_without_torch(exported_bundle):
@@ -32,9 +37,7 @@ def test_the_node_and_replay_runtime_serve_a_bundle_without_torch(exported_bundl
             "result = stream.process_frame(np.full((480, 640, 3), 128, np.uint8))\n"
             "assert result.keypoints_px.shape == (4, 2), result.status\n"
             "print(stream.pipeline.backend.name)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "onnxruntime"
+    assert _python(code) == "onnxruntime"
 
 
 def test_frame_proofs_need_only_torch_and_onnx_beyond_the_runtime():
@@ -46,6 +49,4 @@ def test_frame_proofs_need_only_torch_and_onnx_beyond_the_runtime():
             "    sys.modules[name] = None\n"
             "import usn_offline.certify.frame\n"
             "print('ok')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
+    assert _python(code) == "ok"

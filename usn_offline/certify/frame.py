@@ -40,7 +40,13 @@ from usn_offline.certify.graph import Graph
 from usn_offline.certify.spec import KeypointProperty, Norm
 from usn_offline.perturb import PhotometricBox
 from usn_offline.runtime.bundle import Bundle
-from usn_offline.runtime.preprocess import _LUMA, PreprocessConfig, normalised_to_pixels, resize_image
+from usn_offline.runtime.preprocess import (
+    _LUMA,
+    PreprocessConfig,
+    full_scale,
+    normalised_to_pixels,
+    resize_image,
+)
 
 
 def inverse_box(lighting: PhotometricBox) -> PhotometricBox:
@@ -56,11 +62,24 @@ def inverse_box(lighting: PhotometricBox) -> PhotometricBox:
 
 def camera_step(frame: np.ndarray) -> tuple[float, float]:
     """(rounding step q, maximum value) of a frame's pixel type, in [0, 1] units."""
-    if frame.dtype == np.uint8:
-        return 1.0 / 255.0, 255.0
-    if frame.dtype == np.uint16:
-        return 1.0 / 65535.0, 65535.0
-    return 0.0, 1.0
+    max_value = full_scale(frame.dtype)
+    return (1.0 / max_value if frame.dtype.kind in "ui" else 0.0), max_value
+
+
+def _light_channels(frame: np.ndarray) -> np.ndarray:
+    """The frame's light channels as float64 raw values: (H, W) mono or (H, W, 3) colour
+    (a single channel squeezed, alpha dropped)."""
+    channels = frame[:, :, :3] if frame.ndim == 3 and frame.shape[2] == 4 else frame
+    if channels.ndim == 3 and channels.shape[2] == 1:
+        channels = channels[:, :, 0]
+    return channels.astype(np.float64)
+
+
+def _network_input(plane: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Preprocessing in float64 of one (H, W) or (H, W, 3) plane: BT.601 luma, then the
+    resize — both linear with non-negative weights."""
+    gray = plane if plane.ndim == 2 else plane @ np.array(_LUMA[3])
+    return resize_image(np.ascontiguousarray(gray), config)
 
 
 def pixel_set(frame: np.ndarray, config: PreprocessConfig, inverse: PhotometricBox,
@@ -71,10 +90,7 @@ def pixel_set(frame: np.ndarray, config: PreprocessConfig, inverse: PhotometricB
     pixels are still those at 0 and at the maximum)."""
     step, max_value = camera_step(frame)
     step = step if rounding else 0.0
-    channels = frame[:, :, :3] if frame.ndim == 3 and frame.shape[2] == 4 else frame
-    if channels.ndim == 3 and channels.shape[2] == 1:
-        channels = channels[:, :, 0]
-    raw = channels.astype(np.float64)
+    raw = _light_channels(frame)
     dark, bright = raw <= 0, raw >= max_value
     inside = ~(dark | bright)
     half = step / 2
@@ -87,12 +103,7 @@ def pixel_set(frame: np.ndarray, config: PreprocessConfig, inverse: PhotometricB
         np.where(inside, -error, np.where(bright, bright_lo, 0.0)),
         np.where(inside, error, np.where(bright, 1.0, dark_hi)),
     ]
-    weights = None if raw.ndim == 2 else np.array(_LUMA[3])
-    out = []
-    for plane in planes:
-        gray = plane if weights is None else plane @ weights
-        out.append(resize_image(np.ascontiguousarray(gray), config))
-    return np.stack(out)
+    return np.stack([_network_input(plane, config) for plane in planes])
 
 
 @dataclass(frozen=True)
@@ -207,15 +218,11 @@ class FrameCertifier:
         if point is None:
             return None
         a, b = point
-        step, max_value = camera_step(frame)
-        channels = frame[:, :, :3] if frame.ndim == 3 and frame.shape[2] == 4 else frame
-        observed = channels.astype(np.float64) / max_value
+        observed = _light_channels(frame) / full_scale(frame.dtype)
         nominal = np.clip(a * observed + b, 0.0, 1.0)
         if np.abs(np.clip(nominal / a - b / a, 0.0, 1.0) - observed).max() > 1e-9:
             return None
-        gray = nominal if nominal.ndim == 2 else (nominal[:, :, 0] if nominal.shape[2] == 1 else
-                                                  nominal @ np.array(_LUMA[3]))
-        x0 = torch.from_numpy(resize_image(np.ascontiguousarray(gray), self.preprocess))
+        x0 = torch.from_numpy(_network_input(nominal, self.preprocess))
         one = torch.ones(1, dtype=self.graph.dtype, device=self.graph.device)
         with torch.no_grad():
             out = pixels(self.graph.evaluate(x0.to(self.graph.device, self.graph.dtype)[None, None], one, one - 1))

@@ -22,7 +22,7 @@ import numpy as np
 
 from usn_offline.runtime.bundle import Bundle
 from usn_offline.runtime.monitor import MonitorResult, PhotometricMonitor, Reason, saturated_fraction
-from usn_offline.runtime.preprocess import normalised_to_pixels, preprocess, scale_keypoints
+from usn_offline.runtime.preprocess import full_scale, normalised_to_pixels, preprocess, scale_keypoints
 
 
 class Backend(Protocol):
@@ -139,7 +139,7 @@ class KeypointPipeline:
         problem = check_frame(frame, self.max_pixels)
         if problem is not None:
             return FrameResult(None, bad_input(problem), {"total": time.perf_counter() - t0})
-        max_value = 255.0 if frame.dtype == np.uint8 else 65535.0 if frame.dtype == np.uint16 else 1.0
+        max_value = full_scale(frame.dtype)
         image = preprocess(frame, self.bundle.preprocess)
         t1 = time.perf_counter()
         out = np.asarray(self.backend.infer(image[None, None].astype(np.float32)))

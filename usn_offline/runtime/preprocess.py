@@ -63,12 +63,17 @@ def resize_image(gray: np.ndarray, config: PreprocessConfig) -> np.ndarray:
 _LUMA = {3: (0.299, 0.587, 0.114), 4: (0.299, 0.587, 0.114, 0.0)}
 
 
+def full_scale(dtype: np.dtype) -> float:
+    """The pixel value that means 1.0 (full light) for a frame's pixel type."""
+    return 255.0 if dtype == np.uint8 else 65535.0 if dtype == np.uint16 else 1.0
+
+
 def _luma(image: np.ndarray) -> np.ndarray:
     """float32 (H, W) of a mono or RGB(A) uint8/uint16/float frame, scaled to [0, 1].
 
     OpenCV's per-pixel transform, not a numpy matrix product: BLAS threads on such a thin
     product cost 8 ms instead of 0.5 per 640x480 frame on a busy 2-core machine (measured)."""
-    scale = 1.0 / 255.0 if image.dtype == np.uint8 else 1.0 / 65535.0 if image.dtype == np.uint16 else 1.0
+    scale = 1.0 / full_scale(image.dtype)
     pixels = image.astype(np.float32)
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
