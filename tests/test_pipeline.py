@@ -150,3 +150,32 @@ def test_certificate_mismatch_flags_every_frame(exported_bundle):
     frame, _ = _camera_frame(3)
     result = pipe.process(frame)
     assert Reason.CERTIFICATE_MISMATCH in result.status.reasons and result.keypoints_px is not None
+
+
+def test_scene_check_flags_a_darkened_frame_without_a_proof(pipeline, certifier):
+    """A tunnel (30 % contrast): the proof for the range might well succeed on the dark
+    frame itself; the scene check says no lighting of the range gives it from a scene of
+    the training images' contrast, at once and without proving."""
+    from usn_offline.runtime.scene_check import make_scene_check
+
+    bundle = pipeline.bundle
+    calls = []
+
+    class Counting:
+        def prove(self, frame, keypoints):
+            calls.append(frame)
+            return certifier.prove(frame, keypoints)
+
+    scene = make_scene_check(bundle, True, bundle.lighting_range((LIGHTING.a_lo, LIGHTING.a_hi, LIGHTING.b_lo,
+                                                                   LIGHTING.b_hi)))
+    checked = KeypointPipeline(bundle, pipeline.backend, pipeline.monitor, verifier=Counting(), scene_check=scene)
+    frame, _ = _camera_frame(4)
+    std = float(preprocess(frame, bundle.preprocess).std())
+    assert scene.min_std <= std <= scene.max_std  # a scene like the training ones
+    assert checked.process(frame).certified and len(calls) == 1
+    dark = (frame.astype(np.float32) * 0.3).astype(np.uint8)
+    for prove in ("now", "later", "busy"):
+        result = checked.process(dark, prove=prove)
+        assert result.pending is None and not result.certified and result.status.reasons == [Reason.OUT_OF_REGION]
+        assert "frame contrast too low for the lighting range" in result.status.detail
+    assert len(calls) == 1  # no proof was spent on the dark frames

@@ -22,7 +22,7 @@ from usn_offline.runtime.bundle import Bundle
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "launch" / "usn_keypoint_node.params.yaml"
-SCENARIOS = ("static+malformed", "lens_cap", "flash", "dusk")
+SCENARIOS = ("static+malformed", "lens_cap", "flash", "dusk", "tunnel")
 FRAMES = 20
 
 
@@ -49,7 +49,7 @@ def test_replay_gives_the_counts_the_generator_implies(offline_run, exported_bun
     run, _ = offline_run
     bundle = Bundle.load(exported_bundle)
     recipes = _recipes()
-    assert run.complete and run.has_truth and len(run.records) == len(recipes) == 80
+    assert run.complete and run.has_truth and len(run.records) == len(recipes) == 100
     for record, recipe in zip(run.records, recipes, strict=True):
         assert record.scenario == recipe.scenario
         assert (record.true_contrast, record.true_brightness) == (recipe.contrast, recipe.brightness)
@@ -58,10 +58,10 @@ def test_replay_gives_the_counts_the_generator_implies(offline_run, exported_bun
         bad = "BAD_INPUT" in record.reasons
         assert bad == record.malformed, (record.index, record.reasons)
         assert (record.keypoints is None) == bad and (record.moved is None) == bad
-        if recipe.contrast == 0.0:  # lens cap: a black frame could hide any dark nominal image
-            assert not record.certified and record.reasons == ("NOT_PROVED",)
-        if recipe.contrast == 1.8:  # the flash clips most of the frame
-            assert not record.certified and record.reasons == ("NOT_PROVED",)
+        if recipe.contrast == 0.0:  # lens cap: far too flat for any lighting of the range
+            assert not record.certified and record.reasons == ("OUT_OF_REGION",)
+        if recipe.contrast == 1.8:  # the flash clips most of the frame: no proof, or too contrasty
+            assert not record.certified and record.reasons in (("NOT_PROVED",), ("OUT_OF_REGION",))
         if record.certified and record.in_region:  # the promise: proved frames inside the range hold
             assert not record.moved, record
         if (recipe.contrast, recipe.brightness) == (1.0, 0.0) and not bad:  # the frame is its nominal frame
@@ -78,7 +78,7 @@ def test_replay_gives_the_counts_the_generator_implies(offline_run, exported_bun
     judged = [r for r in run.records if r.moved is not None]
     certified = [r for r in judged if r.certified]
     moved = [r for r in judged if r.moved]
-    assert overall["judged_frames"] == len(judged) == 78
+    assert overall["judged_frames"] == len(judged) == 98
     assert overall["silent_failures"] == sum(r.moved for r in certified)
     assert overall["silent_failures_in_range"] == 0  # the promise (proved frames in the range hold)
     assert overall["silent_failures_outside_range"] == overall["silent_failures"]
@@ -103,8 +103,8 @@ def test_report_files_and_keys(offline_run, scenario_bag, exported_bundle, tmp_p
                                       "y": pytest.approx(7.5 * doc["bundle"]["effective_delta_px"])}]
     assert sum(doc["confusion"].values()) == doc["overall"]["judged_frames"]
     lines = frames.read_text().splitlines()
-    assert len(lines) == 80 and json.loads(lines[0])["scenario"] == "static+malformed"
-    assert "| **all** | 80 |" in (tmp_path / "summary.md").read_text()
+    assert len(lines) == 100 and json.loads(lines[0])["scenario"] == "static+malformed"
+    assert "| **all** | 100 |" in (tmp_path / "summary.md").read_text()
 
 
 def test_replay_is_deterministic(offline_run, scenario_bag, exported_bundle):
@@ -131,9 +131,11 @@ def test_truncated_bag_keeps_a_partial_report(scenario_bag, exported_bundle, tmp
     assert "warning: the bag ended early" in proc.stdout
     doc = json.loads((out / "report.json").read_text())
     assert not doc["complete"] and "ends early" in doc["problem"]
-    assert 10 < doc["frames_replayed"] < 80 and doc["overall"]["frames"] == doc["frames_replayed"]
+    assert 10 < doc["frames_replayed"] < 100 and doc["overall"]["frames"] == doc["frames_replayed"]
     assert len((out / "frames.jsonl").read_text().splitlines()) == doc["frames_replayed"]
-    assert doc["overall"]["reasons"].get("NOT_CHECKED") == doc["frames_replayed"] - doc["overall"]["bad_input_frames"]
+    reasons = doc["overall"]["reasons"]  # no proofs: each frame is NOT_CHECKED, or too dark for the range
+    assert reasons.get("NOT_CHECKED") + reasons.get("OUT_OF_REGION", 0) == (doc["frames_replayed"]
+                                                                           - doc["overall"]["bad_input_frames"])
 
 
 def test_replay_cli_errors(exported_bundle, scenario_bag, tmp_path):
@@ -197,3 +199,32 @@ def test_a_users_bag_without_ground_truth(tmp_path, exported_bundle, tiny_datase
     # Raw and JPEG agree to within JPEG's loss on 320x320 frames.
     raw = replay_offline(bag, exported_bundle, PARAMS, image_topic="/cam/image", progress=False)
     assert np.abs(np.array(raw.records[0].keypoints) - np.array(run.records[0].keypoints)).max() < 10
+
+
+def test_scene_check_on_the_bag_is_sound_and_catches_the_tunnel(offline_run, scenario_bag, exported_bundle):
+    """Against the bag's own nominal images: a frame flagged by the scene check while its
+    true lighting is in the range must come from a scene outside the assumed contrast
+    (the check's only assumption); the tunnel's dark frames (contrast 0.35) are caught."""
+    from usn_offline.replay.bag_reader import BagReader, BagTruth
+    from usn_offline.runtime.image_decode import decode_compressed
+    from usn_offline.runtime.preprocess import preprocess
+
+    run, _ = offline_run
+    bundle = Bundle.load(exported_bundle)
+    low, high = bundle.nominal.low_std, bundle.nominal.high_std
+    with BagReader(scenario_bag) as reader:
+        truths = [m for m in reader.messages() if isinstance(m, BagTruth)]
+    assert len(truths) == len(run.records)
+    tunnel_dark = 0
+    for record, truth in zip(run.records, truths, strict=True):
+        nominal = preprocess(decode_compressed(truth.nominal_format, truth.nominal_data, 1 << 24), bundle.preprocess)
+        flagged = "OUT_OF_REGION" in record.reasons
+        if flagged and record.in_region:
+            assert not low <= float(nominal.std()) <= high, (record.index, float(nominal.std()), low, high)
+        if record.scenario == "tunnel" and record.true_contrast < 0.5:
+            tunnel_dark += 1
+            # Its frame's std is 0.35 that of the scene, give or take the brightness
+            # change's clipping (< 0.03) and rounding: far below what the range allows.
+            if 0.35 * float(nominal.std()) + 0.035 < bundle.region[0].a_lo * low:
+                assert flagged, record
+    assert tunnel_dark > 0

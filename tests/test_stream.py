@@ -51,8 +51,9 @@ def test_calibration_skips_black_frames(exported_bundle):
     black = np.zeros((480, 640), np.uint8)
     for _ in range(4):
         result = stream.process_raw(480, 640, "mono8", False, 640, black.tobytes())
-        # every pixel at 0; nothing proved (no verifier)
-        assert result.status.reasons == [Reason.UNCERTAIN_ESTIMATE, Reason.SATURATED, Reason.NOT_CHECKED]
+        # every pixel at 0: far too flat for the lighting range (the scene check), so no
+        # proof is needed to withhold it
+        assert result.status.reasons == [Reason.UNCERTAIN_ESTIMATE, Reason.SATURATED, Reason.OUT_OF_REGION]
         assert "3 left" in result.status.detail
     assert stream.calibrating
     for i in range(3):
@@ -64,7 +65,7 @@ def test_calibration_skips_black_frames(exported_bundle):
     after = stream.process_frame(_scene(7))
     assert Reason.UNCERTAIN_ESTIMATE not in after.status.reasons and np.isfinite(after.status.contrast)
     dark = stream.process_raw(480, 640, "mono8", False, 640, black.tobytes())
-    assert dark.status.reasons == [Reason.UNCERTAIN_ESTIMATE, Reason.SATURATED, Reason.NOT_CHECKED]
+    assert dark.status.reasons == [Reason.UNCERTAIN_ESTIMATE, Reason.SATURATED, Reason.OUT_OF_REGION]
     assert dark.keypoints_px is not None
 
 

@@ -236,8 +236,5 @@ def make_verifier(bundle: Bundle, enabled: bool, max_boxes: int, lighting: tuple
     ``lighting`` (contrast min, max, brightness min, max), all zero: the certificate's box."""
     if not enabled:
         return None
-    if len(lighting) != 4:
-        raise CertificationError(f"the lighting range needs 4 numbers (contrast min, max, brightness min, max), "
-                                 f"got {list(lighting)}")
-    box = None if not any(lighting) else PhotometricBox(*lighting)
-    return FrameCertifier.for_bundle(bundle, max_boxes, box)
+    box = bundle.lighting_range(lighting)
+    return FrameCertifier.for_bundle(bundle, max_boxes, PhotometricBox(box.a_lo, box.a_hi, box.b_lo, box.b_hi))

@@ -46,6 +46,10 @@ class NominalStatistics:
     mean_of_stds: float
     std_of_stds: float
     num_images: int
+    # 1st and 99th percentile of the per-image stds: the contrast of the scenes the model
+    # was made for (runtime/scene_check.py); None in bundles exported before they existed.
+    low_std: float | None = None
+    high_std: float | None = None
 
 
 @dataclass
@@ -77,6 +81,20 @@ class Bundle:
 
     def in_region(self, a: float, b: float) -> bool:
         return any(box.contains(a, b) for box in self.region)
+
+    def lighting_range(self, lighting: tuple[float, ...] = (0.0,) * 4) -> CertifiedBox:
+        """The lighting range per-frame decisions cover: ``lighting`` (contrast min, max,
+        brightness min, max), or the certificate's first box when it is all zero."""
+        if len(lighting) != 4:
+            raise BundleError(f"a lighting range needs 4 numbers (contrast min, max, brightness min, max), "
+                              f"got {list(lighting)}")
+        if not any(lighting):
+            return self.region[0]
+        a_lo, a_hi, b_lo, b_hi = (float(v) for v in lighting)
+        if not (0 < a_lo <= a_hi and b_lo <= b_hi) or not all(map(math.isfinite, lighting)):
+            raise BundleError(f"lighting range {list(lighting)}: needs 0 < contrast min <= max and "
+                              "brightness min <= max, all finite")
+        return CertifiedBox(a_lo, a_hi, b_lo, b_hi)
 
     @classmethod
     def load(cls, root: Path | str) -> Bundle:
@@ -183,4 +201,7 @@ def _nominal(certificate: dict) -> NominalStatistics:
     count = stats.get("num_images")
     if not isinstance(count, int) or count < 1:
         raise BundleError(f"{name}: num_images must be a positive integer")
-    return NominalStatistics(**values, num_images=count)
+    spread = {k: _number(stats, k, name, minimum=0.0) for k in ("low_std", "high_std") if k in stats}
+    if len(spread) == 1 or (spread and spread["low_std"] > spread["high_std"]):
+        raise BundleError(f"{name}: low_std and high_std come together, low_std <= high_std")
+    return NominalStatistics(**values, num_images=count, **spread)

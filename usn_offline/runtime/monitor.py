@@ -50,9 +50,10 @@ def nominal_from_images(images: np.ndarray) -> NominalStatistics:
     """Summarise per-image mean/std of (N, H, W) images in [0, 1]."""
     flat = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
     means, stds = flat.mean(axis=1), flat.std(axis=1)
+    low, high = np.percentile(stds, [1, 99])
     return NominalStatistics(mean_of_means=float(means.mean()), std_of_means=float(means.std()),
                              mean_of_stds=float(stds.mean()), std_of_stds=float(stds.std()),
-                             num_images=len(images))
+                             num_images=len(images), low_std=float(low), high_std=float(high))
 
 
 @dataclass
@@ -68,6 +69,9 @@ class MonitorResult:
     # The per-frame proof: largest proven keypoint deviation (network-input pixels; None
     # when no proof ran or it proved nothing).
     proven_deviation_px: float | None = None
+    # Why the scene check found the frame outside the lighting range (None: it did not,
+    # or did not run); such a frame is OUT_OF_REGION whatever the estimate says.
+    scene_finding: str | None = None
 
     @property
     def certified(self) -> bool:

@@ -7,9 +7,11 @@ exception.
 
 The decision: a frame is certified only when a per-frame proof (a :class:`FrameVerifier`,
 e.g. ``usn_offline.certify.frame.FrameCertifier``, which needs torch) shows that its
-keypoints hold for every lighting change of the stated range. The photometric monitor's
-(a, b) estimate is diagnostic output; with ``monitor_veto`` its flags also withhold
-certification (never grant it).
+keypoints hold for every lighting change of the stated range. A frame whose contrast no
+change of that range can give a scene of the assumed contrast (a :class:`SceneContrastCheck`)
+is flagged OUT_OF_REGION without a proof. The photometric monitor's (a, b) estimate is
+diagnostic output; with ``monitor_veto`` its flags also withhold certification (never
+grant it).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from usn_offline.runtime.bundle import Bundle
 from usn_offline.runtime.monitor import MonitorResult, PhotometricMonitor, Reason, saturated_fraction
 from usn_offline.runtime.preprocess import full_scale, normalised_to_pixels, preprocess, scale_keypoints
+from usn_offline.runtime.scene_check import SceneContrastCheck
 
 
 class Backend(Protocol):
@@ -47,7 +50,8 @@ class FrameResult:
     status: MonitorResult
     seconds: dict[str, float] = field(default_factory=dict)
     frame: np.ndarray | None = field(default=None, repr=False)  # the decoded frame, when there was one
-    # (frame, network output, frame index) while the decision is pending (KeypointPipeline.finish)
+    # (frame, network output, frame index, scene-check finding) while the decision is
+    # pending (KeypointPipeline.finish)
     pending: tuple | None = field(default=None, repr=False)
 
     @property
@@ -89,19 +93,26 @@ class KeypointPipeline:
     verifier: FrameVerifier | None = None
     prove_every: int = 1  # prove every n-th frame; the others are NOT_CHECKED
     monitor_veto: bool = False
+    scene_check: SceneContrastCheck | None = None
     frames_seen: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.prove_every < 1:
             raise ValueError(f"prove_every must be >= 1, got {self.prove_every}")
 
-    def _decide(self, frame: np.ndarray, output: np.ndarray, status: MonitorResult, index: int, busy: bool
-                ) -> MonitorResult:
+    def _decide(self, frame: np.ndarray, output: np.ndarray, status: MonitorResult, index: int, busy: bool,
+                outside: str | None = None) -> MonitorResult:
         """Replace the monitor's flags by the per-frame decision (keeping them as
-        diagnostics, and as reasons with ``monitor_veto``)."""
+        diagnostics, and as reasons with ``monitor_veto``); ``outside``: why the scene
+        check found the frame outside the lighting range (then nothing is proved)."""
         reasons = list(status.reasons) if self.monitor_veto else []
         details = [status.detail] if self.monitor_veto and status.detail else []
-        if self.verifier is None:
+        status.scene_finding = outside
+        if outside is not None:
+            if Reason.OUT_OF_REGION not in reasons:
+                reasons.append(Reason.OUT_OF_REGION)
+            details.append(outside)
+        elif self.verifier is None:
             reasons.append(Reason.NOT_CHECKED)
             details.append("no per-frame verifier (needs torch; node parameter frame_proof)")
         elif index % self.prove_every:
@@ -148,12 +159,13 @@ class KeypointPipeline:
         net_px = normalised_to_pixels(out.reshape(-1, 2), h, w)
         keypoints = scale_keypoints(net_px, (h, w), frame.shape[:2])
         status = self.monitor.assess(image, saturated_fraction(frame, max_value))
+        outside = self.scene_check.check(frame, image) if self.scene_check is not None else None
         t3 = time.perf_counter()
         index = self.frames_seen
         self.frames_seen += 1
         result = FrameResult(keypoints, status, {"preprocess": t1 - t0, "inference": t2 - t1, "monitor": t3 - t2})
-        result.pending = (frame, out, index)
-        if prove == "later":
+        result.pending = (frame, out, index, outside)
+        if prove == "later" and outside is None:  # a frame outside the range needs no proof
             return result
         self.finish(result, busy=prove == "busy")
         result.seconds["total"] = time.perf_counter() - t0
@@ -164,9 +176,9 @@ class KeypointPipeline:
         if result.pending is None:
             raise ValueError("this frame's decision is not pending")
         started = time.perf_counter()
-        frame, out, index = result.pending
+        frame, out, index, outside = result.pending
         result.pending = None
-        status = self._decide(frame, out, result.status, index, busy)
+        status = self._decide(frame, out, result.status, index, busy, outside)
         if not self.certificate_matches:
             status.reasons.append(Reason.CERTIFICATE_MISMATCH)
             status.detail = "; ".join(filter(None, [status.detail, "certificate does not match the model"]))

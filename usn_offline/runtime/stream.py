@@ -21,6 +21,7 @@ from usn_offline.runtime.image_decode import ImageDecodeError, decode_compressed
 from usn_offline.runtime.monitor import PhotometricMonitor, Reason, nominal_from_images
 from usn_offline.runtime.pipeline import FrameResult, FrameVerifier, KeypointPipeline, bad_input
 from usn_offline.runtime.preprocess import preprocess
+from usn_offline.runtime.scene_check import make_scene_check
 
 
 @dataclass
@@ -90,8 +91,9 @@ class FrameStream:
         if self.pipeline.monitor_veto:
             # The estimate means nothing before calibration: it withholds certification
             # until then; what was measured or proved on the frame stays.
+            estimated = (Reason.UNCERTAIN_ESTIMATE,) + (() if result.status.scene_finding else (Reason.OUT_OF_REGION,))
             result.status.reasons = [Reason.UNCERTAIN_ESTIMATE] + [
-                r for r in result.status.reasons if r not in (Reason.UNCERTAIN_ESTIMATE, Reason.OUT_OF_REGION)]
+                r for r in result.status.reasons if r not in estimated]
         if left == 0:
             monitor.nominal = nominal_from_images(np.stack(self._calibration))
             note = f"monitor calibrated on {len(self._calibration)} frames"
@@ -121,6 +123,10 @@ class StreamSettings:
     # (contrast min, max, brightness min, max) the proofs cover; all zero: the certificate's box
     frame_proof_lighting: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
     monitor_veto: bool = False
+    scene_check: bool = True
+    # (min, max) network-input std of the scenes under nominal light; zeros: the bundle's
+    # training images' 1st-99th percentile
+    scene_std_range: tuple[float, ...] = (0.0, 0.0)
 
     @classmethod
     def from_params_file(cls, path: Path | str, node_name: str = "usn_keypoint_node") -> StreamSettings:
@@ -167,7 +173,10 @@ class StreamSettings:
         backend = backend or create_backend(self.backend, bundle)
         monitor = PhotometricMonitor(bundle.region, bundle.nominal, self.monitor_z,
                                      self.monitor_max_saturated_fraction)
+        scene = make_scene_check(bundle, self.scene_check, bundle.lighting_range(self.frame_proof_lighting),
+                                 self.scene_std_range)
         pipeline = KeypointPipeline(bundle, backend, monitor, max_pixels=self.max_image_pixels,
                                     verifier=verifier if self.frame_proof else None,
-                                    prove_every=self.frame_proof_every, monitor_veto=self.monitor_veto)
+                                    prove_every=self.frame_proof_every, monitor_veto=self.monitor_veto,
+                                    scene_check=scene)
         return FrameStream(pipeline, self.monitor_calibration_frames)

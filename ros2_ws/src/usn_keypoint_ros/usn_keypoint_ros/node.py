@@ -31,6 +31,7 @@ from usn_offline.runtime.bundle import CERTIFICATE, Bundle
 from usn_offline.runtime.hashing import sha256_file
 from usn_offline.runtime.monitor import MonitorResult, PhotometricMonitor, Reason
 from usn_offline.runtime.pipeline import FrameResult, KeypointPipeline
+from usn_offline.runtime.scene_check import make_scene_check
 from usn_offline.runtime.stream import FrameStream
 
 QOS_CHOICES = ("SENSOR_DATA", "DEFAULT", "SYSTEM_DEFAULT")
@@ -87,6 +88,10 @@ class KeypointNode(Node):
         self._declare("frame_proof_lighting", [0.0, 0.0, 0.0, 0.0], "lighting range the proofs cover: contrast "
                       "min, max, brightness min, max (contrast > 0); all zero: the certificate's box", **ro)
         self._declare("monitor_veto", False, "the (a, b) estimate's flags also withhold certification", **ro)
+        self._declare("scene_check", True, "flag OUT_OF_REGION, without a proof, frames whose contrast no lighting "
+                      "of the range can give a scene of contrast scene_std_range", **ro)
+        self._declare("scene_std_range", [0.0, 0.0], "network-input std (min, max) of the scenes under nominal "
+                      "light; zeros: the training images' 1st-99th percentile (from the bundle)", **ro)
         self._declare("publish_debug_image", False, "publish ~/debug_image with keypoints and a red border "
                       "when a frame is not certified")
         self._declare("diagnostics_period", 1.0, "seconds between /diagnostics messages",
@@ -122,10 +127,18 @@ class KeypointNode(Node):
         self.monitor = PhotometricMonitor(self.bundle.region, self.bundle.nominal, p["monitor_z"],
                                           p["monitor_max_saturated_fraction"])
         verifier = self._verifier(p) if p["frame_proof"] else None
+        try:
+            box = self.bundle.lighting_range(tuple(float(v) for v in p["frame_proof_lighting"]))
+            scene = make_scene_check(self.bundle, p["scene_check"], box,
+                                     tuple(float(v) for v in p["scene_std_range"]))
+        except UsnError as exc:
+            raise StartupError(str(exc)) from exc
+        if scene is not None:
+            self.get_logger().info(f"scene check: frames whose contrast lighting {box} cannot give a scene of "
+                                   f"std [{scene.min_std:.4f}, {scene.max_std:.4f}] are OUT_OF_REGION")
         self.pipeline = KeypointPipeline(self.bundle, self.backend, self.monitor, matches, p["max_image_pixels"],
                                          verifier=verifier, prove_every=p["frame_proof_every"],
-                                         monitor_veto=p["monitor_veto"])
-        box = verifier.config.lighting if verifier is not None else self.bundle.region[0]
+                                         monitor_veto=p["monitor_veto"], scene_check=scene)
         self.lighting_range = [box.a_lo, box.a_hi, box.b_lo, box.b_hi]
         self.stream = FrameStream(self.pipeline, p["monitor_calibration_frames"])
         self.declare_parameter("keypoint_names", list(self.bundle.keypoint_names),
@@ -167,7 +180,7 @@ class KeypointNode(Node):
             "bundle_dir", "backend", "model_file_path", "engine_file_path", "force_engine_update", "enable_fp16",
             "checkpoint_path", "input_qos", "input_transport", "input_qos_depth", "on_certificate_mismatch",
             "max_image_pixels", "frame_proof", "frame_proof_max_boxes", "frame_proof_every", "frame_proof_lighting",
-            "monitor_veto",
+            "monitor_veto", "scene_check", "scene_std_range",
             "monitor_z", "monitor_max_saturated_fraction", "monitor_calibration_frames", "diagnostics_period")}
 
     def _verifier(self, p: dict):
