@@ -8,6 +8,7 @@ ifeq ($(QUICK),1)
 DEMO_DIR ?= runs/quick
 DATA_ARGS ?= --num-train 2000 --num-val 200 --num-test 200
 EPOCHS ?= 6
+BOUND_EPOCHS ?= 1
 PRUNE_ARGS ?= --rounds 1 --finetune-epochs 1 --score-images 128
 CERT_IMAGES ?= 5
 BAG_FRAMES ?= 12
@@ -15,6 +16,7 @@ else
 DEMO_DIR ?= runs/demo
 DATA_ARGS ?=
 EPOCHS ?= 20
+BOUND_EPOCHS ?= 3
 PRUNE_ARGS ?=
 CERT_IMAGES ?= 20
 BAG_FRAMES ?= 30
@@ -22,6 +24,9 @@ endif
 CERT_CONTRAST ?= 0.97 1.03
 CERT_BRIGHTNESS ?= -0.03 0.03
 CERT_EPS ?= 0.01 0.02
+# The bound-loss fine-tune (docs/METHOD.md, "Bound-based training"): the trained network
+# is fine-tuned with the certified-training loss before USN-WD pruning (the levers combined).
+BOUND_ARGS ?= --lr 3e-4 --bound-weight 0.01 --bound-eps 0.1 --bound-ramp-epochs 1
 PRUNE_METHOD ?= usn-wd
 PRUNE_RATIO ?= 0.3
 # Every process that may start rclpy keeps DDS on loopback, on its own domain, with the
@@ -39,7 +44,9 @@ setup:
 demo: setup
 	$(ENV) usn-offline data --out $(DEMO_DIR)/data $(DATA_ARGS)
 	$(ENV) usn-offline train --data $(DEMO_DIR)/data --out $(DEMO_DIR)/model.pt --epochs $(EPOCHS) --resume
-	$(ENV) usn-offline prune --checkpoint $(DEMO_DIR)/model.pt --data $(DEMO_DIR)/data \
+	$(ENV) usn-offline train --data $(DEMO_DIR)/data --init $(DEMO_DIR)/model.pt --out $(DEMO_DIR)/model_bound.pt \
+		--epochs $(BOUND_EPOCHS) $(BOUND_ARGS) --resume
+	$(ENV) usn-offline prune --checkpoint $(DEMO_DIR)/model_bound.pt --data $(DEMO_DIR)/data \
 		--method $(PRUNE_METHOD) --ratio $(PRUNE_RATIO) $(PRUNE_ARGS) --out $(DEMO_DIR)/pruned.pt --resume
 	$(ENV) usn-offline evaluate --checkpoint $(DEMO_DIR)/pruned.pt --data $(DEMO_DIR)/data --split test \
 		--out $(DEMO_DIR)/eval.json
@@ -53,7 +60,7 @@ demo: setup
 	$(ENV) usn-offline make-bag --data $(DEMO_DIR)/data --out $(DEMO_DIR)/scenario_bag --frames $(BAG_FRAMES)
 	$(ENV) usn-offline replay --bag $(DEMO_DIR)/scenario_bag --bundle $(DEMO_DIR)/bundle --live \
 		--out $(DEMO_DIR)/replay
-	@echo "demo outputs: $(DEMO_DIR)/ (data/, model.pt, pruned.pt, eval.json, certificate.json, bundle/," \
+	@echo "demo outputs: $(DEMO_DIR)/ (data/, model.pt, model_bound.pt, pruned.pt, eval.json, certificate.json, bundle/," \
 		"scenario_bag/, replay/: report.json, summary.md, plots)"
 
 test: setup
