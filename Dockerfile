@@ -19,7 +19,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3-pip python3-opencv python3-yaml \
+    && apt-get install -y --no-install-recommends python3-pip python3-opencv python3-yaml python3-cryptography \
     && if [ "${INSTALL_ROS_APT}" = "1" ]; then \
          apt-get install -y --no-install-recommends "ros-${ROS_DISTRO}-diagnostic-msgs" \
            "ros-${ROS_DISTRO}-launch-ros" "ros-${ROS_DISTRO}-ros2launch"; \

@@ -65,6 +65,15 @@ def test_unknown_split(capsys, tiny_dataset, tmp_path):
     (["train", "--data", "d", "--out", "m.pt", "--lr", "abc"], "expected a number, got 'abc'"),
     (["train", "--data", "d", "--out", "m.pt", "--model", "vgg"], "invalid choice: 'vgg'"),
     (["evaluate", "--data", "d"], "the following arguments are required: --checkpoint"),
+    (["train", "--data", "d", "--out", "m.pt", "--lr", "inf"], "expected a finite number, got inf"),
+    (["train", "--data", "d", "--out", "m.pt", "--bound-weight", "-1"], "expected a number >= 0, got -1.0"),
+    (["evaluate", "--checkpoint", "m.pt", "--data", "d", "--pck", "inf"], "expected a finite number, got inf"),
+    (["prune", "--checkpoint", "m.pt", "--data", "d", "--out", "p.pt", "--wd-weight", "nan"],
+     "expected a finite number, got nan"),
+    (["prune", "--checkpoint", "m.pt", "--data", "d", "--out", "p.pt", "--wd-weight", "-1"],
+     "expected a number >= 0, got -1.0"),
+    (["certify", "--checkpoint", "m.pt", "--data", "d", "--out", "c.json", "--delta", "nan"],
+     "expected a finite number, got nan"),
 ])
 def test_bad_arguments_exit_2(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exc:

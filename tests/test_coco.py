@@ -121,3 +121,45 @@ def test_skipped_images_are_counted_in_the_log(tmp_path, caplog):
     assert len(ds) == 2
     assert "skipped 2 image(s): no annotation" in caplog.text
     assert "skipped 1 image(s): keypoint not visible" in caplog.text
+
+
+def _edit(root, edit):
+    path = annotation_path(root, "train")
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["images"][1].update(file_name="/etc/passwd"), "must be a path inside the dataset's images/"),
+    (lambda d: d["images"][1].update(file_name="../../secret.png"), "must be a path inside the dataset's images/"),
+    (lambda d: d["images"][1].update(file_name="train/../../x.png"), "must be a path inside the dataset's images/"),
+    (lambda d: d["images"][1].update(file_name="C:\\data\\x.png"), "must be a path inside the dataset's images/"),
+    (lambda d: d["images"][1].update(file_name=7), "file_name must be a non-empty string, got 7"),
+    (lambda d: d["images"][1].update(id=[1, 2]), "image id must be an integer or a string"),
+    (lambda d: d["annotations"][1].update(image_id=[1]), "annotation image_id must be an integer or a string"),
+    (lambda d: d["images"][2].update(id=d["images"][1]["id"]), "duplicate image id"),
+    (lambda d: d["annotations"][0]["keypoints"].__setitem__(0, float("nan")), "NaN is not a JSON number"),
+    (lambda d: d["annotations"][0]["keypoints"].__setitem__(0, 1e6), r"at \(1e\+06, .*\) lies outside the 32x32"),
+    (lambda d: d["annotations"][0]["keypoints"].__setitem__(1, -3), "lies outside the 32x32 image"),
+    (lambda d: d["annotations"][0]["keypoints"].__setitem__(0, "12"), "keypoints must be numbers"),
+])
+def test_malformed_annotations_give_one_clear_error(tmp_path, edit, message):
+    _write_small(tmp_path)
+    _edit(tmp_path, edit)
+    with pytest.raises(DatasetError, match=message):
+        load_split(tmp_path, "train")
+
+
+def test_an_image_declaring_a_huge_size_is_refused_before_decoding(tmp_path):
+    import struct
+    import zlib
+
+    _write_small(tmp_path)
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + body)))
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    (tmp_path / "images/train/train_000003.png").write_bytes(bomb)
+    with pytest.raises(DatasetError, match=r"train_000003\.png: declares 20000x20000 pixels, over the limit"):
+        load_split(tmp_path, "train")

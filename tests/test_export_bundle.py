@@ -312,3 +312,88 @@ def test_bundle_loads_and_runs_without_torch(exported):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "(1, 8)"
+
+
+def test_export_out_never_deletes_anything_but_a_bundle(exported, tmp_path, capsys, monkeypatch):
+    """--out must be new, empty or an earlier bundle: a folder with other files, the
+    checkpoint's own folder, a parent, '.', or a file are refused before any work, and
+    nothing is deleted or left behind."""
+    def export(out):
+        code = main(["export", "--checkpoint", str(exported["ckpt"]), "--certificate", str(exported["cert"]),
+                     "--out", str(out), "--no-engine"])
+        return code, capsys.readouterr()
+
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    (work / "sub" / "data.bin").write_bytes(b"x")
+    shutil.copy(exported["ckpt"], work / "m.pt")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    monkeypatch.chdir(work)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for out, message in ((work, "holds files that are not part of a bundle (m.pt, notes.txt, sub)"),
+                         (".", "holds files that are not part of a bundle"),
+                         ("..", "holds files that are not part of a bundle"),
+                         (a_file, "is a file, not a folder")):
+        code, streams = export(out)
+        assert code == 2 and message in streams.err, (out, streams.err)
+        assert len(streams.err.strip().splitlines()) == 1  # one line, no traceback
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # nothing lost or left
+    # A folder that only looks like a bundle (a manifest of another kind) is not replaced either.
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "manifest.json").write_text('{"kind": "something-else"}')
+    code, streams = export(fake)
+    assert code == 2 and "not a bundle written by usn-offline" in streams.err
+    # New, empty, and an earlier bundle of ours (replaced whole) are fine.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "new", empty, tmp_path / "new"):
+        code, streams = export(out)
+        assert code == 0, streams.err
+        Bundle.load(out)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda r: r["summary"].pop("certified_fraction"), "no field 'summary.certified_fraction'"),
+    (lambda r: r.pop("model"), "no field 'model'"),
+    (lambda r: r["property"].update(delta_px="2"), "'property.delta_px' must be a finite number"),
+    (lambda r: r["perturbation"].update(a_lo=[0.9]), "'perturbation.a_lo' must be a finite number"),
+    (lambda r: r["perturbation"].update(a_lo=float("nan")), "NaN is not a JSON number"),
+    (lambda r: r["summary"].update(num_images=True), "'summary.num_images' must be an integer"),
+    (lambda r: r.update(kind="other"), "not a usn-offline certification report"),
+])
+def test_export_refuses_an_incomplete_certificate(exported, tmp_path, capsys, edit, message):
+    report = json.loads(exported["cert"].read_text())
+    edit(report)
+    cert = tmp_path / "cert.json"
+    cert.write_text(json.dumps(report))
+    code = main(["export", "--checkpoint", str(exported["ckpt"]), "--certificate", str(cert),
+                 "--out", str(tmp_path / "b"), "--no-engine"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"a": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
+    ('{"delta_px": 1' + "0" * 400 + "}", "an integer of 401 digits"),
+    ('{"delta_px": 1e400}', "overflows a float"),
+    ('{"delta_px": NaN}', "NaN is not a JSON number"),
+])
+def test_hostile_json_gives_one_clear_error(exported, tmp_path, text, message):
+    """Deep nesting, huge integers, overflowing floats and NaN in a (re-hashed) bundle
+    file: BundleError naming the file, never RecursionError or OverflowError."""
+    from usn_offline.errors import BundleError
+    from usn_offline.runtime.hashing import sha256_file
+
+    root = _copy(exported, tmp_path)
+    (root / "certificate.json").write_text(text)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"]["certificate.json"] = {"sha256": sha256_file(root / "certificate.json"),
+                                             "bytes": (root / "certificate.json").stat().st_size}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"certificate.json: not acceptable JSON .*{message}"):
+        Bundle.load(root)

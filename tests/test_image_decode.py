@@ -95,3 +95,38 @@ def test_compressed_png_and_jpeg():
         decode_compressed("jpeg", b"not an image")
     with pytest.raises(ImageDecodeError, match="empty compressed image"):
         decode_compressed("jpeg", b"")
+
+
+def test_compressed_size_is_checked_before_decoding():
+    """A small PNG or JPEG that declares a huge image is refused from its header, without
+    decoding (the issue's 214 KB PNG of 15000x15000 took 2 s and 441 MB)."""
+    import struct
+    import zlib
+
+    from usn_offline.runtime.image_decode import compressed_size, decode_compressed
+
+    ok, png = cv2.imencode(".png", np.zeros((30, 40), np.uint8))
+    ok, jpg = cv2.imencode(".jpg", np.zeros((30, 40, 3), np.uint8))
+    ok, progressive = cv2.imencode(".jpg", np.zeros((30, 40), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    for blob in (png, jpg, progressive):
+        assert compressed_size(blob.tobytes()) == (40, 30)
+    # A hand-made PNG header declaring 15000 x 15000 (IHDR, then a tiny IDAT):
+    ihdr = struct.pack(">IIBBBBB", 15000, 15000, 8, 0, 0, 0, 0)
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + body)))
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(
+        b"IEND", b"")
+    assert compressed_size(bomb) == (15000, 15000)
+    with pytest.raises(ImageDecodeError, match="declares 15000x15000, over the limit of 16777216 pixels"):
+        decode_compressed("png", bomb)
+    big_jpeg = bytearray(jpg.tobytes())
+    sof = big_jpeg.index(b"\xff\xc0")
+    big_jpeg[sof + 5:sof + 9] = struct.pack(">HH", 20000, 20000)
+    with pytest.raises(ImageDecodeError, match="declares 20000x20000"):
+        decode_compressed("jpeg", bytes(big_jpeg))
+    with pytest.raises(ImageDecodeError, match="over the limit of 1000 pixels"):
+        decode_compressed("png", png.tobytes(), max_pixels=1000)
+    for cut in (png.tobytes()[:20], jpg.tobytes()[:3], b"GIF89a....", b"\xff\xd8\xff\xda\x00\x02"):
+        assert compressed_size(cut) is None
+        with pytest.raises(ImageDecodeError, match="cannot decode compressed image"):
+            decode_compressed("png", cut)

@@ -116,8 +116,8 @@ def node_run(exported_bundle):
             # Lock-step (each frame once the previous one is decided), as a replay does: a
             # frame arriving while the node is proving another would get NOT_CHECKED.
             pub.publish(msg)
-            spin_until(node, lambda n=i + 1: len(statuses) >= n, 60)
-        spin_until(node, lambda: len(statuses) >= len(msgs) and bool(diagnostics), 120)
+            spin_until(node, lambda n=i + 1: len(statuses) >= n, 60, proc)  # a dead node fails fast
+        spin_until(node, lambda: len(statuses) >= len(msgs) and bool(diagnostics), 120, proc)
         end = time.monotonic() + 0.5  # anything extra would show up here
         while time.monotonic() < end:
             rclpy.spin_once(node, timeout_sec=0.05)

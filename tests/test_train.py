@@ -1,13 +1,14 @@
 """Training: the loss drops, checkpoints round-trip, resume continues exactly."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from usn_offline.data import load_split
-from usn_offline.errors import CheckpointError, ConfigError
+from usn_offline.errors import CheckpointError, ConfigError, TrainingError
 from usn_offline.models import build_model, model_config_for
 from usn_offline.runtime.preprocess import PreprocessConfig
 from usn_offline.train import TrainConfig, evaluate_model, load_checkpoint, train_model
@@ -63,6 +64,31 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(splits, tmp_path
     b, _ = load_checkpoint(out)
     for pa, pb in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(pa, pb)
+    # The run was planned for 3 epochs (its learning-rate schedule): resuming it with
+    # another count is refused clearly, more or fewer, and the checkpoint is untouched.
+    before = out.read_bytes()
+    for epochs in (5, 2):
+        with pytest.raises(TrainingError, match=f"planned for 3 epochs \\(3 done\\), not {epochs}: resume with "
+                                                "--epochs 3, or train into a new --out"):
+            train_model(train, val, model_config, replace(config, epochs=epochs), out, resume=True, progress=False)
+    assert out.read_bytes() == before
+    assert train_model(train, val, model_config, config, out, resume=True, progress=False).epochs_run == 0
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_writes_nothing(splits, tmp_path):
+    """One NaN keypoint in the data (or a learning rate that blows up) makes a NaN loss:
+    training stops there and writes no checkpoint of it."""
+    train, val = splits
+    poisoned = replace(train, keypoints=train.keypoints.copy())
+    poisoned.keypoints[5, 0, 0] = np.nan
+    out = tmp_path / "nan.pt"
+    with pytest.raises(TrainingError, match=r"training diverged: the loss is nan at epoch 1, batch \d+"):
+        train_model(poisoned, val, model_config_for("cnn7", **SMALL), TrainConfig(epochs=2, batch_size=16),
+                    out, progress=False)
+    assert not out.exists()
+    with pytest.raises(TrainingError, match="the loss is (nan|inf) at epoch"):
+        train_model(train, val, model_config_for("cnn7", **SMALL), TrainConfig(epochs=2, batch_size=16, lr=1e30),
+                    out, progress=False)
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -113,6 +139,32 @@ def test_checkpoint_config_mismatch(tmp_path):
     config_path(path).unlink()
     with pytest.raises(CheckpointError, match="checkpoint config not found"):
         load_checkpoint(path)
+
+
+def test_hostile_checkpoints_give_one_clear_error(tmp_path):
+    """An empty model.pt, a config whose widths would need terabytes, and fields of the
+    wrong JSON type: CheckpointError, before anything is allocated."""
+    path = _saved(tmp_path)
+    good = path.read_bytes()
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(path)
+    path.write_bytes(good)
+    doc = json.loads(config_path(path).read_text())
+    huge = json.loads(json.dumps(doc))
+    huge["model"]["widths"] = [10**6] * len(doc["model"]["widths"])
+    config_path(path).write_text(json.dumps(huge))
+    # (building that network would try to allocate ~4 TB: the check runs on the meta device)
+    with pytest.raises(CheckpointError, match="weights do not match the architecture .*first difference"):
+        load_checkpoint(path)
+    for field, value, message in (("model", [], "field 'model' must be a JSON object, got list"),
+                                  ("preprocess", 3, "field 'preprocess' must be a JSON object, got int"),
+                                  ("keypoint_names", "abcd", "field 'keypoint_names' must be a JSON list")):
+        bad = json.loads(json.dumps(doc))
+        bad[field] = value
+        config_path(path).write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(path)
 
 
 def test_pickled_objects_are_refused(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,13 +32,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
     return value
 
 
@@ -241,10 +256,39 @@ def _cmd_export(args: argparse.Namespace) -> None:
     gap_data = load_split(data_root, report["data"]["split"], info.preprocess, expected_keypoints=k)
     nominal = load_split(data_root, args.nominal_split, info.preprocess, expected_keypoints=k)
     config = ExportConfig(gap_tolerance_px=args.gap_tolerance, build_engine=not args.no_engine,
-                          fp16=args.fp16, workspace_mb=args.workspace_mb)
+                          fp16=args.fp16, workspace_mb=args.workspace_mb, sign_key=args.sign_key)
     bundle = write_bundle(args.out, model, info, args.checkpoint, report, gap_data,
                           nominal.subset(slice(0, 2000)), config)
     print(format_table(bundle_summary(bundle), title=f"bundle {bundle.root}"))
+
+
+def _cmd_keygen(args: argparse.Namespace) -> None:
+    from usn_offline.runtime.signing import generate_key, key_id, load_public_key
+
+    private, public = generate_key(args.out)
+    print(f"private key: {private} (keep it secret; mode 0600)\npublic key:  {public} "
+          f"(id {key_id(load_public_key(public))[:16]}...; give it to the robots' trusted_keys)")
+
+
+def _cmd_sign(args: argparse.Namespace) -> None:
+    from usn_offline.runtime.bundle import Bundle
+    from usn_offline.runtime.signing import sign_manifest
+
+    bundle = Bundle.load(args.bundle)  # only an intact bundle gets signed
+    print(f"signed {bundle.root}/manifest.json with key {sign_manifest(bundle.root, args.key)[:16]}...")
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    from usn_offline.runtime.bundle import Bundle
+    from usn_offline.runtime.signing import SIGNATURE, verify_manifest
+
+    bundle = Bundle.load(args.bundle)
+    print(f"{bundle.root}: files, hashes and certificate OK (model {bundle.model_sha256[:12]}...)")
+    if args.trusted_key:
+        print(f"signature OK: signed by trusted key {verify_manifest(bundle.root, args.trusted_key)[:16]}...")
+    else:
+        signed = (bundle.root / SIGNATURE).is_file()
+        print(f"signature not checked ({'signed' if signed else 'unsigned'}; pass --trusted-key to check it)")
 
 
 def _cmd_build_engine(args: argparse.Namespace) -> None:
@@ -352,9 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights and architecture "
                    "(fine-tuning, e.g. with --bound-weight)")
     # Defaults equal BoundLossConfig's (a test checks; the parser must not import torch).
-    p.add_argument("--bound-weight", type=float, default=0.0,
+    p.add_argument("--bound-weight", type=_nonnegative_float, default=0.0,
                    help="weight of the bound-based loss (certifiable training; 0: off)")
-    p.add_argument("--bound-eps", type=float, default=0.05,
+    p.add_argument("--bound-eps", type=_nonnegative_float, default=0.05,
                    help="half-width of the (contrast, brightness) box the bound loss flattens")
     p.add_argument("--bound-ramp-epochs", type=int, default=5,
                    help="epochs over which the bound loss's weight and box ramp up from 0")
@@ -378,9 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--split", default="test")
     p.add_argument("--num-images", type=_positive_int, help="certify only the first N images")
-    p.add_argument("--delta", type=float, default=2.0, help="allowed keypoint movement in pixels")
-    p.add_argument("--contrast", type=float, nargs=2, default=[0.8, 1.2], metavar=("A_LO", "A_HI"))
-    p.add_argument("--brightness", type=float, nargs=2, default=[-0.2, 0.2], metavar=("B_LO", "B_HI"))
+    p.add_argument("--delta", type=_finite_float, default=2.0, help="allowed keypoint movement in pixels")
+    p.add_argument("--contrast", type=_finite_float, nargs=2, default=[0.8, 1.2], metavar=("A_LO", "A_HI"))
+    p.add_argument("--brightness", type=_finite_float, nargs=2, default=[-0.2, 0.2], metavar=("B_LO", "B_HI"))
     p.add_argument("--norm", choices=["linf", "l2"], default="linf")
     p.add_argument("--reference", choices=["prediction", "ground_truth"], default="prediction",
                    help="stability (the model's own output) or correctness (ground truth)")
@@ -409,11 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 256 on the CPU, 512 on CUDA)")
     p.add_argument("--radius-steps", type=int, default=4, help="bisection steps after doubling")
     p.add_argument("--eps-start", type=_positive_float, default=0.0025, help="first eps of the radius search")
-    p.add_argument("--contrast-scale", type=float, default=1.0, help="eps_c = eps * this")
-    p.add_argument("--brightness-scale", type=float, default=1.0, help="eps_b = eps * this")
-    p.add_argument("--eps", type=float, nargs="+", help="certified fraction at these symmetric eps")
+    p.add_argument("--contrast-scale", type=_nonnegative_float, default=1.0, help="eps_c = eps * this")
+    p.add_argument("--brightness-scale", type=_nonnegative_float, default=1.0, help="eps_b = eps * this")
+    p.add_argument("--eps", type=_finite_float, nargs="+", help="certified fraction at these symmetric eps")
     p.add_argument("--region-grid", type=_grid, help="certified-region map over the box, e.g. 21x21")
-    p.add_argument("--coverage", type=float, default=0.95, help="fraction of images the region must cover")
+    p.add_argument("--coverage", type=_finite_float, default=0.95, help="fraction of images the region must cover")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, type=Path, help="certificate JSON")
@@ -431,7 +475,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-engine", action="store_true", help="do not build a TensorRT engine")
     p.add_argument("--fp16", action="store_true", help="build the TensorRT engine in FP16")
     p.add_argument("--workspace-mb", type=_positive_int, default=1024, help="TensorRT workspace limit")
+    p.add_argument("--sign-key", type=Path, help="Ed25519 private key (usn-offline keygen): sign the bundle")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles (KEY and KEY.pub)")
+    p.add_argument("--out", required=True, type=Path, help="private key file (the public key goes to OUT.pub)")
+    p.set_defaults(func=_cmd_keygen)
+
+    p = sub.add_parser("sign", help="sign a bundle's manifest (e.g. again after build-engine)")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--key", required=True, type=Path, help="Ed25519 private key")
+    p.set_defaults(func=_cmd_sign)
+
+    p = sub.add_parser("verify", help="check a bundle: files, hashes, certificate and its signature")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--trusted-key", type=Path, nargs="+", help="public key(s) the signature must come from")
+    p.set_defaults(func=_cmd_verify)
 
     def pruning_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", required=True, type=Path, help="trained checkpoint to prune")
@@ -439,14 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--rounds", type=_positive_int, default=3, help="progressive prune + fine-tune rounds")
         p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs after each round")
         p.add_argument("--lr", type=_positive_float, default=5e-4, help="fine-tuning learning rate")
-        p.add_argument("--contrast", type=float, nargs=2, default=[0.9, 1.1], metavar=("A_LO", "A_HI"),
+        p.add_argument("--contrast", type=_finite_float, nargs=2, default=[0.9, 1.1], metavar=("A_LO", "A_HI"),
                        help="perturbation box the USN scores are measured over")
-        p.add_argument("--brightness", type=float, nargs=2, default=[-0.1, 0.1], metavar=("B_LO", "B_HI"))
+        p.add_argument("--brightness", type=_finite_float, nargs=2, default=[-0.1, 0.1], metavar=("B_LO", "B_HI"))
         p.add_argument("--score-images", type=_positive_int, default=256, help="training images for USN scores")
         p.add_argument("--allocation", choices=["global", "uniform"],
                        help="rank neurons across layers or prune each layer alike (default: per method)")
         p.add_argument("--min-keep", type=_positive_float, default=0.1, help="fraction of every layer kept")
-        p.add_argument("--wd-weight", type=float, default=1.0, help="weight of the Wasserstein loss (usn-wd)")
+        p.add_argument("--wd-weight", type=_nonnegative_float, default=1.0,
+                       help="weight of the Wasserstein loss (usn-wd)")
         p.add_argument("--wd-epochs", type=_positive_int, default=1, help="concentration-phase epochs (usn-wd)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="auto")
@@ -455,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a trained network (USN with the Wasserstein loss by default)")
     pruning_arguments(p)
     p.add_argument("--method", choices=["usn-wd", "usn", "magnitude", "random", "none"], default="usn-wd")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of conv channels / hidden units removed")
+    p.add_argument("--ratio", type=_finite_float, default=0.3, help="fraction of conv channels / hidden units removed")
     p.add_argument("--out", required=True, type=Path, help="pruned checkpoint (.pt; a .json is written beside)")
     p.add_argument("--resume", action="store_true",
                    help="keep <out> if it was pruned from this checkpoint and data with the same settings")
@@ -465,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     pruning_arguments(p)
     p.add_argument("--methods", nargs="+", choices=["usn-wd", "usn", "magnitude", "random", "none"],
                    default=["none", "usn-wd", "usn", "magnitude", "random"])
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.6])
+    p.add_argument("--ratios", type=_finite_float, nargs="+", default=[0.3, 0.6])
     p.add_argument("--eps", type=_positive_float, nargs="+", default=[0.005, 0.01, 0.02],
                    help="symmetric boxes at which certified accuracy is reported")
     p.add_argument("--delta", type=_positive_float, default=3.0, help="px from the ground truth")
@@ -511,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "launch/usn_keypoint_node.params.yaml)")
     p.add_argument("--live", action="store_true", help="also run the real node as a process and publish the "
                                                       "bag to it over DDS; compare its outputs with offline")
-    p.add_argument("--live-rate", type=float, default=0.0, metavar="R",
+    p.add_argument("--live-rate", type=_nonnegative_float, default=0.0, metavar="R",
                    help="live: 0 publishes lock-step, as fast as the node answers (default); R > 0 publishes at "
                         "the bag's recorded timing R times real time, with /clock and the node on use_sim_time")
     p.add_argument("--frame-timeout", type=_positive_float, default=10.0,

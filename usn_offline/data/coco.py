@@ -14,15 +14,15 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import cv2
 import numpy as np
 
 from usn_offline.data.dataset import KeypointDataset
 from usn_offline.errors import DatasetError
-from usn_offline.jsonio import read_json_object
-from usn_offline.runtime.image_decode import opencv_to_rgb
+from usn_offline.jsonio import loads_strict, read_json_object
+from usn_offline.runtime.image_decode import compressed_size, opencv_to_rgb
 from usn_offline.runtime.preprocess import PreprocessConfig, preprocess, scale_keypoints
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,9 @@ def stored_image_size(root: Path | str, split: str) -> tuple[int, int] | None:
     if not path.is_file():
         return None
     try:
-        first = (json.loads(path.read_text()).get("images") or [{}])[0]
+        first = (loads_strict(path.read_text()).get("images") or [{}])[0]
         size = first.get("height"), first.get("width")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, KeyError):
+    except (ValueError, UnicodeDecodeError, AttributeError, TypeError, KeyError, RecursionError):
         return None
     return size if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size) else None
 
@@ -102,13 +102,36 @@ def _read_json(path: Path) -> dict:
     return doc
 
 
+# Larger images are refused from their header, before decoding (a 389 KB PNG can declare
+# 20000 x 20000 pixels: 28 s and 3.7 GB to decode).
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
 def _read_image(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DatasetError(f"image file not found: {path}")
+    with open(path, "rb") as f:
+        size = compressed_size(f.read(1 << 16))
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise DatasetError(f"{path}: declares {size[0]}x{size[1]} pixels, over the limit of {MAX_IMAGE_PIXELS}")
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise DatasetError(f"cannot decode image (corrupt or unsupported format): {path}")
     return opencv_to_rgb(image)
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _check_file_name(name: object, path: Path) -> None:
+    """A file name inside the dataset's images/ folder: relative, without '..'."""
+    if not isinstance(name, str) or not name:
+        raise DatasetError(f"{path}: file_name must be a non-empty string, got {str(name)[:40]}")
+    parts = PurePosixPath(name.replace("\\", "/"))
+    if parts.is_absolute() or PureWindowsPath(name).drive or ".." in parts.parts:
+        raise DatasetError(f"{path}: file_name {name!r} must be a path inside the dataset's images/ folder "
+                           "(relative, without '..')")
 
 
 def read_keypoint_names(root: Path | str, split: str) -> tuple[str, ...]:
@@ -147,19 +170,29 @@ def load_split(
     if expected_keypoints is not None and k != expected_keypoints:
         raise DatasetError(f"{path}: has {k} keypoints per object, the model expects {expected_keypoints}")
 
-    by_image: dict[int, list[dict]] = {}
+    by_image: dict[int | str, list[dict]] = {}
     for ann in doc["annotations"]:
         if not isinstance(ann, dict) or "image_id" not in ann:
             raise DatasetError(f"{path}: annotation without 'image_id': {str(ann)[:80]}")
+        if not _is_id(ann["image_id"]):
+            raise DatasetError(f"{path}: annotation image_id must be an integer or a string, got "
+                               f"{str(ann['image_id'])[:40]}")
         if ann.get("category_id", category_id) == category_id:
             by_image.setdefault(ann["image_id"], []).append(ann)
 
     skipped: Counter[str] = Counter()
     images, keypoints, files = [], [], []
     config = preprocess_config
+    seen_ids: set[int | str] = set()
     for entry in doc["images"]:
         if not isinstance(entry, dict) or "file_name" not in entry or "id" not in entry:
             raise DatasetError(f"{path}: image entry without 'id'/'file_name': {str(entry)[:80]}")
+        if not _is_id(entry["id"]):
+            raise DatasetError(f"{path}: image id must be an integer or a string, got {str(entry['id'])[:40]}")
+        if entry["id"] in seen_ids:  # its annotations would silently label another image
+            raise DatasetError(f"{path}: duplicate image id {entry['id']!r}")
+        seen_ids.add(entry["id"])
+        _check_file_name(entry["file_name"], path)
         anns = by_image.get(entry["id"], [])
         if len(anns) != 1:
             skipped["no annotation" if not anns else "several annotations"] += 1
@@ -170,12 +203,25 @@ def load_split(
             raise DatasetError(
                 f"{path}: annotation {anns[0].get('id')} of image '{entry['file_name']}' has "
                 f"{got} keypoints, expected {k}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw):
+            raise DatasetError(f"{path}: annotation {anns[0].get('id')} of image '{entry['file_name']}': "
+                               "keypoints must be numbers")
         triples = np.asarray(raw, dtype=np.float64).reshape(k, 3)
+        if not np.isfinite(triples).all():
+            raise DatasetError(f"{path}: annotation {anns[0].get('id')} of image '{entry['file_name']}': "
+                               "keypoints must be finite (NaN or infinity found)")
         if np.any(triples[:, 2] <= 0):
             skipped["keypoint not visible"] += 1
             continue
         image_path = root / "images" / entry["file_name"]
         image = _read_image(image_path)
+        h, w = image.shape[:2]
+        x, y = triples[:, 0], triples[:, 1]
+        outside = (x < -0.5) | (x > w - 0.5) | (y < -0.5) | (y > h - 0.5)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise DatasetError(f"{path}: image '{entry['file_name']}': keypoint {names[i]} at "
+                               f"({triples[i, 0]:g}, {triples[i, 1]:g}) lies outside the {w}x{h} image")
         if config is None:
             config = PreprocessConfig(input_height=image.shape[0], input_width=image.shape[1])
         try:

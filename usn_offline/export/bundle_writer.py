@@ -20,6 +20,7 @@ from usn_offline.data.dataset import KeypointDataset
 from usn_offline.errors import BundleError
 from usn_offline.export.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx
 from usn_offline.export.tensorrt_engine import TensorRTRunner, build_engine, tensorrt_available
+from usn_offline.jsonio import loads_strict
 from usn_offline.models import KeypointNet
 from usn_offline.perturb import PhotometricBox
 from usn_offline.runtime.backends import OnnxRuntimeBackend
@@ -35,6 +36,7 @@ from usn_offline.runtime.bundle import (
 from usn_offline.runtime.hashing import sha256_file
 from usn_offline.runtime.monitor import nominal_from_images
 from usn_offline.runtime.preprocess import normalised_to_pixels
+from usn_offline.runtime.signing import SIGNATURE, load_private_key, sign_manifest
 from usn_offline.train.checkpoint import CheckpointInfo
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class ExportConfig:
     fp16: bool = False
     workspace_mb: int = 1024
     gap_images: int = 200
+    sign_key: Path | None = None  # Ed25519 private key (usn-offline keygen): writes manifest.sig
 
 
 def deployment_gap_px(model: KeypointNet, backend_infer, dataset: KeypointDataset, count: int) -> float:
@@ -143,10 +146,14 @@ def certified_region(report: dict) -> dict:
 def write_bundle(out: Path | str, model: KeypointNet, info: CheckpointInfo, checkpoint: Path | str,
                  report: dict, gap_data: KeypointDataset, nominal_data: KeypointDataset,
                  config: ExportConfig = ExportConfig()) -> Bundle:
-    """Export everything into ``out`` and return the bundle as the loader sees it."""
-    out = Path(out)
-    if report.get("kind") != "usn-certification-report":
-        raise BundleError("the --certificate file is not a usn-offline certification report")
+    """Export everything into ``out`` and return the bundle as the loader sees it.
+
+    ``out`` must be new, empty or an earlier bundle of ours (replaced as a whole); anything
+    else is refused before any work, and nothing but a bundle is ever deleted."""
+    out = check_bundle_target(out)
+    check_report(report)
+    if config.sign_key is not None:
+        load_private_key(config.sign_key)  # a bad key fails before any work
     ck_sha = sha256_file(checkpoint)
     if report["model"]["sha256"] != ck_sha:
         raise BundleError(f"the certificate was computed for another checkpoint (sha256 "
@@ -157,6 +164,80 @@ def write_bundle(out: Path | str, model: KeypointNet, info: CheckpointInfo, chec
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_into(tmp, out, model, info, ck_sha, report, region, gap_data, nominal_data, config)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written bundle is left behind
+        raise
+    if out.exists():
+        shutil.rmtree(out)  # an earlier bundle of ours (check_bundle_target)
+    tmp.rename(out)
+    return Bundle.load(out)
+
+
+# (path, type) of the report fields the export reads; numbers are finite.
+_REPORT_FIELDS = (("model", dict), ("model.sha256", str), ("property", dict), ("property.delta_px", float),
+                  ("property.norm", str), ("property.reference", str), ("perturbation", dict),
+                  ("perturbation.a_lo", float), ("perturbation.a_hi", float), ("perturbation.b_lo", float),
+                  ("perturbation.b_hi", float), ("summary", dict), ("summary.certified_fraction", float),
+                  ("summary.num_images", int), ("data", dict), ("method", dict))
+
+
+def check_report(report: dict) -> None:
+    """Refuse (BundleError, naming the field) a certification report the export cannot
+    use: not one of ours, or a field missing or of the wrong type."""
+    if not isinstance(report, dict) or report.get("kind") != "usn-certification-report":
+        raise BundleError("the --certificate file is not a usn-offline certification report")
+    for path, kind in _REPORT_FIELDS:
+        value: object = report
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is None:
+            raise BundleError(f"the certificate has no field '{path}' (not a complete certify report)")
+        numeric = kind in (float, int) and not isinstance(value, bool)
+        if kind is float and not (numeric and isinstance(value, (int, float)) and math.isfinite(value)):
+            raise BundleError(f"the certificate's field '{path}' must be a finite number, got {value!r}")
+        if kind is not float and not isinstance(value, kind) or (kind is int and not numeric):
+            noun = {str: "a string", int: "an integer", dict: "an object"}[kind]
+            raise BundleError(f"the certificate's field '{path}' must be {noun}, got {value!r}")
+
+
+BUNDLE_FILES = frozenset({MANIFEST, CERTIFICATE, ONNX_MODEL, ENGINE, SIGNATURE})
+
+
+def check_bundle_target(out: Path | str) -> Path:
+    """The resolved ``out`` of an export, refused (BundleError) unless it is a new or
+    empty folder or a bundle written by us (a manifest of kind usn-bundle and nothing but
+    bundle files), so that replacing it cannot delete anything else."""
+    path = Path(out).expanduser().resolve()
+    if path.parent == path:
+        raise BundleError(f"--out {out}: cannot write a bundle to the root of the file system")
+    if path.exists() and not path.is_dir():
+        raise BundleError(f"--out {out} is a file, not a folder: choose a new folder for the bundle")
+    if path.is_dir():
+        entries = sorted(p.name for p in path.iterdir())
+        foreign = [name for name in entries if name not in BUNDLE_FILES or not (path / name).is_file()]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise BundleError(f"--out {out} holds files that are not part of a bundle ({shown}): choose a new or "
+                              "empty folder (export replaces only an earlier bundle)")
+        if entries and _manifest_kind(path / MANIFEST) != "usn-bundle":
+            raise BundleError(f"--out {out} is not empty and not a bundle written by usn-offline "
+                              f"(no valid {MANIFEST}): choose a new or empty folder")
+    return path
+
+
+def _manifest_kind(path: Path) -> str | None:
+    try:
+        doc = loads_strict(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return doc.get("kind") if isinstance(doc, dict) else None
+
+
+def _write_into(tmp: Path, out: Path, model: KeypointNet, info: CheckpointInfo, ck_sha: str, report: dict,
+                region: dict, gap_data: KeypointDataset, nominal_data: KeypointDataset, config: ExportConfig
+                ) -> None:
 
     onnx_path = export_onnx(model, info, tmp / ONNX_MODEL)
     onnx_sha = sha256_file(onnx_path)
@@ -222,9 +303,8 @@ def write_bundle(out: Path | str, model: KeypointNet, info: CheckpointInfo, chec
         "engine_status": "built" if engine else "not built: build on the target (usn-offline build-engine)",
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return Bundle.load(out)
+    if config.sign_key is not None:
+        sign_manifest(tmp, config.sign_key)
 
 
 def bundle_summary(bundle: Bundle) -> list[tuple[str, str]]:

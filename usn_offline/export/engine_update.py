@@ -4,6 +4,7 @@ certificate and manifest to it."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 
@@ -12,6 +13,9 @@ from usn_offline.runtime.backends import OnnxRuntimeBackend
 from usn_offline.runtime.bundle import CERTIFICATE, ENGINE, MANIFEST, Bundle
 from usn_offline.runtime.hashing import sha256_file
 from usn_offline.runtime.preprocess import normalised_to_pixels
+from usn_offline.runtime.signing import SIGNATURE
+
+log = logging.getLogger(__name__)
 
 
 def engine_gap_px(bundle: Bundle, runner: TensorRTRunner, count: int = 64) -> float:
@@ -53,4 +57,9 @@ def add_engine_to_bundle(bundle: Bundle, fp16: bool = False, workspace_mb: int =
     manifest["engine_status"] = (f"built ({engine.precision}, TensorRT {engine.tensorrt_version}, "
                                  f"{engine.gpu_name})")
     (bundle.root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    signature = bundle.root / SIGNATURE
+    if signature.exists():  # it signed the manifest before the engine: no longer valid
+        signature.unlink()
+        log.warning("%s: the bundle's signature covered the manifest without the engine and was removed: "
+                    "re-sign it with 'usn-offline sign --bundle %s --key KEY'", bundle.root, bundle.root)
     return Bundle.load(bundle.root)

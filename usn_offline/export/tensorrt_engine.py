@@ -39,11 +39,10 @@ def tensorrt_available() -> tuple[bool, str]:
         return False, "the tensorrt Python package is not installed"
     try:
         import torch
-
-        if not torch.cuda.is_available():
-            return False, "no CUDA GPU is visible"
-    except ImportError:
-        pass
+    except ImportError:  # the runner's CUDA buffers are torch tensors
+        return False, "the TensorRT runner needs torch (its CUDA buffers), which is not installed"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible"
     return True, ""
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from usn_offline.data.dataset import KeypointDataset
+from usn_offline.errors import check_finite_loss
 from usn_offline.train.loop import TrainConfig, augment_batch, normalised_targets
 
 
@@ -43,11 +44,13 @@ def finetune(model: nn.Module, train_set: KeypointDataset, epochs: int, lr: floa
             loss = loss_fn(model(x), targets[idx].to(device))
             if extra_loss is not None:
                 loss = loss + extra_loss()
+            value = loss.item()
+            check_finite_loss(value, f"{desc} epoch {len(history) + 1}, batch {start // train_config.batch_size + 1}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += loss.item() * len(idx)
+            total += value * len(idx)
         history.append(total / len(train_set))
         bar.set_postfix(loss=f"{history[-1]:.4f}")
     model.eval()

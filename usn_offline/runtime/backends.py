@@ -90,7 +90,10 @@ class TensorRTBackend:
                  force_update: bool = False, fp16: bool = False) -> None:
         from usn_offline.export.tensorrt_engine import TensorRTRunner, build_engine, tensorrt_available
 
-        ok, why = tensorrt_available()
+        try:
+            ok, why = tensorrt_available()
+        except ImportError as exc:  # e.g. its CUDA buffers come from torch, absent on this robot
+            raise BundleError(f"backend tensorrt is not available here: {exc}") from exc
         if not ok:
             raise BundleError(f"backend tensorrt is not available here: {why}")
         import tensorrt as trt

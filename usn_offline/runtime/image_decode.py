@@ -71,12 +71,61 @@ def decode_compressed(format_: str, data: bytes | bytearray | memoryview, max_pi
     """Decode a sensor_msgs/CompressedImage payload (JPEG, PNG, ...) to mono or RGB(A)."""
     if len(data) == 0:
         raise ImageDecodeError(f"empty compressed image (format '{format_}')")
+    # The size a PNG or JPEG declares is checked before decoding: a small file can declare
+    # a huge image (a 214 KB PNG of 15000x15000 took 2 s and 441 MB to decode).
+    size = compressed_size(bytes(data[:1 << 16]) if len(data) > 1 << 16 else bytes(data))
+    if size is None:
+        raise ImageDecodeError(f"cannot decode compressed image (format '{format_}', {len(data)} bytes): "
+                               "not a PNG or JPEG with a readable header")
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageDecodeError(f"compressed image declares {width}x{height}, over the limit of {max_pixels} pixels")
+    if width == 0 or height == 0:
+        raise ImageDecodeError(f"compressed image declares an empty image ({width}x{height})")
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageDecodeError(f"cannot decode compressed image (format '{format_}', {len(data)} bytes)")
     if image.shape[0] * image.shape[1] > max_pixels:
         raise ImageDecodeError(f"image of {image.shape[1]}x{image.shape[0]} exceeds the limit of {max_pixels} pixels")
     return opencv_to_rgb(image)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (C0-CF except DHT C4, JPG C8 and DAC CC) carry the size.
+_JPEG_SOF = {m for m in range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
+
+
+def compressed_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) a PNG or JPEG declares in its header (read from the first 64 KiB),
+    or None when ``head`` is neither or its header is cut or malformed."""
+    if head.startswith(_PNG_SIGNATURE):
+        if len(head) < 24 or head[12:16] != b"IHDR":
+            return None
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    i = 2
+    while i + 4 <= len(head):
+        if head[i] != 0xFF:
+            return None
+        marker = head[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        length = int.from_bytes(head[i + 2:i + 4], "big")
+        if marker in _JPEG_SOF:
+            if i + 9 > len(head) or length < 7:
+                return None
+            return int.from_bytes(head[i + 7:i + 9], "big"), int.from_bytes(head[i + 5:i + 7], "big")
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
 
 
 def opencv_to_rgb(image: np.ndarray) -> np.ndarray:

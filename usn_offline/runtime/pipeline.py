@@ -94,6 +94,7 @@ class KeypointPipeline:
     prove_every: int = 1  # prove every n-th frame; the others are NOT_CHECKED
     monitor_veto: bool = False
     scene_check: SceneContrastCheck | None = None
+    mismatch_detail: str = "certificate does not match the model"  # the detail of CERTIFICATE_MISMATCH
     frames_seen: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -181,6 +182,6 @@ class KeypointPipeline:
         status = self._decide(frame, out, result.status, index, busy, outside)
         if not self.certificate_matches:
             status.reasons.append(Reason.CERTIFICATE_MISMATCH)
-            status.detail = "; ".join(filter(None, [status.detail, "certificate does not match the model"]))
+            status.detail = "; ".join(filter(None, [status.detail, self.mismatch_detail]))
         result.seconds["proof"] = time.perf_counter() - started
         return result

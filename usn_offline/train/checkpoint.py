@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from usn_offline import __version__
-from usn_offline.errors import CheckpointError, ConfigError
+from usn_offline.errors import CheckpointError, ConfigError, first_line
 from usn_offline.jsonio import read_json_object
 from usn_offline.models import KeypointNet, ModelConfig, build_model
 from usn_offline.runtime.preprocess import PreprocessConfig
@@ -45,6 +45,10 @@ class CheckpointInfo:
         if version != CHECKPOINT_SCHEMA_VERSION:
             raise CheckpointError(
                 f"{source}: unsupported schema_version {version!r} (expected {CHECKPOINT_SCHEMA_VERSION})")
+        for key, kind in (("model", dict), ("preprocess", dict), ("keypoint_names", list)):
+            if key in data and not isinstance(data[key], kind):
+                raise CheckpointError(f"{source}: field '{key}' must be a JSON {'object' if kind is dict else 'list'}, "
+                                      f"got {type(data[key]).__name__}")
         try:
             info = cls(
                 model=ModelConfig.from_dict(data["model"]),
@@ -93,7 +97,7 @@ def load_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/corrupt/unsafe files
-        raise CheckpointError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0]})") from exc
+        raise CheckpointError(f"{path}: cannot read checkpoint ({first_line(exc)})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
     return state
@@ -104,12 +108,22 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     info = load_checkpoint_info(path)
-    model = build_model(info.model)
     state = load_state_dict(path)
+    # The architecture is checked against the weights on the meta device first (shapes
+    # only, no memory): a config declaring huge widths must not allocate them.
+    with torch.device("meta"):
+        skeleton = build_model(info.model)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        wrong = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
+        raise CheckpointError(f"{path}: weights do not match the architecture in {config_path(path).name} "
+                              f"(first difference: {wrong[0]}: config {expected.get(wrong[0])}, "
+                              f"weights {found.get(wrong[0])})")
+    model = build_model(info.model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match the architecture in "
-                              f"{config_path(path).name} ({first})") from exc
+                              f"{config_path(path).name} ({first_line(exc)})") from exc
     return model.to(device).eval(), info

@@ -4,6 +4,7 @@ deterministic seeding, per-epoch checkpoints and resume."""
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from usn_offline.data.dataset import KeypointDataset
-from usn_offline.errors import CheckpointError, ConfigError
+from usn_offline.errors import CheckpointError, ConfigError, TrainingError, check_finite_loss, first_line
 from usn_offline.models import KeypointNet, ModelConfig, build_model
 from usn_offline.perturb import apply_photometric
 from usn_offline.runtime.preprocess import PreprocessConfig, pixels_to_normalised
@@ -143,13 +144,23 @@ def train_model(
     if resume and resume_path(out).is_file():
         try:
             state = torch.load(resume_path(out), map_location="cpu", weights_only=True)
+            planned = int(state["scheduler"]["total_steps"]) // steps_per_epoch
+            done = int(state["epoch"])
+        except (KeyError, RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+            raise CheckpointError(f"{resume_path(out)}: cannot resume ({first_line(exc)})") from exc
+        if planned != config.epochs:
+            # The learning-rate schedule was laid out for that many epochs; stretching it
+            # midway would not be the run that was asked for.
+            raise TrainingError(f"--resume: {out} comes from a run planned for {planned} epochs ({done} done), "
+                                f"not {config.epochs}: resume with --epochs {planned}, or train into a new --out")
+        try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             gen.set_state(state["generator"])
-            start_epoch, history = int(state["epoch"]), list(state["history"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{resume_path(out)}: cannot resume ({str(exc).splitlines()[0]})") from exc
+            start_epoch, history = done, list(state["history"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{resume_path(out)}: cannot resume ({first_line(exc)})") from exc
         log.info("resuming after epoch %d", start_epoch)
 
     images = torch.from_numpy(train_set.images).unsqueeze(1)
@@ -173,11 +184,13 @@ def train_model(
             loss = loss_fn(model(x), y)
             if bound_weight > 0:
                 loss = loss + bound_weight * bound_loss(model, x[:config.bound.images_per_batch], bound_eps)
+            value = loss.item()
+            check_finite_loss(value, f"epoch {epoch + 1}, batch {start // config.batch_size + 1}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += loss.item() * len(idx)
+            total += value * len(idx)
             seen += len(idx)
         history.append(total / seen)
         val_err = evaluate_model(model, val_set, device).mean_px_error

@@ -20,12 +20,14 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data, qos_profile_system_default
 from sensor_msgs.msg import CompressedImage, Image
 from usn_keypoint_msgs.msg import CertificationStatus, Keypoint2D, KeypointArray
 
-from usn_offline.errors import UsnError
+from usn_offline.errors import BundleError, UsnError
 from usn_offline.runtime.backends import create_backend
 from usn_offline.runtime.bundle import CERTIFICATE, Bundle
 from usn_offline.runtime.hashing import sha256_file
@@ -70,6 +72,11 @@ class KeypointNode(Node):
                       **ro)
         self._declare("on_certificate_mismatch", "fail",
                       "fail: refuse to start; flag: serve with every frame flagged uncertified", **ro)
+        self.declare_parameter("trusted_keys", Parameter.Type.STRING_ARRAY, ParameterDescriptor(
+            description="Ed25519 public keys (PEM files, usn-offline keygen); set: the bundle's manifest must be "
+                        "signed by one of them", read_only=True))
+        self._declare("on_untrusted_bundle", "fail", "with trusted_keys, an unsigned or wrongly signed bundle: "
+                      "fail (refuse to start) or flag (serve, every frame CERTIFICATE_MISMATCH)", **ro)
         self._declare("max_image_pixels", 4096 * 4096, "larger images are rejected as BAD_INPUT",
                       integer_range=_int_range(1, 1 << 28), **ro)
         self._declare("monitor_z", 2.0, "uncertainty rectangle half-width in standard deviations",
@@ -104,11 +111,13 @@ class KeypointNode(Node):
         except UsnError as exc:
             raise StartupError(str(exc)) from exc
         self.certificate_id = sha256_file(self.bundle.root / CERTIFICATE)
-        matches = True
+        matches, mismatch = True, "certificate does not match the model"
+        if not self._signature_trusted(p):
+            matches, mismatch = False, "the bundle's signature is not from a trusted key"
         model_path = self.bundle.onnx_path
         if p["model_file_path"]:
             model_path = p["model_file_path"]
-            matches = sha256_file(model_path) == self.bundle.model_sha256
+            matches = matches and sha256_file(model_path) == self.bundle.model_sha256
             if not matches and p["on_certificate_mismatch"] == "fail":
                 raise StartupError(f"{model_path} is not the model the certificate was issued for (SHA-256 "
                                    "mismatch); set on_certificate_mismatch:=flag to serve uncertified")
@@ -138,7 +147,8 @@ class KeypointNode(Node):
                                    f"std [{scene.min_std:.4f}, {scene.max_std:.4f}] are OUT_OF_REGION")
         self.pipeline = KeypointPipeline(self.bundle, self.backend, self.monitor, matches, p["max_image_pixels"],
                                          verifier=verifier, prove_every=p["frame_proof_every"],
-                                         monitor_veto=p["monitor_veto"], scene_check=scene)
+                                         monitor_veto=p["monitor_veto"], scene_check=scene,
+                                         mismatch_detail=mismatch)
         self.lighting_range = [box.a_lo, box.a_hi, box.b_lo, box.b_hi]
         self.stream = FrameStream(self.pipeline, p["monitor_calibration_frames"])
         self.declare_parameter("keypoint_names", list(self.bundle.keypoint_names),
@@ -175,19 +185,46 @@ class KeypointNode(Node):
         self.declare_parameter(name, default, ParameterDescriptor(description=description, read_only=read_only,
                                                                   **ranges))
 
+    def _value(self, name: str):
+        try:
+            return self.get_parameter(name).value
+        except ParameterUninitializedException:  # a typed parameter left unset (trusted_keys)
+            return None
+
     def _params(self) -> dict:
-        return {name: self.get_parameter(name).value for name in (
+        return {name: self._value(name) for name in (
             "bundle_dir", "backend", "model_file_path", "engine_file_path", "force_engine_update", "enable_fp16",
             "checkpoint_path", "input_qos", "input_transport", "input_qos_depth", "on_certificate_mismatch",
+            "trusted_keys", "on_untrusted_bundle",
             "max_image_pixels", "frame_proof", "frame_proof_max_boxes", "frame_proof_every", "frame_proof_lighting",
             "monitor_veto", "scene_check", "scene_std_range",
             "monitor_z", "monitor_max_saturated_fraction", "monitor_calibration_frames", "diagnostics_period")}
+
+    def _signature_trusted(self, p: dict) -> bool:
+        """With trusted_keys: is the bundle signed by one of them? (fail policy: refuse)."""
+        keys = [k for k in (p["trusted_keys"] or []) if k]
+        if not keys:
+            self.get_logger().warning("bundle signature not checked: no trusted_keys configured")
+            return True
+        from usn_offline.runtime.signing import verify_manifest
+
+        try:
+            key = verify_manifest(self.bundle.root, keys)
+        except BundleError as exc:
+            if p["on_untrusted_bundle"] == "fail":
+                raise StartupError(f"{exc} (on_untrusted_bundle:=flag serves it uncertified)") from exc
+            self.get_logger().error(f"{exc}: serving with every frame flagged CERTIFICATE_MISMATCH")
+            return False
+        except UsnError as exc:  # a missing or malformed key file, no cryptography package
+            raise StartupError(str(exc)) from exc
+        self.get_logger().info(f"bundle signed by trusted key {key[:16]}...")
+        return True
 
     def _verifier(self, p: dict):
         try:
             from usn_offline.certify.frame import make_verifier
         except ImportError as exc:
-            self.get_logger().warn(f"per-frame proofs need torch ({exc}): every frame is NOT_CHECKED")
+            self.get_logger().warning(f"per-frame proofs need torch ({exc}): every frame is NOT_CHECKED")
             return None
         try:
             verifier = make_verifier(self.bundle, True, p["frame_proof_max_boxes"],
@@ -203,7 +240,8 @@ class KeypointNode(Node):
         if not p["bundle_dir"]:
             raise StartupError("parameter bundle_dir is required (the export bundle directory)")
         for name, choices in (("backend", BACKENDS), ("input_qos", QOS_CHOICES), ("input_transport", TRANSPORTS),
-                              ("on_certificate_mismatch", MISMATCH_POLICIES)):
+                              ("on_certificate_mismatch", MISMATCH_POLICIES),
+                              ("on_untrusted_bundle", MISMATCH_POLICIES)):
             if p[name] not in choices:
                 raise StartupError(f"parameter {name}={p[name]!r} must be one of {', '.join(choices)}")
 
@@ -229,7 +267,7 @@ class KeypointNode(Node):
         if was_calibrating and not self.stream.calibrating:
             self.get_logger().info(f"{result.status.detail}: {self.monitor.nominal}")
         if Reason.BAD_INPUT in result.status.reasons:
-            self.get_logger().warn(f"BAD_INPUT: {result.status.detail}", throttle_duration_sec=5.0)
+            self.get_logger().warning(f"BAD_INPUT: {result.status.detail}", throttle_duration_sec=5.0)
         if result.keypoints_px is not None:
             self.keypoint_pub.publish(self._keypoints_msg(msg, result))
         if result.pending is not None:
@@ -241,12 +279,15 @@ class KeypointNode(Node):
     def _prove(self, msg: Image | CompressedImage, result: FrameResult, started: float) -> None:
         """On the prover thread: complete the frame's decision and publish its status."""
         try:
-            self.pipeline.finish(result)
+            try:
+                self.pipeline.finish(result)
+            finally:
+                # Free before publishing: a lock-step sender's next frame may follow the
+                # status within microseconds and must find the prover idle.
+                self._proof_busy = False
             self._publish_decision(msg, result, started)
         except Exception as exc:  # shutting down, or a bug: never silently
             self.get_logger().error(f"frame proof failed: {type(exc).__name__}: {exc}")
-        finally:
-            self._proof_busy = False
 
     def _publish_decision(self, msg: Image | CompressedImage, result: FrameResult, started: float) -> None:
         with self._stats_lock:
