@@ -64,32 +64,30 @@ def generate_key(out: Path | str) -> tuple[Path, Path]:
     return private_path, public_path
 
 
-def load_private_key(path: Path | str):
+def _load_key(path: Path | str, private: bool, missing: str):
+    """An Ed25519 key from a PEM file; ConfigError naming the file and what is wrong."""
     ed25519, serialization, _ = _crypto()
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"signing key not found: {path}")
+        raise ConfigError(f"{missing}: {path}")
+    text = path.read_bytes()
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = (serialization.load_pem_private_key(text, password=None) if private
+               else serialization.load_pem_public_key(text))
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: not an unencrypted PEM private key ({exc})") from exc
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise ConfigError(f"{path}: not an Ed25519 key (usn-offline keygen makes one)")
+        what = "an unencrypted PEM private key" if private else "a PEM public key"
+        raise ConfigError(f"{path}: not {what} ({exc})") from exc
+    if not isinstance(key, ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey):
+        raise ConfigError(f"{path}: not an Ed25519 {'key (usn-offline keygen makes one)' if private else 'public key'}")
     return key
+
+
+def load_private_key(path: Path | str):
+    return _load_key(path, True, "signing key not found")
 
 
 def load_public_key(path: Path | str):
-    ed25519, serialization, _ = _crypto()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"trusted key not found: {path}")
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a PEM public key ({exc})") from exc
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise ConfigError(f"{path}: not an Ed25519 public key")
-    return key
+    return _load_key(path, False, "trusted key not found")
 
 
 def sign_manifest(bundle_dir: Path | str, private_key_path: Path | str) -> str:
