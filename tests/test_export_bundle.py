@@ -14,12 +14,13 @@ from usn_offline.certify.report import report_to_dict, write_report
 from usn_offline.cli import main
 from usn_offline.data import load_split
 from usn_offline.errors import BundleError
-from usn_offline.export import ExportConfig, tensorrt_available, write_bundle
+from usn_offline.export import ExportConfig, write_bundle
 from usn_offline.export.bundle_writer import certified_region
 from usn_offline.models import model_config_for
 from usn_offline.perturb import PhotometricBox
 from usn_offline.runtime.backends import OnnxRuntimeBackend
 from usn_offline.runtime.bundle import Bundle
+from usn_offline.runtime.tensorrt_engine import tensorrt_available
 from usn_offline.train import TrainConfig, load_checkpoint, train_model
 
 
@@ -151,7 +152,10 @@ def _rewrite(root, name, edit):
     ("certificate.json", lambda d: d["region"].update(boxes=[]), "region.boxes must be a non-empty list"),
     ("certificate.json", lambda d: d.pop("nominal_statistics"), "missing field 'nominal_statistics'"),
     ("certificate.json", lambda d: d.update(schema_version=7), "unsupported schema_version 7"),
-    ("manifest.json", lambda d: d.update(keypoint_names=[]), "keypoint_names must be a non-empty list"),
+    ("manifest.json", lambda d: d.update(keypoint_names=[]), "keypoint_names must be a list of 1..1024 strings"),
+    ("manifest.json", lambda d: d.update(keypoint_names=["k"] * 5000), "keypoint_names must be a list of 1..1024"),
+    ("manifest.json", lambda d: d["preprocessing"].update(input_height=10 ** 6),
+     "input size 1000000x64 must lie within 1..4096 pixels per side"),
     ("manifest.json", lambda d: d.update(schema_version=None), "manifest.json: unsupported schema_version"),
     ("manifest.json", lambda d: d["files"].pop("certificate.json"), "does not list certificate.json"),
 ])
@@ -159,6 +163,44 @@ def test_schema_validation(exported, tmp_path, name, edit, message):
     root = _copy(exported, tmp_path)
     _rewrite(root, name, edit)
     with pytest.raises(BundleError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        Bundle.load(root)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["preprocessing"].update(input_height=32, input_width=48),
+     r"input shape \[1, 1, 64, 64\] does not match the manifest's preprocessing \(N, 1, 32, 48\)"),
+    (lambda d: d.update(keypoint_names=d["keypoint_names"] + ["extra"]),
+     r"output shape \[1, 8\] does not match the manifest's 5 keypoint names \(N, 10\)"),
+])
+def test_manifest_runtime_fields_are_checked_against_the_model_at_load(exported, tmp_path, edit, message):
+    """A manifest that describes another input size or keypoint count than the ONNX model is
+    refused when the backend loads the model, not at the first frame."""
+    from usn_offline.runtime.backends import create_backend
+
+    root = _copy(exported, tmp_path)
+    _rewrite(root, "manifest.json", edit)
+    bundle = Bundle.load(root)
+    with pytest.raises(BundleError, match=message):
+        create_backend("onnxruntime", bundle)
+    with pytest.raises(BundleError, match=message):
+        create_backend("auto", bundle)
+
+
+def test_an_engine_the_certificate_does_not_name_is_refused(exported, tmp_path):
+    from usn_offline.runtime.hashing import sha256_file
+
+    root = _copy(exported, tmp_path)
+    (root / "model.engine").write_bytes(b"not the certified engine")
+    _rewrite(root, "manifest.json", lambda d: d["files"].update(
+        {"model.engine": {"sha256": sha256_file(root / "model.engine"), "bytes": 24}}))
+    with pytest.raises(BundleError, match="lists model.engine but certificate.json names no engine"):
+        Bundle.load(root)
+    _rewrite(root, "certificate.json", lambda d: d.update(engine={"sha256": "0" * 64}))
+    with pytest.raises(BundleError, match="names another engine"):
+        Bundle.load(root)
+    (root / "model.engine").unlink()
+    _rewrite(root, "manifest.json", lambda d: d["files"].pop("model.engine"))
+    with pytest.raises(BundleError, match="names an engine that manifest.json does not list"):
         Bundle.load(root)
 
 

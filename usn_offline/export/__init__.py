@@ -1,15 +1,15 @@
 """Export: ONNX model, TensorRT engine, deployment-gap check and the bundle.
 
-The names are imported on first use: the robot's runtime imports
-``usn_offline.export.tensorrt_engine`` for its TensorRT backend, and that must not pull
-in the bundle writer, which needs torch."""
+The names are imported on first use, so that importing the package costs nothing. The
+TensorRT engine builder and runner live in ``usn_offline.runtime.tensorrt_engine``: the
+robot builds and runs engines without torch."""
 
 from __future__ import annotations
 
 import importlib
 
 _WHERE = {"ExportConfig": "bundle_writer", "bundle_summary": "bundle_writer", "write_bundle": "bundle_writer",
-          "export_onnx": "onnx_model", "build_engine": "tensorrt_engine", "tensorrt_available": "tensorrt_engine"}
+          "export_onnx": "onnx_model"}
 
 __all__ = sorted(_WHERE)
 

@@ -19,7 +19,6 @@ from usn_offline import __version__
 from usn_offline.data.dataset import KeypointDataset
 from usn_offline.errors import BundleError
 from usn_offline.export.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx
-from usn_offline.export.tensorrt_engine import TensorRTRunner, build_engine, tensorrt_available
 from usn_offline.jsonio import loads_strict
 from usn_offline.models import KeypointNet
 from usn_offline.perturb import PhotometricBox
@@ -37,6 +36,7 @@ from usn_offline.runtime.hashing import sha256_file
 from usn_offline.runtime.monitor import nominal_from_images
 from usn_offline.runtime.preprocess import normalised_to_pixels
 from usn_offline.runtime.signing import SIGNATURE, load_private_key, sign_manifest
+from usn_offline.runtime.tensorrt_engine import TensorRTRunner, build_engine, engine_record, tensorrt_available
 from usn_offline.train.checkpoint import CheckpointInfo
 
 log = logging.getLogger(__name__)
@@ -279,10 +279,7 @@ def _write_into(tmp: Path, out: Path, model: KeypointNet, info: CheckpointInfo, 
         "data": report["data"],
         "method": report["method"],
         "nominal_statistics": dataclasses.asdict(nominal_from_images(nominal_data.images)),
-        "engine": None if engine is None else {
-            "sha256": sha256_file(engine.path), "tensorrt_version": engine.tensorrt_version,
-            "gpu": engine.gpu_name, "compute_capability": engine.compute_capability,
-            "precision": engine.precision},
+        "engine": None if engine is None else engine_record(engine, onnx_sha),
     }
     (tmp / CERTIFICATE).write_text(json.dumps(certificate, indent=1))
     files = [ONNX_MODEL, CERTIFICATE] + ([ENGINE] if engine else [])

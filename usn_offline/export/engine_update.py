@@ -6,27 +6,13 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
-
-from usn_offline.export.tensorrt_engine import TensorRTRunner, build_engine
-from usn_offline.runtime.backends import OnnxRuntimeBackend
+from usn_offline.runtime.backends import engine_gap_px
 from usn_offline.runtime.bundle import CERTIFICATE, ENGINE, MANIFEST, Bundle
 from usn_offline.runtime.hashing import sha256_file
-from usn_offline.runtime.preprocess import normalised_to_pixels
 from usn_offline.runtime.signing import SIGNATURE
+from usn_offline.runtime.tensorrt_engine import TensorRTRunner, build_engine, engine_record
 
 log = logging.getLogger(__name__)
-
-
-def engine_gap_px(bundle: Bundle, runner: TensorRTRunner, count: int = 64) -> float:
-    """Deviation of the engine from the torch model, bounded without torch's model on the
-    target: gap(ORT vs torch, recorded at export) + max |TensorRT - ORT| on random images."""
-    h, w = bundle.preprocess.input_height, bundle.preprocess.input_width
-    x = np.random.default_rng(0).random((count, 1, h, w), dtype=np.float32)
-    ort_out = OnnxRuntimeBackend(bundle.onnx_path).infer(x).reshape(count, -1, 2)
-    trt_out = np.asarray(runner.infer(x)).reshape(count, -1, 2)
-    diff = np.abs(normalised_to_pixels(trt_out, h, w) - normalised_to_pixels(ort_out, h, w)).max()
-    return bundle.certificate["deployment_gap_by_backend_px"]["onnxruntime"] + float(diff)
 
 
 def add_engine_to_bundle(bundle: Bundle, fp16: bool = False, workspace_mb: int = 1024,
@@ -34,7 +20,7 @@ def add_engine_to_bundle(bundle: Bundle, fp16: bool = False, workspace_mb: int =
     from usn_offline.errors import BundleError
 
     engine = build_engine(bundle.onnx_path, bundle.root / ENGINE, fp16, workspace_mb)
-    gap = engine_gap_px(bundle, TensorRTRunner(engine.path))
+    gap = engine_gap_px(bundle, TensorRTRunner(engine.path).infer)
     if gap > gap_tolerance_px:
         (bundle.root / ENGINE).unlink()
         raise BundleError(f"the TensorRT engine deviates up to {gap:.4f} px from the model, more than "
@@ -44,9 +30,7 @@ def add_engine_to_bundle(bundle: Bundle, fp16: bool = False, workspace_mb: int =
                                                    "tensorrt": gap}
     certificate["deployment_gap_px"] = max(certificate["deployment_gap_px"], gap)
     certificate["effective_delta_px"] = certificate["delta_px"] + certificate["deployment_gap_px"]
-    certificate["engine"] = {"sha256": sha256_file(engine.path), "tensorrt_version": engine.tensorrt_version,
-                             "gpu": engine.gpu_name, "compute_capability": engine.compute_capability,
-                             "precision": engine.precision}
+    certificate["engine"] = engine_record(engine, bundle.model_sha256)
     (bundle.root / CERTIFICATE).write_text(json.dumps(certificate, indent=1))
     manifest = dict(bundle.manifest)
     files = dict(manifest["files"])

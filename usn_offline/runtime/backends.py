@@ -6,12 +6,19 @@ keypoint coordinates, exactly like the torch model it was exported from.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
 from usn_offline.errors import BundleError
+from usn_offline.runtime.bundle import Bundle
+from usn_offline.runtime.preprocess import normalised_to_pixels
+
+log = logging.getLogger(__name__)
 
 
 class OnnxRuntimeBackend:
@@ -46,6 +53,7 @@ class OnnxRuntimeBackend:
             raise BundleError(f"{model_path}: expected one input and one output")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         self.input_shape = tuple(inputs[0].shape)
+        self.output_shape = tuple(outputs[0].shape)
         self.providers = self.session.get_providers()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -80,41 +88,107 @@ class TorchBackend:
             return self.model(x).cpu().numpy()
 
 
+def engine_cache_dir() -> Path:
+    """Where engines built on this machine are cached ($XDG_CACHE_HOME/usn_keypoints)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "usn_keypoints"
+
+
+def engine_gap_px(bundle, infer, count: int = 64) -> float:
+    """Deviation of an engine (``infer``) from the torch model, bounded without torch on the
+    target: gap(ONNX Runtime vs torch, recorded at export) + max |engine - ONNX Runtime| on
+    random images."""
+    h, w = bundle.preprocess.input_height, bundle.preprocess.input_width
+    x = np.random.default_rng(0).random((count, 1, h, w), dtype=np.float32)
+    ort_out = OnnxRuntimeBackend(bundle.onnx_path).infer(x).reshape(count, -1, 2)
+    engine_out = np.asarray(infer(x)).reshape(count, -1, 2)
+    diff = np.abs(normalised_to_pixels(engine_out, h, w) - normalised_to_pixels(ort_out, h, w)).max()
+    return bundle.certificate["deployment_gap_by_backend_px"]["onnxruntime"] + float(diff)
+
+
 class TensorRTBackend:
-    """A TensorRT engine: the bundle's, a given file, or one built once from the ONNX model
-    and cached under a key of ONNX hash, TensorRT version, GPU and precision."""
+    """A TensorRT engine: the bundle's when it was built for this TensorRT, GPU and precision
+    (and its hash matches), else one built here once and cached, keyed by ONNX hash,
+    TensorRT version, GPU, compute capability, precision and input shape, with a record
+    beside it that is checked the same way (runtime/tensorrt_engine.py, choose_engine).
+
+    ``deployment_gap_px``: the measured deviation of an engine built here from the model
+    (None for the bundle's own engine, whose gap the certificate holds)."""
 
     name = "tensorrt"
 
-    def __init__(self, bundle, model_path: Path | str, engine_path: Path | str | None = None,
-                 force_update: bool = False, fp16: bool = False) -> None:
-        from usn_offline.export.tensorrt_engine import TensorRTRunner, build_engine, tensorrt_available
+    def __init__(self, bundle, model_path: Path | str | None = None, engine_path: Path | str | None = None,
+                 force_update: bool = False, fp16: bool = False, gap_tolerance_px: float = 0.05) -> None:
+        from usn_offline.runtime.tensorrt_engine import (
+            TensorRTRunner,
+            build_engine,
+            choose_engine,
+            current_target,
+            engine_record,
+            tensorrt_available,
+            write_cache_record,
+        )
 
-        try:
-            ok, why = tensorrt_available()
-        except ImportError as exc:  # e.g. its CUDA buffers come from torch, absent on this robot
-            raise BundleError(f"backend tensorrt is not available here: {exc}") from exc
+        ok, why = tensorrt_available()
         if not ok:
             raise BundleError(f"backend tensorrt is not available here: {why}")
-        import tensorrt as trt
+        from usn_offline.runtime.hashing import sha256_file
 
-        from usn_offline.export.tensorrt_engine import EngineInfo, _gpu
-
-        if engine_path is None and bundle.engine_path is not None and not force_update:
-            engine_path = bundle.engine_path
-        if engine_path is None:
-            gpu, capability = _gpu()
-            key = EngineInfo(Path(), trt.__version__, gpu, capability, "fp16" if fp16 else "fp32").cache_key(
-                bundle.model_sha256)
-            engine_path = Path.home() / ".cache" / "usn_keypoints" / f"model-{key}.engine"
-        engine_path = Path(engine_path)
-        if force_update or not engine_path.is_file():
-            engine_path.parent.mkdir(parents=True, exist_ok=True)
-            build_engine(model_path, engine_path, fp16)
-        self.runner = TensorRTRunner(engine_path)
+        model_path = Path(model_path or bundle.onnx_path)
+        onnx_sha = bundle.model_sha256 if model_path == bundle.onnx_path else sha256_file(model_path)
+        choice = choose_engine(bundle, current_target("fp16" if fp16 else "fp32"), engine_cache_dir(),
+                               engine_path, force_update, onnx_sha)
+        self.deployment_gap_px = None
+        if not choice.build:
+            self.runner = TensorRTRunner(choice.path)
+            self.engine_path = choice.path
+            gap = choice.record_path and _recorded_gap(choice.record_path)
+            self.deployment_gap_px = gap
+            return
+        log.warning("building a TensorRT engine at %s (%s)", choice.path, choice.reason)
+        choice.path.parent.mkdir(parents=True, exist_ok=True)
+        info = build_engine(model_path, choice.path, fp16)
+        self.runner = TensorRTRunner(choice.path)
+        gap = engine_gap_px(bundle, self.runner.infer)
+        if gap > gap_tolerance_px:
+            choice.path.unlink(missing_ok=True)
+            raise BundleError(f"the TensorRT engine built here deviates up to {gap:.4f} px from the model, more "
+                              f"than {gap_tolerance_px} px: not used (try without fp16)")
+        write_cache_record(choice.record_path, {**engine_record(info, onnx_sha),
+                                                "deployment_gap_px": gap})
+        self.engine_path, self.deployment_gap_px = choice.path, gap
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.runner.infer(batch)
+
+
+def _recorded_gap(record_path: Path) -> float | None:
+    from usn_offline.runtime.tensorrt_engine import read_cache_record
+
+    gap = (read_cache_record(record_path) or {}).get("deployment_gap_px")
+    return float(gap) if isinstance(gap, (int, float)) and np.isfinite(gap) and gap >= 0 else None
+
+
+def deployed_bundle(bundle: Bundle, backend) -> Bundle:
+    """``bundle`` as served by ``backend``: its deployment gap raised to the backend's own
+    measured gap (an engine built on this machine), so δ + gap stays what the frames get."""
+    gap = getattr(backend, "deployment_gap_px", None)
+    if gap is None or gap <= bundle.deployment_gap_px:
+        return bundle
+    return dataclasses.replace(bundle, deployment_gap_px=float(gap))
+
+
+def check_model_shapes(bundle: Bundle, input_shape: tuple, output_shape: tuple, model: str) -> None:
+    """The manifest's runtime fields must describe the model: input (N, 1, H, W) with the
+    manifest's H and W, output (N, 2K) for its K keypoint names."""
+    h, w, k = bundle.preprocess.input_height, bundle.preprocess.input_width, len(bundle.keypoint_names)
+    dims = [d if isinstance(d, int) else None for d in input_shape]
+    if len(dims) != 4 or dims[1] not in (1, None) or dims[2:] != [h, w]:
+        raise BundleError(f"{model}: input shape {list(input_shape)} does not match the manifest's preprocessing "
+                          f"(N, 1, {h}, {w})")
+    out = output_shape[-1] if output_shape else None
+    if len(output_shape) != 2 or (isinstance(out, int) and out != 2 * k):
+        raise BundleError(f"{model}: output shape {list(output_shape)} does not match the manifest's {k} keypoint "
+                          f"names (N, {2 * k})")
 
 
 def create_backend(kind: str, bundle, model_path: Path | str | None = None, engine_path: Path | str | None = None,
@@ -136,10 +210,14 @@ def create_backend(kind: str, bundle, model_path: Path | str | None = None, engi
                                   "installed")
         else:
             try:
-                return TensorRTBackend(bundle, model_path, engine_path, force_engine_update, fp16)
-            except BundleError:
+                backend = TensorRTBackend(bundle, model_path, engine_path, force_engine_update, fp16)
+                check_model_shapes(bundle, backend.runner.input_shape, backend.runner.output_shape,
+                                   str(backend.engine_path))
+                return backend
+            except BundleError as exc:
                 if kind == "tensorrt":
                     raise
+                log.warning("TensorRT not used, serving with ONNX Runtime: %s", exc)
     if kind not in ("onnxruntime", "auto", "tensorrt"):
         raise BundleError(f"unknown backend '{kind}' (auto, tensorrt, onnxruntime, torch)")
     try:
@@ -149,4 +227,6 @@ def create_backend(kind: str, bundle, model_path: Path | str | None = None, engi
             if "CUDAExecutionProvider" in ort.get_available_providers() else ["CPUExecutionProvider"]
     except ImportError:
         providers = None
-    return OnnxRuntimeBackend(model_path, providers)
+    backend = OnnxRuntimeBackend(model_path, providers)
+    check_model_shapes(bundle, backend.input_shape, backend.output_shape, str(model_path))
+    return backend

@@ -24,6 +24,10 @@ MANIFEST = "manifest.json"
 CERTIFICATE = "certificate.json"
 ONNX_MODEL = "model.onnx"
 ENGINE = "model.engine"
+# Bounds on the manifest's runtime fields, checked before anything is allocated from them
+# (the model's own shapes are checked against them when a backend loads it).
+MAX_INPUT_SIDE = 4096
+MAX_KEYPOINTS = 1024
 
 
 @dataclass(frozen=True)
@@ -126,15 +130,19 @@ class Bundle:
         if model_sha != files[ONNX_MODEL]["sha256"]:
             raise BundleError(f"{CERTIFICATE} was issued for another model (model_sha256 {model_sha[:12]}... "
                               f"!= {ONNX_MODEL} {files[ONNX_MODEL]['sha256'][:12]}...)")
+        _check_engine_binding(files, certificate)
         try:
             preprocess = PreprocessConfig.from_dict(_require(manifest, "preprocessing", dict, MANIFEST))
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{MANIFEST}: invalid preprocessing ({exc})") from exc
-        if min(preprocess.input_height, preprocess.input_width) < 1:
-            raise BundleError(f"{MANIFEST}: input size must be positive")
+        size = (preprocess.input_height, preprocess.input_width)
+        if min(size) < 1 or max(size) > MAX_INPUT_SIDE:
+            raise BundleError(f"{MANIFEST}: input size {size[0]}x{size[1]} must lie within 1..{MAX_INPUT_SIDE} "
+                              "pixels per side")
         names = tuple(_require(manifest, "keypoint_names", list, MANIFEST))
-        if not names or not all(isinstance(n, str) for n in names):
-            raise BundleError(f"{MANIFEST}: keypoint_names must be a non-empty list of strings")
+        if not names or len(names) > MAX_KEYPOINTS or not all(isinstance(n, str) and len(n) <= 256 for n in names):
+            raise BundleError(f"{MANIFEST}: keypoint_names must be a list of 1..{MAX_KEYPOINTS} strings "
+                              "(at most 256 characters each)")
         delta = _number(certificate, "delta_px", CERTIFICATE, minimum=0.0)
         gap = _number(certificate, "deployment_gap_px", CERTIFICATE, minimum=0.0)
         region = _region(certificate)
@@ -142,6 +150,18 @@ class Bundle:
         return cls(root=root, manifest=manifest, certificate=certificate, preprocess=preprocess,
                    keypoint_names=names, region=region, delta_px=delta, deployment_gap_px=gap,
                    nominal=nominal, model_sha256=model_sha)
+
+
+def _check_engine_binding(files: dict, certificate: dict) -> None:
+    """A listed engine must be the one the certificate names (its gap is in the certificate)."""
+    engine = certificate.get("engine")
+    if ENGINE in files:
+        if not isinstance(engine, dict) or engine.get("sha256") != files[ENGINE]["sha256"]:
+            raise BundleError(f"{MANIFEST} lists {ENGINE} but {CERTIFICATE} names "
+                              f"{'no engine' if not isinstance(engine, dict) else 'another engine'}: "
+                              "rebuild it with 'usn-offline build-engine'")
+    elif engine is not None:
+        raise BundleError(f"{CERTIFICATE} names an engine that {MANIFEST} does not list")
 
 
 def _read_json(root: Path, name: str) -> dict:

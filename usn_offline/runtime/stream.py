@@ -168,9 +168,10 @@ class StreamSettings:
         an already created backend to share, else one made from ``self.backend``;
         ``verifier``: the per-frame prover, which the caller makes when ``frame_proof`` is
         set and torch is there, see ``usn_offline.certify.frame.FrameCertifier.for_bundle``)."""
-        from usn_offline.runtime.backends import create_backend
+        from usn_offline.runtime.backends import create_backend, deployed_bundle
 
         backend = backend or create_backend(self.backend, bundle)
+        bundle = deployed_bundle(bundle, backend)
         monitor = PhotometricMonitor(bundle.region, bundle.nominal, self.monitor_z,
                                      self.monitor_max_saturated_fraction)
         scene = make_scene_check(bundle, self.scene_check, bundle.lighting_range(self.frame_proof_lighting),

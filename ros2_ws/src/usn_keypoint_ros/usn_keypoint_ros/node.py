@@ -28,7 +28,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from usn_keypoint_msgs.msg import CertificationStatus, Keypoint2D, KeypointArray
 
 from usn_offline.errors import BundleError, UsnError
-from usn_offline.runtime.backends import create_backend
+from usn_offline.runtime.backends import create_backend, deployed_bundle
 from usn_offline.runtime.bundle import CERTIFICATE, Bundle
 from usn_offline.runtime.hashing import sha256_file
 from usn_offline.runtime.monitor import MonitorResult, PhotometricMonitor, Reason
@@ -130,6 +130,7 @@ class KeypointNode(Node):
                                           checkpoint_path=p["checkpoint_path"] or None)
         except UsnError as exc:
             raise StartupError(str(exc)) from exc
+        self.bundle = deployed_bundle(self.bundle, self.backend)  # an engine built here: its own gap
         self.get_logger().info(f"backend: {self.backend.name}; certified region "
                                f"{[(b.a_lo, b.a_hi, b.b_lo, b.b_hi) for b in self.bundle.region]}, "
                                f"delta {self.bundle.effective_delta_px:.4f} px")
