@@ -14,6 +14,8 @@ ARG ONNXRUNTIME_VERSION=1.32.0
 ARG FRAME_PROOFS=1
 ARG TORCH_VERSION=2.5.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# The TensorRT runner's device buffers (no torch): match the CUDA of the base image (JetPack 6: 12.x).
+ARG CUDA_PYTHON_VERSION=12.6.2
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -38,6 +40,12 @@ RUN pip3 install --no-cache-dir --break-system-packages "onnxruntime==${ONNXRUNT
       || pip3 install --no-cache-dir "onnxruntime==${ONNXRUNTIME_VERSION}"; \
     pip3 install --no-cache-dir --no-deps --break-system-packages . 2>/dev/null \
       || pip3 install --no-cache-dir --no-deps .
+
+# Where the base image has TensorRT (JetPack), the node runs the engine through cuda-python.
+RUN if python3 -c "import tensorrt" 2>/dev/null; then \
+      pip3 install --no-cache-dir --break-system-packages "cuda-python==${CUDA_PYTHON_VERSION}" 2>/dev/null \
+        || pip3 install --no-cache-dir "cuda-python==${CUDA_PYTHON_VERSION}"; \
+    fi
 
 # Per-frame proofs (certified: true) need torch, onnx and tqdm; without them the node
 # serves keypoints and reports every frame NOT_CHECKED. FRAME_PROOFS=0 builds that

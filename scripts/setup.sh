@@ -67,6 +67,31 @@ build_ros2_ws() {
     echo "$ros_stamp" > "$ws/install/.usn-build-stamp"
 }
 
+# The robot install without torch (.venv-robot): exactly what the Dockerfile puts in the
+# torch-free image (scripts/robot_requirements.txt) and the project installed like there
+# (not editable); the node is started from it in tests/test_robot_install.py. Rebuilt when
+# that list or the project's code changes.
+build_robot_venv() {
+    local robot="${USN_ROBOT_VENV:-$repo/.venv-robot}" robot_stamp want_robot rlog
+    want_robot="$( (cd "$repo" && cat scripts/robot_requirements.txt pyproject.toml \
+                   && find usn_offline -name '*.py' | sort | xargs cat) \
+                  | sha256sum | cut -d' ' -f1)"
+    robot_stamp="$robot/.usn-robot-stamp"
+    [[ -f "$robot_stamp" && "$(cat "$robot_stamp")" == "$want_robot" ]] && return 0
+    echo "setup: building the torch-free robot environment $robot (scripts/robot_requirements.txt)"
+    [[ -x "$robot/bin/python" ]] || "$python" -m venv "$robot" || die "could not create $robot"
+    rlog="$robot/setup.log"
+    : > "$rlog"
+    local rpip=("$robot/bin/python" -m pip --disable-pip-version-check)
+    if ! "${rpip[@]}" install -r "$repo/scripts/robot_requirements.txt" >>"$rlog" 2>&1 \
+        || ! "${rpip[@]}" install --no-deps --force-reinstall "$repo" >>"$rlog" 2>&1; then
+        tail -n 30 "$rlog" >&2
+        die "building $robot failed (full log: $rlog)"
+    fi
+    rm -rf "$repo/build"  # pip's build folder of the non-editable install
+    echo "$want_robot" > "$robot_stamp"
+}
+
 command -v "$python" >/dev/null 2>&1 || die "'$python' not found; install Python 3.10+ (e.g. apt-get install python3)"
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
     || die "Python >= 3.10 required, found $("$python" --version 2>&1)"
@@ -88,6 +113,7 @@ want="$(cat "$repo/requirements.txt" "$repo/pyproject.toml" "$repo/scripts/setup
 if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     install_shared_wheels
     build_ros2_ws
+    build_robot_venv
     exit 0
 fi
 
@@ -120,4 +146,5 @@ install --no-build-isolation --no-deps --config-settings editable_mode=compat -e
 echo "$want" > "$stamp"
 install_shared_wheels
 build_ros2_ws
+build_robot_venv
 echo "setup: done ($venv)"
