@@ -11,7 +11,8 @@ import pytest
 
 from usn_offline.errors import ConfigError
 from usn_offline.runtime.bundle import Bundle, CertifiedBox
-from usn_offline.runtime.preprocess import PreprocessConfig, preprocess
+from usn_offline.runtime.monitor import saturated_fraction
+from usn_offline.runtime.preprocess import PreprocessConfig, full_scale, preprocess
 from usn_offline.runtime.scene_check import SceneContrastCheck, make_scene_check
 
 RANGE = CertifiedBox(0.9, 1.1, -0.1, 0.1)
@@ -48,6 +49,7 @@ def test_never_flags_a_frame_the_range_explains(shape, dtype):
     (most clipping), against a scene std interval that is exactly the scene's own std:
     the tightest assumption the scene satisfies."""
     rng = np.random.default_rng(7)
+    clipped_frames = 0
     corners = [(RANGE.a_lo, RANGE.b_lo), (RANGE.a_hi, RANGE.b_hi), (RANGE.a_lo, RANGE.b_hi), (RANGE.a_hi, RANGE.b_lo)]
     for trial in range(12):
         view = _scene(rng, shape)
@@ -64,7 +66,12 @@ def test_never_flags_a_frame_the_range_explains(shape, dtype):
             assert check.check(frame, image) is None, (trial, a, b)
             # The core inequality, directly: |std(frame) - a s0| <= the error bound.
             assert abs(float(image.std()) - a * s0) <= check.error_bound(frame)
+            # The pipeline passes the monitor's clipped fraction: the same bound, clipped or not.
+            fraction = saturated_fraction(frame, full_scale(frame.dtype))
+            assert check.error_bound(frame, fraction) == check.error_bound(frame)
+            clipped_frames += fraction > 0
         assert abs(float(nominal.std()) - s0) <= check.error_bound(_relight(view, 1.0, 0.0, dtype))
+    assert clipped_frames > 0  # the corners clip: the masks are exercised
 
 
 def test_the_bound_is_tight_enough_to_catch_a_tunnel_and_glare():

@@ -159,8 +159,9 @@ class KeypointPipeline:
         h, w = self.bundle.preprocess.input_height, self.bundle.preprocess.input_width
         net_px = normalised_to_pixels(out.reshape(-1, 2), h, w)
         keypoints = scale_keypoints(net_px, (h, w), frame.shape[:2])
-        status = self.monitor.assess(image, saturated_fraction(frame, max_value))
-        outside = self.scene_check.check(frame, image) if self.scene_check is not None else None
+        clipped = saturated_fraction(frame, max_value)
+        status = self.monitor.assess(image, clipped)
+        outside = self.scene_check.check(frame, image, clipped) if self.scene_check is not None else None
         t3 = time.perf_counter()
         index = self.frames_seen
         self.frames_seen += 1

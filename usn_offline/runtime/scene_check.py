@@ -26,9 +26,11 @@ on the per-frame proof.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from usn_offline.errors import ConfigError
@@ -56,15 +58,19 @@ class SceneContrastCheck:
         if not self.lighting.a_lo > 0:
             raise ValueError(f"the lighting range needs contrast > 0, got {self.lighting.a_lo}")
 
-    def error_bound(self, frame: np.ndarray) -> float:
+    def error_bound(self, frame: np.ndarray, clipped_fraction: float | None = None) -> float:
         """Largest possible |std(L frame) - std(L Y)| for (a0, b0) in the range (see the
-        module docstring)."""
+        module docstring). ``clipped_fraction``: the frame's fraction of pixels with a
+        channel at 0 or full scale (monitor.saturated_fraction) when already measured; at
+        0 the clipping terms vanish and the masks are not built."""
         scale = full_scale(frame.dtype)
-        pixels = frame[:, :, :3] if frame.ndim == 3 and frame.shape[2] == 4 else frame  # alpha is not light
-        low, high = _clipped_masks(pixels, scale)
-        box = self.lighting
-        below, above = max(0.0, -box.b_lo), max(0.0, box.a_hi + box.b_hi - 1.0)
-        bound = below * _spread(self._mean_weight(low)) + above * _spread(self._mean_weight(high))
+        bound = 0.0
+        if clipped_fraction is None or clipped_fraction > 0:
+            pixels = frame[:, :, :3] if frame.ndim == 3 and frame.shape[2] == 4 else frame  # alpha is not light
+            low, high = _clipped_masks(pixels, scale)
+            box = self.lighting
+            below, above = max(0.0, -box.b_lo), max(0.0, box.a_hi + box.b_hi - 1.0)
+            bound = below * _spread(self._mean_weight(low)) + above * _spread(self._mean_weight(high))
         rounding = 0.5 / scale if frame.dtype.kind in "ui" else 0.0
         return bound + rounding + _FLOAT_SLACK
 
@@ -76,10 +82,11 @@ class SceneContrastCheck:
             return 0.0
         return float(resize_image(mask.astype(np.float32), self.preprocess).mean()) * (1 + 1e-5) + 1e-7
 
-    def check(self, frame: np.ndarray, image: np.ndarray) -> str | None:
+    def check(self, frame: np.ndarray, image: np.ndarray, clipped_fraction: float | None = None) -> str | None:
         """Why no lighting change of the range explains ``frame`` (whose network input is
-        ``image``) for a scene of the assumed contrast, or None when one may."""
-        std, slack = float(image.std()), self.error_bound(frame)
+        ``image``) for a scene of the assumed contrast, or None when one may
+        (``clipped_fraction``: see :meth:`error_bound`)."""
+        std, slack = float(image.std()), self.error_bound(frame, clipped_fraction)
         lowest, highest = self.lighting.a_lo * self.min_std, self.lighting.a_hi * self.max_std
         if std + slack < lowest:
             return (f"frame contrast too low for the lighting range: image std {std:.4f} (+-{slack:.4f}) < "
@@ -97,10 +104,17 @@ def _spread(q: float) -> float:
 
 def _clipped_masks(pixels: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Pixels with some channel at 0, and with some channel at full scale."""
-    low, high = pixels <= 0, pixels >= scale
-    if low.ndim == 3:
-        low, high = low.any(axis=2), high.any(axis=2)
-    return low, high
+    if pixels.ndim == 2:
+        return pixels <= 0, pixels >= scale
+    if pixels.dtype in (np.uint8, np.uint16) and pixels.shape[2] <= 4:
+        # OpenCV's range test over all channels at once (0.3 ms at 640x480 rgb8).
+        n, top = pixels.shape[2], int(scale)
+        some_low = cv2.inRange(pixels, (1,) * n, (top,) * n) == 0
+        some_high = cv2.inRange(pixels, (0,) * n, (top - 1,) * n) == 0
+        return some_low, some_high
+    # Channel by channel: a reduction over the short last axis is ~20x slower (5 ms at 640x480).
+    channels = [pixels[:, :, c] for c in range(pixels.shape[2])]
+    return functools.reduce(np.fmin, channels) <= 0, functools.reduce(np.fmax, channels) >= scale
 
 
 def make_scene_check(bundle: Bundle, enabled: bool, lighting: CertifiedBox,
