@@ -20,7 +20,7 @@ $PY -c "import tensorrt; print('tensorrt', tensorrt.__version__)" 2>&1 | tail -1
 step "tests: CUDA variants and the certify CLI (device auto = CUDA)"
 timeout 240 $PY -m pytest -q -p no:cacheprovider -rs -k "cuda or certify_cli" \
     tests/test_certify_soundness.py tests/test_certify_search.py tests/test_export_bundle.py \
-    tests/test_train.py tests/test_prune_cli.py tests/test_certify_cli.py 2>&1 | tail -15
+    tests/test_train.py tests/test_prune_cli.py tests/test_certify_cli.py tests/test_tensorrt_engine.py 2>&1 | tail -15
 
 for dev in cuda cpu; do
     step "certify CLI on $dev: 10 images, ±5 % box, eps 0.01 0.02 0.04"

@@ -5,6 +5,7 @@ diagnostics out. Parameters come from the real params YAML via --ros-args."""
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import time
@@ -249,6 +250,23 @@ def test_params_yaml_and_launch_file_set_only_declared_parameters(exported_bundl
     launch_args = {n.args[0].value for n in ast.walk(tree)
                    if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "DeclareLaunchArgument"}
     assert {"bundle_dir", "params_file", "image_topic", "use_sim_time", "backend"} <= launch_args
+
+
+def _documented(heading: str) -> set[str]:
+    """The first-column names of the table under ``## heading`` in docs/ROS.md."""
+    text = (REPO / "docs" / "ROS.md").read_text()
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return {m.group(1) for m in re.finditer(r"^\| `([a-z0-9_]+)` \|", section, re.MULTILINE)}
+
+
+def test_the_docs_describe_every_parameter_and_launch_argument(exported_bundle):
+    """docs/ROS.md's parameter table lists exactly the parameters the node declares, and
+    its launch-argument table exactly the launch file's arguments."""
+    assert _documented("Parameters") == _declared_parameters(exported_bundle)
+    tree = ast.parse(LAUNCH.read_text())
+    launch_args = {n.args[0].value for n in ast.walk(tree)
+                   if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "DeclareLaunchArgument"}
+    assert _documented("Launch arguments") == launch_args
 
 
 def test_node_refuses_to_start_without_a_valid_bundle(tmp_path):

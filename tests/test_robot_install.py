@@ -53,6 +53,26 @@ def test_the_robot_install_holds_the_runtime_and_nothing_of_the_offline_stack(tm
     assert location.startswith(str(ROBOT_VENV)), location  # the installed copy, not the sources
 
 
+def test_bundle_signatures_are_verified_on_the_robot(exported_bundle, tmp_path):
+    """`usn-offline verify` runs in the torch-free install: a bundle signed by the trusted
+    key passes, the same bundle against another key does not."""
+    import shutil
+
+    from usn_offline.cli import main
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(exported_bundle, bundle)
+    assert main(["keygen", "--out", str(tmp_path / "release")]) == 0
+    assert main(["keygen", "--out", str(tmp_path / "other")]) == 0
+    assert main(["sign", "--bundle", str(bundle), "--key", str(tmp_path / "release")]) == 0
+    for key, expected in (("release.pub", 0), ("other.pub", 2)):
+        proc = _robot(f"usn-offline verify --bundle {bundle} --trusted-key {tmp_path / key}", tmp_path,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == expected, (key, out, err)
+        assert "Traceback" not in err
+
+
 def test_the_robot_install_matches_the_dockerfile():
     """The list the venv is built from is the Dockerfile's: its onnxruntime version, and a
     PyPI stand-in for each Python package it takes from apt."""
