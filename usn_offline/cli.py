@@ -181,11 +181,26 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     test_set = load_split(args.data, "test", info.preprocess, expected_keypoints=info.model.num_keypoints)
     config = CompareConfig(methods=tuple(args.methods), ratios=tuple(args.ratios),
                            prune=_prune_config(args, "usn-wd", args.ratios[0]), eps_list=tuple(args.eps),
-                           delta=args.delta, num_images=args.num_images, bab=BabConfig(max_boxes=args.bab_budget))
+                           delta=args.delta, num_images=args.num_images, bab=BabConfig(max_boxes=args.bab_budget),
+                           parallel=_parallel_config(args))
     rows = run_comparison(model, info, train_set, val_set, test_set, config, args.out, device=device,
                           progress=not args.quiet)
     print(results_markdown(rows, config))
     print(f"comparison written to {args.out}/ (results.md, results.json, comparison.png)")
+
+
+def _parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="certify images on this many Ray workers, one core each (1: here, one after the other; "
+                   "with --ray-address: the cluster's CPUs)")
+    p.add_argument("--ray-address", help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of "
+                   "starting a local Ray instance")
+
+
+def _parallel_config(args: argparse.Namespace, journal: Path | None = None, resume: bool = False):
+    from usn_offline.certify import ParallelConfig
+
+    return ParallelConfig(workers=args.workers, ray_address=args.ray_address, journal=journal, resume=resume)
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -225,7 +240,9 @@ def _cmd_certify(args: argparse.Namespace) -> None:
     dataset = load_split(args.data, args.split, info.preprocess, expected_keypoints=info.model.num_keypoints)
     if args.num_images:
         dataset = dataset.subset(slice(0, args.num_images))
-    report = certify_dataset(model, dataset, config, device=device, progress=not args.quiet)
+    journal = args.journal or args.out.with_suffix(".journal.jsonl")
+    report = certify_dataset(model, dataset, config, device=device, progress=not args.quiet,
+                             parallel=_parallel_config(args, journal, args.resume))
     print(summary_table(report))
     path = write_report(args.out, report_to_dict(report, args.checkpoint, args.data, args.split))
     print(f"certificate written to {path}")
@@ -461,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, type=Path, help="certificate JSON")
+    _parallel_arguments(p)
+    p.add_argument("--journal", type=Path, help="per-image results as they finish (JSON lines; default: "
+                   "OUT with .journal.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue from the journal of an interrupted run")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_certify)
 
@@ -533,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bab-budget", type=_positive_int, default=512,
                    help="max boxes bounded per branch-and-bound call (work, never seconds)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    _parallel_arguments(p)
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("build-engine", help="build the TensorRT engine of a bundle on this machine")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,7 +17,7 @@ from usn_offline.certify.bab import BabConfig, Status, certify_boxes
 from usn_offline.certify.bounds import PixelMap
 from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.graph import Graph, lower
-from usn_offline.certify.search import RadiusConfig, largest_certified_radius, region_map
+from usn_offline.certify.search import RadiusConfig, largest_certified_radius, region_edges, region_map
 from usn_offline.certify.spec import KeypointProperty, Norm, Reference
 from usn_offline.perturb import PhotometricBox
 
@@ -24,6 +25,25 @@ if TYPE_CHECKING:  # the data package (scikit-image, ...) is not needed to prove
     from usn_offline.data.dataset import KeypointDataset
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Where images are certified: here (``workers`` 1, no ``ray_address``) or on Ray
+    workers, a local Ray instance of ``workers`` processes or the cluster at
+    ``ray_address``; ``journal``: the JSON-lines file each finished image is appended to,
+    from which ``resume`` continues an interrupted run."""
+
+    workers: int = 1
+    ray_address: str | None = None
+    journal: Path | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise CertificationError(f"workers must be >= 1, got {self.workers}")
+        if self.resume and self.journal is None:
+            raise CertificationError("resume needs a journal")
 
 
 @dataclass(frozen=True)
@@ -114,47 +134,112 @@ def _references(model: torch.nn.Module, dataset: KeypointDataset, reference: Ref
     return predict_pixels(model, dataset, device).reshape(len(dataset), -1)
 
 
-def certify_dataset(model: torch.nn.Module, dataset: KeypointDataset, config: CertifyConfig,
-                    device: torch.device | str = "cpu", progress: bool = True) -> CertificationReport:
-    """Certify every image of ``dataset`` (use ``dataset.subset`` to pick images)."""
-    started = time.perf_counter()
-    model = model.eval()
-    dtype = DTYPES[config.dtype]
-    h, w = dataset.image_hw
-    graph: Graph = lower(model, (1, h, w), clip=config.clip, dtype=dtype, device=device)
-    pixels = PixelMap.for_image(dataset.num_keypoints, h, w, dtype, device)
-    refs = _references(model, dataset, config.reference, device)
-    # Record the budget actually used (boxes, depth, batch; never seconds), not "auto" (0).
+def resolve_budgets(config: CertifyConfig, device: torch.device | str) -> CertifyConfig:
+    """``config`` with its automatic budgets (0) replaced by what they are on ``device``'s
+    kind, so that a report records the budget actually used (boxes, batch; never seconds)."""
+    device = torch.device(device)
     if config.radius is not None and config.radius.max_boxes == 0:
-        config = replace(config, radius=replace(config.radius, max_boxes=config.radius.budget(graph.device)))
+        config = replace(config, radius=replace(config.radius, max_boxes=config.radius.budget(device)))
     if config.bab.batch_size == 0:
-        config = replace(config, bab=replace(config.bab, batch_size=config.bab.batch_for(graph.device)))
-    results = []
-    edges = None
-    for i in tqdm(range(len(dataset)), desc="certify", unit="img", disable=not progress):
-        t0 = time.perf_counter()
-        image = torch.from_numpy(dataset.images[i]).to(device, dtype)[None, None]
-        prop = KeypointProperty(torch.as_tensor(refs[i], dtype=dtype, device=device), config.delta, config.norm)
+        config = replace(config, bab=replace(config.bab, batch_size=config.bab.batch_for(device)))
+    return config
+
+
+class ImageCertifier:
+    """The per-image work of :func:`certify_dataset` against one lowered graph: made once
+    per process (or Ray worker), then called for each image."""
+
+    def __init__(self, model: torch.nn.Module, image_hw: tuple[int, int], num_keypoints: int,
+                 config: CertifyConfig, device: torch.device | str = "cpu") -> None:
+        self.dtype = DTYPES[config.dtype]
+        h, w = image_hw
+        self.graph: Graph = lower(model.eval(), (1, h, w), clip=config.clip, dtype=self.dtype, device=device)
+        self.pixels = PixelMap.for_image(num_keypoints, h, w, self.dtype, device)
+        self.config = resolve_budgets(config, self.graph.device)
+        self.device, self.image_hw = device, (h, w)
+
+    def certify(self, index: int, file_name: str, image: np.ndarray, reference: np.ndarray) -> ImageResult:
+        """Certify one (H, W) image against its reference keypoints (pixels, flattened)."""
+        config, t0 = self.config, time.perf_counter()
+        if image.shape != self.image_hw or not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+            raise CertificationError(f"the image must be {self.image_hw[0]}x{self.image_hw[1]} with finite values "
+                                     f"in [0, 1], got shape {image.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, self.dtype)[None, None]
+        prop = KeypointProperty(torch.as_tensor(reference, dtype=self.dtype, device=self.device), config.delta,
+                                config.norm)
         roots = [config.box] + [PhotometricBox.symmetric(e, e) for e in config.eps_list]
-        outcomes = certify_boxes(graph, image, prop, pixels, roots, config.bab)
+        outcomes = certify_boxes(self.graph, x, prop, self.pixels, roots, config.bab)
         main = outcomes[0]
         result = ImageResult(
-            index=i, file_name=dataset.file_names[i], status=main.status,
-            reference_px=[float(v) for v in refs[i]],
+            index=index, file_name=file_name, status=main.status,
+            reference_px=[float(v) for v in reference],
             lower_px=[float(v) for v in main.lower], upper_px=[float(v) for v in main.upper],
             counterexample=main.counterexample, counterexample_deviation_px=main.counterexample_deviation,
             boxes_bounded=sum(o.boxes_bounded for o in outcomes), seconds=0.0,
             certified_at_eps={f"{e:g}": o.status.value for e, o in zip(config.eps_list, outcomes[1:],
                                                                           strict=True)})
         if config.radius is not None:
-            rad = largest_certified_radius(graph, image, prop, pixels, config.radius, config.bab)
+            rad = largest_certified_radius(self.graph, x, prop, self.pixels, config.radius, config.bab)
             result.radius = rad.certified_eps if rad.certified_at_zero else None
             result.falsified_radius = rad.falsified_eps
         if config.region_grid is not None:
-            rmap = region_map(graph, image, prop, pixels, config.box, config.region_grid, config.bab)
+            rmap = region_map(self.graph, x, prop, self.pixels, config.box, config.region_grid, config.bab)
             result.region_status = rmap.status.tolist()
-            edges = (rmap.a_edges.tolist(), rmap.b_edges.tolist())
         result.seconds = time.perf_counter() - t0
-        results.append(result)
-    return CertificationReport(config=config, images=results, seconds=time.perf_counter() - started,
-                               region_edges=edges)
+        return result
+
+
+def certify_dataset(model: torch.nn.Module, dataset: KeypointDataset, config: CertifyConfig,
+                    device: torch.device | str = "cpu", progress: bool = True,
+                    parallel: ParallelConfig | None = None) -> CertificationReport:
+    """Certify every image of ``dataset`` (use ``dataset.subset`` to pick images): here, one
+    image after the other, or on Ray workers (``parallel``), with results streamed to a
+    journal from which an interrupted run resumes. The report is the same either way,
+    apart from timings."""
+    from usn_offline.certify.journal import Journal, run_fingerprint
+
+    started = time.perf_counter()
+    parallel = parallel or ParallelConfig()
+    model = model.eval()
+    refs = _references(model, dataset, config.reference, device)
+    config = resolve_budgets(config, device)
+    done: dict[int, ImageResult] = {}
+    journal = None
+    if parallel.journal is not None:
+        journal = Journal(parallel.journal, run_fingerprint(model, dataset, refs, config))
+        done = journal.open(resume=parallel.resume)
+    todo = [i for i in range(len(dataset)) if i not in done]
+    bar = tqdm(total=len(dataset), initial=len(done), desc="certify", unit="img", disable=not progress)
+    try:
+        if parallel.workers <= 1 and parallel.ray_address is None:
+            results = _certify_here(model, dataset, refs, config, device, todo)
+        else:
+            from usn_offline.certify.distributed import certify_on_ray
+
+            results = certify_on_ray(model, dataset, refs, config, device, todo, parallel)
+        for result in results:
+            done[result.index] = result
+            if journal is not None:
+                journal.append(result)
+            bar.update()
+    finally:
+        bar.close()
+        if journal is not None:
+            journal.close()
+    edges = None
+    if config.region_grid is not None:
+        a_edges, b_edges = region_edges(config.box, config.region_grid)
+        edges = (a_edges.tolist(), b_edges.tolist())
+    return CertificationReport(config=config, images=[done[i] for i in range(len(dataset))],
+                               seconds=time.perf_counter() - started, region_edges=edges)
+
+
+def _certify_here(model, dataset, refs, config, device, todo):
+    certifier = ImageCertifier(model, dataset.image_hw, dataset.num_keypoints, config, device)
+    for i in todo:
+        try:
+            result = certifier.certify(i, dataset.file_names[i], dataset.images[i], refs[i])
+        except Exception as exc:  # name the image; the finished ones are in the journal
+            raise CertificationError(f"certification failed on image {i} ({dataset.file_names[i]}): "
+                                     f"{type(exc).__name__}: {exc}") from exc
+        yield result

@@ -309,13 +309,18 @@ class RegionMap:
     status: np.ndarray  # (na, nb) of Status values as strings
 
 
-def region_map(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
-               box: PhotometricBox, grid: tuple[int, int], bab: BabConfig = BabConfig()) -> RegionMap:
+def region_edges(box: PhotometricBox, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The a and b cell edges of a ``grid`` (na, nb) over ``box``."""
     na, nb = grid
     if na < 1 or nb < 1:
         raise CertificationError(f"region grid must be at least 1x1, got {na}x{nb}")
-    a_edges = np.linspace(box.a_lo, box.a_hi, na + 1)
-    b_edges = np.linspace(box.b_lo, box.b_hi, nb + 1)
+    return np.linspace(box.a_lo, box.a_hi, na + 1), np.linspace(box.b_lo, box.b_hi, nb + 1)
+
+
+def region_map(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
+               box: PhotometricBox, grid: tuple[int, int], bab: BabConfig = BabConfig()) -> RegionMap:
+    na, nb = grid
+    a_edges, b_edges = region_edges(box, grid)
     cells = [PhotometricBox(a_edges[i], a_edges[i + 1], b_edges[j], b_edges[j + 1])
              for i in range(na) for j in range(nb)]
     outcomes = certify_boxes(graph, image, prop, pixels, cells, bab)

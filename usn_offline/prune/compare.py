@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from usn_offline.certify import BabConfig, CertifyConfig, certify_dataset
+from usn_offline.certify import BabConfig, CertifyConfig, ParallelConfig, certify_dataset
 from usn_offline.certify.bab import Status
 from usn_offline.certify.spec import Reference
 from usn_offline.data.dataset import KeypointDataset
@@ -44,6 +44,7 @@ class CompareConfig:
     num_images: int = 20
     bab: BabConfig = field(default_factory=BabConfig)  # budget in boxes and depth, never seconds
     crosscheck_images: int = 8
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # where the images are certified
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -75,7 +76,7 @@ class CompareRow:
 def _certify(model: KeypointNet, test: KeypointDataset, config: CompareConfig, device) -> tuple[dict, dict, float]:
     cert = CertifyConfig(box=PhotometricBox.symmetric(config.eps_list[0], config.eps_list[0]), delta=config.delta,
                          reference=Reference.GROUND_TRUTH, bab=config.bab, eps_list=tuple(config.eps_list))
-    report = certify_dataset(model, test, cert, device=device, progress=False)
+    report = certify_dataset(model, test, cert, device=device, progress=False, parallel=config.parallel)
     n = len(report.images)
     certified = {f"{e:g}": v for e, v in report.certified_fraction_at().items()}
     falsified = {f"{e:g}": sum(r.certified_at_eps[f"{e:g}"] == Status.FALSIFIED.value for r in report.images) / n
