@@ -36,6 +36,13 @@ def trained(tiny_dataset, tmp_path_factory):
     return out
 
 
+def _read(path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # the process ended meanwhile
+        return b""
+
+
 def _results(report) -> list[dict]:
     """Everything but the timings."""
     return [{k: v for k, v in result_to_json(r).items() if k != "seconds"} for r in report.images]
@@ -127,6 +134,45 @@ def test_a_failing_image_is_named_and_the_others_are_kept(trained, tiny_dataset,
                             parallel=ParallelConfig(workers=workers, journal=journal))
         kept = {json.loads(line)["result"]["index"] for line in journal.read_text().splitlines()[1:]}
         assert 2 not in kept and {0, 1} <= kept <= {0, 1, 3}
+
+
+def test_a_lost_worker_is_replaced_and_its_image_redone(trained, tiny_dataset, tmp_path):
+    """One Ray worker process killed (as a machine lost mid-run) after the first results:
+    Ray restarts it, the image it held is certified again, and the report is complete."""
+    import threading
+    from pathlib import Path
+
+    import torch
+
+    model, _ = load_checkpoint(trained)
+    test = load_split(tiny_dataset, "test").subset(slice(0, 16))
+    journal = tmp_path / "run.journal.jsonl"
+    killed = []
+
+    def kill_one_worker() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if journal.exists() and len(journal.read_text().splitlines()) >= 2:
+                workers = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+                           if b"ray::_Worker" in _read(p)]
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed.append(workers[0])
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    parallel = certify_dataset(model, test, CONFIG, progress=False,
+                               parallel=ParallelConfig(workers=2, journal=journal))
+    killer.join(timeout=5)
+    assert killed, "no worker was killed: the run ended first"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = certify_dataset(model, test, CONFIG, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert _results(parallel) == _results(serial)
 
 
 def test_cli_resumes_a_killed_parallel_run(trained, tiny_dataset, tmp_path):

@@ -46,8 +46,8 @@ def test_compare_writes_table_json_and_plot(tiny_dataset, tiny_checkpoint, tmp_p
     code = main(["compare", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_dataset),
                  "--methods", "none", "random", "usn-wd", "--ratios", "0.5", "--rounds", "1",
                  "--score-images", "8", "--num-images", "2", "--eps", "0.002", "0.005", "0.01",
-                 "--delta", "40", "--device", "cpu", "--out", str(out), "--quiet"])
-    assert code == 0
+                 "--delta", "40", "--device", "cpu", "--out", str(out), "--quiet", "--workers", "2"])
+    assert code == 0  # each model's images certified on 2 Ray workers
     table = (out / "results.md").read_text().splitlines()
     assert table[0].startswith("| method | ratio | params")
     assert [line.split("|")[1].strip() for line in table[2:]] == ["none", "random", "usn-wd"]
