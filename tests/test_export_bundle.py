@@ -91,7 +91,7 @@ def test_bundle_contents(exported):
     assert bundle.in_region(1.0, 0.0) and not bundle.in_region(1.5, 0.0)
     assert 0 < bundle.nominal.mean_of_means < 1 and bundle.nominal.num_images == 96
     assert bundle.engine_path is None
-    assert "engine" in bundle.manifest["engine_status"] or "not built" in bundle.manifest["engine_status"]
+    assert bundle.manifest["engine_status"].startswith("not built")  # exported with build_engine=False
 
 
 def test_one_changed_byte_of_the_model_is_rejected(exported, tmp_path):

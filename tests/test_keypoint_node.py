@@ -224,23 +224,34 @@ def test_diagnostics(node_run):
     assert ours[-1].hardware_id == Bundle.load(node_run["bundle"]).model_sha256[:16]
 
 
-def _declared_parameters(bundle_dir) -> set[str]:
+def _declared_defaults(bundle_dir) -> dict:
+    """The node's parameters and their values when only bundle_dir is given."""
     from usn_keypoint_ros.node import KeypointNode
 
     rclpy.init()
     try:
         node = KeypointNode(parameter_overrides=[rclpy.parameter.Parameter("bundle_dir", value=str(bundle_dir))])
-        names = set(node._parameters)
+        values = {name: param.value for name, param in node._parameters.items()}
         node.destroy_node()
     finally:
         rclpy.try_shutdown()
-    return names
+    return values
+
+
+def _declared_parameters(bundle_dir) -> set[str]:
+    return set(_declared_defaults(bundle_dir))
 
 
 def test_params_yaml_and_launch_file_set_only_declared_parameters(exported_bundle):
-    declared = _declared_parameters(exported_bundle)
+    defaults = _declared_defaults(exported_bundle)
+    declared = set(defaults)
     params = yaml.safe_load(PARAMS.read_text())["usn_keypoint_node"]["ros__parameters"]
     assert set(params) <= declared, set(params) - declared
+    # One place for each default: the shipped YAML states the node's own defaults.
+    differing = {k: (v, defaults[k]) for k, v in params.items()
+                 if (list(v) if isinstance(v, list) else v) != (list(defaults[k]) if isinstance(
+                     defaults[k], (list, tuple)) else defaults[k])}
+    assert not differing, differing
     tree = ast.parse(LAUNCH.read_text())
     node_call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Node")
     param_dicts = [d for kw in node_call.keywords if kw.arg == "parameters"

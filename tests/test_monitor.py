@@ -89,3 +89,15 @@ def test_an_opaque_alpha_channel_is_not_saturation():
     assert saturated_fraction(rgba, 255) == saturated_fraction(rgb, 255) == 0.0
     rgba[:12, :, 0] = 255  # a quarter of the pixels clipped in red
     assert saturated_fraction(rgba, 255) == pytest.approx(0.25)
+
+
+def test_reason_values_are_the_message_constants():
+    """runtime.monitor.Reason and CertificationStatus.msg's uint8 constants are one list."""
+    import re
+    from pathlib import Path
+
+    from usn_offline.runtime.monitor import Reason
+
+    text = (Path(__file__).resolve().parents[1] / "msg" / "CertificationStatus.msg").read_text()
+    constants = {name: int(value) for name, value in re.findall(r"^uint8 ([A-Z_]+)=(\d+)", text, re.MULTILINE)}
+    assert constants == {reason.name: reason.value for reason in Reason}

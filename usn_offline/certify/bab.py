@@ -30,7 +30,7 @@ from usn_offline.perturb import PhotometricBox
 class Status(str, Enum):
     CERTIFIED = "certified"
     FALSIFIED = "falsified"
-    UNKNOWN = "not_certified"
+    NOT_CERTIFIED = "not_certified"  # within the budget: neither proved nor falsified
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
                 merge(e.root, lo[i], hi[i])
                 unresolved[e.root].append(e.box)
             elif e.depth >= config.max_depth:
-                status[e.root] = Status.UNKNOWN
+                status[e.root] = Status.NOT_CERTIFIED
                 merge(e.root, lo[i], hi[i])
                 unresolved[e.root].append(e.box)
             else:
@@ -254,7 +254,7 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
             merge(e.root, e.lo, e.hi)
         unresolved[e.root].append(e.box)
         if status[e.root] is None:
-            status[e.root] = Status.UNKNOWN
+            status[e.root] = Status.NOT_CERTIFIED
     seconds = time.perf_counter() - started
     outcomes = []
     for r in range(n_roots):

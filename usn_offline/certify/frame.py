@@ -199,12 +199,12 @@ class FrameCertifier:
         if status is Status.FALSIFIED:
             moved = self._confirm(frame, outcome.counterexample, prop, pixels)
             if moved is None:  # a point of the over-approximating set, not a real nominal image
-                status = Status.UNKNOWN
+                status = Status.NOT_CERTIFIED
             else:
                 a, b = outcome.counterexample
                 detail = (f"falsified: the nominal image clip({a:.4g} x + {b:.4g}) of this frame, which it is "
                           f"under a lighting change in the range, moves a keypoint by {moved:.3g} px (network input)")
-        if status is Status.UNKNOWN:
+        if status is Status.NOT_CERTIFIED:
             detail = (f"not proved: bound {dev:.3g} px > delta {self.config.delta:g} px (network input) after "
                       f"{outcome.boxes_bounded} of {self.config.max_boxes} boxes")
         return FrameProof(status, dev, outcome.boxes_bounded, detail)

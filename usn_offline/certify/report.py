@@ -38,7 +38,7 @@ def summary(report: CertificationReport) -> dict:
         "num_images": n,
         "certified": report.count(Status.CERTIFIED),
         "falsified": report.count(Status.FALSIFIED),
-        "not_certified": report.count(Status.UNKNOWN),
+        "not_certified": report.count(Status.NOT_CERTIFIED),
         "certified_fraction": report.count(Status.CERTIFIED) / n if n else 0.0,
         "mean_seconds_per_image": report.seconds / n if n else 0.0,
         "certified_fraction_at_eps": {f"{k:g}": v for k, v in report.certified_fraction_at().items()},

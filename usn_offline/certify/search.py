@@ -232,8 +232,8 @@ def _bisection_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty,
         outs = certify_boxes(graph, image, prop, pixels, roots, config) if roots else []
         statuses = {o.status for o in outs}
         status = (Status.FALSIFIED if Status.FALSIFIED in statuses else
-                  Status.UNKNOWN if Status.UNKNOWN in statuses else Status.CERTIFIED)
-        if status is Status.UNKNOWN:
+                  Status.NOT_CERTIFIED if Status.NOT_CERTIFIED in statuses else Status.CERTIFIED)
+        if status is Status.NOT_CERTIFIED:
             pending = [PhotometricBox(*leaf) for o in outs for leaf in o.open_leaves]
         elif status is Status.FALSIFIED:
             pending = None  # the falsified root's leaves are not tracked; start over

@@ -16,7 +16,7 @@ with standard uncertainties from the spread of (mu, sigma):
 The decision is conservative: the frame counts as certified only when the whole
 rectangle [a_hat +- z sd(a)] x [b_hat +- z sd(b)] lies inside one certified box.
 Statistics measured on frames of the actual scene under known-good lighting
-(:meth:`NominalStatistics.from_images`, e.g. at start-up) shrink the uncertainty a lot;
+(:func:`nominal_from_images`, e.g. at start-up) shrink the uncertainty a lot;
 statistics of the whole training set describe any scene and are wide.
 Clipping biases both statistics, so frames with more clipped pixels than a threshold
 are flagged SATURATED whatever the estimate says.

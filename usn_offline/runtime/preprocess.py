@@ -1,6 +1,6 @@
 """Image preprocessing and keypoint coordinate conventions (torch-free).
 
-One implementation, used by dataset loading, training, evaluation and (later) the node,
+One implementation, used by dataset loading, training, evaluation and the node,
 so the network always sees images prepared exactly the same way.
 
 Conventions:
