@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from usn_offline.certify import CertifyConfig, certify_dataset
+from usn_offline.certify.region import certified_region
 from usn_offline.certify.report import report_to_dict, write_report
 from usn_offline.cli import main
 from usn_offline.data import load_split
 from usn_offline.errors import BundleError
 from usn_offline.export import ExportConfig, write_bundle
-from usn_offline.export.bundle_writer import certified_region
 from usn_offline.models import model_config_for
 from usn_offline.perturb import PhotometricBox
 from usn_offline.runtime.backends import OnnxRuntimeBackend

@@ -175,7 +175,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
 def _cmd_compare(args: argparse.Namespace) -> None:
     from usn_offline.certify import BabConfig
     from usn_offline.data import load_split
-    from usn_offline.prune.compare import CompareConfig, results_markdown, run_comparison
+    from usn_offline.experiments.compare import CompareConfig, results_markdown, run_comparison
 
     model, info, train_set, val_set, device = _load_for_pruning(args)
     test_set = load_split(args.data, "test", info.preprocess, expected_keypoints=info.model.num_keypoints)
@@ -263,8 +263,8 @@ def _read_report(path: Path) -> dict:
 def _cmd_export(args: argparse.Namespace) -> None:
     from usn_offline.data import load_split
     from usn_offline.export import ExportConfig, bundle_summary, write_bundle
+    from usn_offline.tables import format_table
     from usn_offline.train import load_checkpoint
-    from usn_offline.train.metrics import format_table
 
     report = _read_report(args.certificate)
     model, info = load_checkpoint(args.checkpoint)

@@ -15,7 +15,7 @@ from usn_offline.certify.bounds import DEFAULT_MARGIN
 from usn_offline.certify.engine import CertificationReport, CertifyConfig
 from usn_offline.certify.lirpa import LIRPA_MARGIN
 from usn_offline.runtime.hashing import sha256_file
-from usn_offline.train.metrics import format_table
+from usn_offline.tables import format_table
 
 REPORT_SCHEMA_VERSION = 1
 

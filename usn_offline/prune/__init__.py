@@ -1,5 +1,6 @@
 """USN pruning: neuron stability scores, the Wasserstein concentration loss, structural
-pruning, baselines, progressive train-and-prune rounds, and the comparison."""
+pruning, baselines and progressive train-and-prune rounds (the comparison of methods is
+in ``usn_offline.experiments``)."""
 
 from usn_offline.prune.groups import NeuronGroup, neuron_groups
 from usn_offline.prune.pipeline import METHODS, PruneConfig, PruneResult, RoundResult, prune_model, rounds_table

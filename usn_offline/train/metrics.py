@@ -9,6 +9,7 @@ import torch
 
 from usn_offline.data.dataset import KeypointDataset
 from usn_offline.runtime.preprocess import normalised_to_pixels
+from usn_offline.tables import format_table
 
 DEFAULT_PCK_THRESHOLDS: tuple[float, ...] = (2.0, 5.0)
 
@@ -76,18 +77,6 @@ def evaluate_predictions(pred_px: np.ndarray, dataset: KeypointDataset,
 def evaluate_model(model: torch.nn.Module, dataset: KeypointDataset, device: torch.device | str = "cpu",
                    thresholds: tuple[float, ...] = DEFAULT_PCK_THRESHOLDS) -> EvaluationResult:
     return evaluate_predictions(predict_pixels(model, dataset, device), dataset, thresholds)
-
-
-def format_table(rows: list[tuple[str, str]], title: str = "") -> str:
-    """A two-column plain-text table."""
-    width = max(len(k) for k, _ in rows)
-    vwidth = max(len(v) for _, v in rows)
-    line = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
-    out = [title] if title else []
-    out.append(line)
-    out += [f"| {k.ljust(width)} | {v.rjust(vwidth)} |" for k, v in rows]
-    out.append(line)
-    return "\n".join(out)
 
 
 def evaluation_table(result: EvaluationResult) -> str:

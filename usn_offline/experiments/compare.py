@@ -17,9 +17,9 @@ from usn_offline.certify.bab import Status
 from usn_offline.certify.spec import Reference
 from usn_offline.data.dataset import KeypointDataset
 from usn_offline.errors import ConfigError
+from usn_offline.experiments.crosscheck import engine_unstable_fraction, usn_crosscheck
 from usn_offline.models import KeypointNet
 from usn_offline.perturb import PhotometricBox
-from usn_offline.prune.crosscheck import engine_unstable_fraction, usn_crosscheck
 from usn_offline.prune.groups import neuron_groups
 from usn_offline.prune.pipeline import METHODS, PruneConfig, PruneResult, prune_model
 from usn_offline.prune.usn import perturbation_samples, usn_scores
