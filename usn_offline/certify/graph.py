@@ -34,7 +34,10 @@ from usn_offline.certify.ops import (
 
 
 @dataclass
-class Node:
+class GraphOp:
+    """One operation of the lowered graph: ``op`` applied to the outputs of the operations
+    ``inputs`` (indices into ``Graph.nodes``), giving ``shape``."""
+
     op: object
     inputs: tuple[int, ...]
     shape: tuple[int, ...]
@@ -45,7 +48,7 @@ class Node:
 class Graph:
     """Nodes in topological order; node 0 is the semantic input z = a x + b."""
 
-    nodes: list[Node]
+    nodes: list[GraphOp]
     output: int
     input_shape: tuple[int, ...]
     dtype: torch.dtype
@@ -71,7 +74,7 @@ class Graph:
                     changes = {f.name: getattr(op, f.name).to(dtype) for f in dataclasses.fields(op)
                                if isinstance(getattr(op, f.name), torch.Tensor)}
                     op = dataclasses.replace(op, **changes)
-                nodes.append(Node(op, node.inputs, node.shape, node.name))
+                nodes.append(GraphOp(op, node.inputs, node.shape, node.name))
             cache[dtype] = Graph(nodes=nodes, output=self.output, input_shape=self.input_shape, dtype=dtype,
                                  device=self.device)
         return cache[dtype]
@@ -151,12 +154,12 @@ def _pair(v) -> tuple[int, int]:
 class _Lowering:
     def __init__(self, input_shape, dtype, device, keep_grad: bool = False):
         self.keep_grad = keep_grad
-        self.nodes: list[Node] = []
+        self.nodes: list[GraphOp] = []
         self.dtype, self.device = dtype, device
         self.input_shape = tuple(input_shape)
 
     def add(self, op, inputs, shape, name) -> int:
-        self.nodes.append(Node(op, tuple(inputs), tuple(shape), name))
+        self.nodes.append(GraphOp(op, tuple(inputs), tuple(shape), name))
         return len(self.nodes) - 1
 
     def t(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -301,7 +304,7 @@ def _lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool, dtype: to
     return graph
 
 
-def _fold_batchnorms(nodes: list[Node], output: int) -> tuple[list[Node], int]:
+def _fold_batchnorms(nodes: list[GraphOp], output: int) -> tuple[list[GraphOp], int]:
     """Fold each BatchNorm (a channel affine op) into the convolution it reads, when that
     convolution's output has no other reader; the BatchNorm node then passes through."""
     users = [0] * len(nodes)
@@ -312,13 +315,13 @@ def _fold_batchnorms(nodes: list[Node], output: int) -> tuple[list[Node], int]:
     alias: dict[int, int] = {}
     for i, node in enumerate(nodes):
         inputs = tuple(alias.get(j, j) for j in node.inputs)
-        node = Node(node.op, inputs, node.shape, node.name)
+        node = GraphOp(node.op, inputs, node.shape, node.name)
         nodes[i] = node
         if isinstance(node.op, ChannelAffineOp):
             src = inputs[0]
             conv = nodes[src]
             if isinstance(conv.op, Conv2dOp) and users[src] == 1 and src != output:
-                nodes[src] = Node(_fold_batchnorm_affine(conv.op, node.op), conv.inputs, conv.shape,
+                nodes[src] = GraphOp(_fold_batchnorm_affine(conv.op, node.op), conv.inputs, conv.shape,
                                   f"{conv.name}+{node.name}")
                 alias[i] = src
                 users[src] = users[i]  # the folded conv now has the BatchNorm's readers
@@ -357,7 +360,7 @@ def _check_equal(graph: Graph, model: nn.Module, input_shape: tuple[int, ...], s
                                  "certification engine cannot represent exactly")
 
 
-def _prune_unused(nodes: list[Node], output: int) -> tuple[list[Node], int]:
+def _prune_unused(nodes: list[GraphOp], output: int) -> tuple[list[GraphOp], int]:
     """Drop nodes the output does not depend on (e.g. a BatchNorm folded away)."""
     needed = set()
     stack = [output]
@@ -368,6 +371,6 @@ def _prune_unused(nodes: list[Node], output: int) -> tuple[list[Node], int]:
             stack.extend(nodes[i].inputs)
     needed.add(0)
     remap = {old: new for new, old in enumerate(sorted(needed))}
-    kept = [Node(n.op, tuple(remap[j] for j in n.inputs), n.shape, n.name)
+    kept = [GraphOp(n.op, tuple(remap[j] for j in n.inputs), n.shape, n.name)
             for i, n in enumerate(nodes) if i in needed]
     return kept, remap[output]
