@@ -43,6 +43,21 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
+    """A small CNN7 trained for 3 epochs on the tiny dataset: the one model of the tests that
+    need a trained network but not an accurate one (certification, export, pruning, Ray)."""
+    from usn_offline.data import load_split
+    from usn_offline.models import model_config_for
+    from usn_offline.train import TrainConfig, train_model
+
+    path = tmp_path_factory.mktemp("tiny_model") / "m.pt"
+    train_model(load_split(tiny_dataset, "train"), load_split(tiny_dataset, "val"),
+                model_config_for("cnn7", widths=(4, 4, 8, 8, 8), hidden=32),
+                TrainConfig(epochs=3, batch_size=16, device="cpu"), path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
 def exported_bundle(tiny_dataset, tmp_path_factory) -> Path:
     """A trained (~3 px mean error at 64x64), certified and exported bundle, shared by the
     runtime and node tests (~30 s on 2 idle cores: 2000 generated images, 16 epochs of a

@@ -12,19 +12,13 @@ from usn_offline.certify.bounds import output_bounds
 from usn_offline.certify.errors import CertificationError
 from usn_offline.cli import main
 from usn_offline.data import load_split
-from usn_offline.models import model_config_for
 from usn_offline.perturb import PhotometricBox
-from usn_offline.train import TrainConfig, load_checkpoint, train_model
+from usn_offline.train import load_checkpoint
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("certify_model") / "m.pt"
-    train = load_split(tiny_dataset, "train")
-    val = load_split(tiny_dataset, "val")
-    config = model_config_for("cnn7", widths=(4, 4, 8, 8, 8), hidden=32)
-    train_model(train, val, config, TrainConfig(epochs=3, batch_size=16, device="cpu"), out, progress=False)
-    return out
+def trained(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def test_bounds_hold_on_the_trained_model(trained, tiny_dataset):

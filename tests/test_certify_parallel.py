@@ -17,9 +17,8 @@ from usn_offline.certify import engine as engine_module
 from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.journal import result_to_json
 from usn_offline.data import load_split
-from usn_offline.models import model_config_for
 from usn_offline.perturb import PhotometricBox
-from usn_offline.train import TrainConfig, load_checkpoint, train_model
+from usn_offline.train import load_checkpoint
 
 pytest.importorskip("ray", reason="Ray is not installed (requirements.txt pins it)")
 
@@ -28,12 +27,8 @@ CONFIG = CertifyConfig(box=PhotometricBox(0.98, 1.02, -0.02, 0.02), delta=3.0, e
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel_model") / "m.pt"
-    config = model_config_for("cnn7", widths=(4, 4, 8, 8, 8), hidden=32)
-    train_model(load_split(tiny_dataset, "train"), load_split(tiny_dataset, "val"), config,
-                TrainConfig(epochs=3, batch_size=16, device="cpu"), out, progress=False)
-    return out
+def trained(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def _read(path) -> bytes:

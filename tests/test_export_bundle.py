@@ -16,21 +16,18 @@ from usn_offline.cli import main
 from usn_offline.data import load_split
 from usn_offline.errors import BundleError
 from usn_offline.export import ExportConfig, write_bundle
-from usn_offline.models import model_config_for
 from usn_offline.perturb import PhotometricBox
 from usn_offline.runtime.backends import OnnxRuntimeBackend
 from usn_offline.runtime.bundle import Bundle
 from usn_offline.runtime.tensorrt_engine import tensorrt_available
-from usn_offline.train import TrainConfig, load_checkpoint, train_model
+from usn_offline.train import load_checkpoint
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_dataset, tmp_path_factory):
+def exported(tiny_dataset, tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    ckpt = root / "m.pt"
-    train, val = load_split(tiny_dataset, "train"), load_split(tiny_dataset, "val")
-    train_model(train, val, model_config_for("cnn7", widths=(4, 4, 8, 8, 8), hidden=32),
-                TrainConfig(epochs=2, batch_size=16, device="cpu"), ckpt, progress=False)
+    ckpt = tiny_checkpoint
+    train = load_split(tiny_dataset, "train")
     model, info = load_checkpoint(ckpt)
     test = load_split(tiny_dataset, "test")
     report = certify_dataset(model, test.subset(slice(0, 3)),

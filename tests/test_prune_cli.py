@@ -9,19 +9,6 @@ import pytest
 from usn_offline.cli import main
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_dataset, tmp_path_factory):
-    from usn_offline.data import load_split
-    from usn_offline.models import model_config_for
-    from usn_offline.train import TrainConfig, train_model
-
-    path = tmp_path_factory.mktemp("prune_cli") / "m.pt"
-    train_model(load_split(tiny_dataset, "train"), load_split(tiny_dataset, "val"),
-                model_config_for("cnn7", widths=(8, 8, 8, 16, 16), hidden=32),
-                TrainConfig(epochs=2, batch_size=32, device="cpu"), path, progress=False)
-    return path
-
-
 def test_prune_writes_a_smaller_loadable_checkpoint(tiny_dataset, tiny_checkpoint, tmp_path, capsys, device):
     from usn_offline.models import count_parameters
     from usn_offline.train import load_checkpoint
