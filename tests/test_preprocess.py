@@ -63,3 +63,21 @@ def test_fast_area_path_equals_the_general_path(shape, dtype):
     expected = resize_image(to_gray_float(frame), config)
     assert got.shape == (64, 64) and got.dtype == np.float32
     assert np.abs(got - expected).max() < 1e-6
+
+
+def test_the_engine_and_the_runtime_map_outputs_to_the_same_pixels():
+    """certify's PixelMap (what a certificate bounds) and runtime's normalised_to_pixels
+    (what the node publishes) are one definition: equal to the bit, at any image size."""
+    import torch
+
+    from usn_offline.certify.bounds import PixelMap
+
+    rng = np.random.default_rng(0)
+    for height, width in ((64, 64), (48, 80), (480, 640), (7, 3)):
+        y = rng.uniform(-1.2, 1.2, (5, 4, 2))
+        engine = PixelMap.for_image(4, height, width)(torch.from_numpy(y.reshape(5, 8))).numpy()
+        runtime = normalised_to_pixels(y, height, width).reshape(5, 8)
+        assert np.array_equal(engine, runtime)
+    # The convention: -1 is the left/top edge of the first pixel, +1 the right/bottom edge of the last.
+    assert np.allclose(normalised_to_pixels(np.array([[-1.0, -1.0], [1.0, 1.0]]), 48, 80),
+                       [[-0.5, -0.5], [79.5, 47.5]])

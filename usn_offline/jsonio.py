@@ -78,3 +78,15 @@ def read_json_object(path: Path, error: type[UsnError], label: str | None = None
     if not isinstance(doc, dict):
         raise error(f"{label}: expected a JSON object")
     return doc
+
+
+def write_json_atomic(path: Path | str, doc: object, indent: int = 1) -> Path:
+    """Write ``doc`` as JSON so that ``path`` holds the old or the new content, never half
+    of it (a ``.partial`` file renamed over it)."""
+    import os
+
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(doc, indent=indent))
+    os.replace(partial, path)
+    return path

@@ -19,6 +19,7 @@ from usn_offline.certify.crown import (
 from usn_offline.certify.forward import ForwardBounds, propagate
 from usn_offline.certify.graph import Graph
 from usn_offline.certify.lirpa import lirpa_output_bounds
+from usn_offline.runtime.preprocess import pixel_affine
 
 
 class Method(str, Enum):
@@ -72,8 +73,9 @@ class PixelMap:
     @classmethod
     def for_image(cls, num_keypoints: int, height: int, width: int, dtype=torch.float64, device="cpu"
                   ) -> PixelMap:
-        half = torch.tensor([width / 2.0, height / 2.0], dtype=dtype, device=device).repeat(num_keypoints)
-        return cls(scale=half, offset=half - 0.5)
+        scale, offset = pixel_affine(height, width)  # the runtime's normalised_to_pixels, the same numbers
+        return cls(scale=torch.tensor(scale, dtype=dtype, device=device).repeat(num_keypoints),
+                   offset=torch.tensor(offset, dtype=dtype, device=device).repeat(num_keypoints))
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
         return y * self.scale + self.offset

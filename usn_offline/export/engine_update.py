@@ -3,9 +3,9 @@ certificate and manifest to it."""
 
 from __future__ import annotations
 
-import json
 import logging
 
+from usn_offline.jsonio import write_json_atomic
 from usn_offline.runtime.backends import engine_gap_px
 from usn_offline.runtime.bundle import CERTIFICATE, ENGINE, MANIFEST, Bundle
 from usn_offline.runtime.hashing import sha256_file
@@ -31,7 +31,9 @@ def add_engine_to_bundle(bundle: Bundle, fp16: bool = False, workspace_mb: int =
     certificate["deployment_gap_px"] = max(certificate["deployment_gap_px"], gap)
     certificate["effective_delta_px"] = certificate["delta_px"] + certificate["deployment_gap_px"]
     certificate["engine"] = engine_record(engine, bundle.model_sha256)
-    (bundle.root / CERTIFICATE).write_text(json.dumps(certificate, indent=1))
+    # Certificate, then manifest, each replaced whole: in between, the manifest's hashes
+    # refuse the bundle (Bundle.load) rather than serve a half-updated one.
+    write_json_atomic(bundle.root / CERTIFICATE, certificate)
     manifest = dict(bundle.manifest)
     files = dict(manifest["files"])
     for name in (ENGINE, CERTIFICATE):
@@ -40,7 +42,7 @@ def add_engine_to_bundle(bundle: Bundle, fp16: bool = False, workspace_mb: int =
     manifest["files"] = files
     manifest["engine_status"] = (f"built ({engine.precision}, TensorRT {engine.tensorrt_version}, "
                                  f"{engine.gpu_name})")
-    (bundle.root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_json_atomic(bundle.root / MANIFEST, manifest)
     signature = bundle.root / SIGNATURE
     if signature.exists():  # it signed the manifest before the engine: no longer valid
         signature.unlink()

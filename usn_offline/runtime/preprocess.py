@@ -128,8 +128,15 @@ def pixels_to_normalised(keypoints_px: np.ndarray, height: int, width: int) -> n
     return 2.0 * (kp + 0.5) / size - 1.0
 
 
+def pixel_affine(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The map from normalised network outputs (x, y) to pixel coordinates, px = scale * y +
+    offset (pixel-centre convention: -1 is the left/top edge, +1 the right/bottom one); the
+    certification engine's ``PixelMap`` uses exactly these numbers."""
+    scale = np.array([width / 2.0, height / 2.0], dtype=np.float64)
+    return scale, scale - 0.5
+
+
 def normalised_to_pixels(keypoints_norm: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Normalised coordinates (..., 2) -> pixel coordinates."""
-    kp = np.asarray(keypoints_norm, dtype=np.float64)
-    size = np.array([width, height], dtype=np.float64)
-    return (kp + 1.0) * size / 2.0 - 0.5
+    """Normalised coordinates (..., 2) -> pixel coordinates (:func:`pixel_affine`)."""
+    scale, offset = pixel_affine(height, width)
+    return np.asarray(keypoints_norm, dtype=np.float64) * scale + offset

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from usn_offline.errors import BundleError
+from usn_offline.jsonio import write_json_atomic
 from usn_offline.runtime.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -241,9 +242,7 @@ def read_cache_record(path: Path) -> dict | None:
 
 
 def write_cache_record(path: Path, record: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=1))
-    os.replace(partial, path)
+    write_json_atomic(path, record)
 
 
 # --- running an engine ------------------------------------------------------------------
