@@ -144,7 +144,8 @@ class KeypointNode(Node):
         except UsnError as exc:
             raise StartupError(str(exc)) from exc
         if scene is not None:
-            self.get_logger().info(f"scene check: frames whose contrast lighting {box} cannot give a scene of "
+            self.get_logger().info(f"scene check: frames whose contrast no lighting a in [{box.a_lo:g}, {box.a_hi:g}], "
+                                   f"b in [{box.b_lo:g}, {box.b_hi:g}] can give from a scene of "
                                    f"std [{scene.min_std:.4f}, {scene.max_std:.4f}] are OUT_OF_REGION")
         self.pipeline = KeypointPipeline(self.bundle, self.backend, self.monitor, matches, p["max_image_pixels"],
                                          verifier=verifier, prove_every=p["frame_proof_every"],
