@@ -76,7 +76,7 @@ def certify_on_ray(model: torch.nn.Module, dataset, references: np.ndarray, conf
     if parallel.ray_address is not None and count == 1:  # a cluster: as many workers as it has CPUs (GPUs)
         count = max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1)))
     actor = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=2, max_task_retries=2)(_Worker)
-    model_ref = ray.put(model.cpu() if gpus == 0 else model)
+    model_ref = ray.put(model)
     workers = [actor.remote(model_ref, dataset.image_hw, dataset.num_keypoints, config, device)
                for _ in range(min(count, len(todo)))]
     pending: dict = {}

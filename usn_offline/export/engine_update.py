@@ -40,8 +40,8 @@ def add_engine_to_bundle(bundle: Bundle, fp16: bool = False, workspace_mb: int =
         path = bundle.root / name
         files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     manifest["files"] = files
-    manifest["engine_status"] = (f"built ({engine.precision}, TensorRT {engine.tensorrt_version}, "
-                                 f"{engine.gpu_name})")
+    target = engine.target
+    manifest["engine_status"] = f"built ({target.precision}, TensorRT {target.tensorrt_version}, {target.gpu_name})"
     write_json_atomic(bundle.root / MANIFEST, manifest)
     signature = bundle.root / SIGNATURE
     if signature.exists():  # it signed the manifest before the engine: no longer valid

@@ -111,8 +111,9 @@ class TensorRTBackend:
     TensorRT version, GPU, compute capability, precision and input shape, with a record
     beside it that is checked the same way (runtime/tensorrt_engine.py, choose_engine).
 
-    ``deployment_gap_px``: the measured deviation of an engine built here from the model
-    (None for the bundle's own engine, whose gap the certificate holds)."""
+    ``deployment_gap_px``: the deviation from the model of an engine that is not the
+    bundle's own, measured at every start against ONNX Runtime (None for the bundle's own
+    engine, whose gap the certificate holds)."""
 
     name = "tensorrt"
 
@@ -137,35 +138,27 @@ class TensorRTBackend:
         onnx_sha = bundle.model_sha256 if model_path == bundle.onnx_path else sha256_file(model_path)
         choice = choose_engine(bundle, current_target("fp16" if fp16 else "fp32"), engine_cache_dir(),
                                engine_path, force_update, onnx_sha)
-        self.deployment_gap_px = None
-        if not choice.build:
-            self.runner = TensorRTRunner(choice.path)
-            self.engine_path = choice.path
-            gap = choice.record_path and _recorded_gap(choice.record_path)
-            self.deployment_gap_px = gap
-            return
-        log.warning("building a TensorRT engine at %s (%s)", choice.path, choice.reason)
-        choice.path.parent.mkdir(parents=True, exist_ok=True)
-        info = build_engine(model_path, choice.path, fp16)
+        info = None
+        if choice.build:
+            log.warning("building a TensorRT engine at %s (%s)", choice.path, choice.reason)
+            choice.path.parent.mkdir(parents=True, exist_ok=True)
+            info = build_engine(model_path, choice.path, fp16)
         self.runner = TensorRTRunner(choice.path)
+        self.engine_path, self.deployment_gap_px = choice.path, None
+        if choice.record_path is None:  # the bundle's own engine: its gap is in the certificate
+            return
         gap = engine_gap_px(bundle, self.runner.infer)
         if gap > gap_tolerance_px:
-            choice.path.unlink(missing_ok=True)
-            raise BundleError(f"the TensorRT engine built here deviates up to {gap:.4f} px from the model, more "
+            if info is not None:
+                choice.path.unlink(missing_ok=True)
+            raise BundleError(f"the TensorRT engine {choice.path} deviates up to {gap:.4f} px from the model, more "
                               f"than {gap_tolerance_px} px: not used (try without fp16)")
-        write_cache_record(choice.record_path, {**engine_record(info, onnx_sha),
-                                                "deployment_gap_px": gap})
-        self.engine_path, self.deployment_gap_px = choice.path, gap
+        if info is not None:
+            write_cache_record(choice.record_path, engine_record(info, onnx_sha))
+        self.deployment_gap_px = gap
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.runner.infer(batch)
-
-
-def _recorded_gap(record_path: Path) -> float | None:
-    from usn_offline.runtime.tensorrt_engine import read_cache_record
-
-    gap = (read_cache_record(record_path) or {}).get("deployment_gap_px")
-    return float(gap) if isinstance(gap, (int, float)) and np.isfinite(gap) and gap >= 0 else None
 
 
 def deployed_bundle(bundle: Bundle, backend) -> Bundle:

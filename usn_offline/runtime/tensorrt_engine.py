@@ -53,17 +53,7 @@ class EngineInfo:
     """A built engine file and the target it was built for."""
 
     path: Path
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str
-    precision: str
-
-    @property
-    def target(self) -> EngineTarget:
-        return EngineTarget(self.tensorrt_version, self.gpu_name, self.compute_capability, self.precision)
-
-    def cache_key(self, onnx_sha256: str) -> str:
-        return self.target.cache_key(onnx_sha256)
+    target: EngineTarget
 
 
 def _cudart():
@@ -145,9 +135,7 @@ def build_engine(onnx_path: Path | str, engine_path: Path | str, fp16: bool = Fa
     partial = engine_path.with_name(engine_path.name + ".partial")
     partial.write_bytes(bytes(serialized))
     os.replace(partial, engine_path)
-    target = current_target("fp16" if fp16 else "fp32")
-    return EngineInfo(engine_path, target.tensorrt_version, target.gpu_name, target.compute_capability,
-                      target.precision)
+    return EngineInfo(engine_path, current_target("fp16" if fp16 else "fp32"))
 
 
 # --- which engine file may be used -------------------------------------------------------
@@ -155,7 +143,7 @@ def build_engine(onnx_path: Path | str, engine_path: Path | str, fp16: bool = Fa
 def engine_record(info: EngineInfo, onnx_sha256: str) -> dict:
     """What a bundle's certificate or a cache entry records about an engine."""
     return {"sha256": sha256_file(info.path), **info.target.record(), "onnx_sha256": onnx_sha256,
-            "cache_key": info.cache_key(onnx_sha256)}
+            "cache_key": info.target.cache_key(onnx_sha256)}
 
 
 def record_mismatch(record: dict | None, path: Path, onnx_sha256: str, target: EngineTarget) -> str:
