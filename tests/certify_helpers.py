@@ -31,15 +31,15 @@ def randomise_batchnorms(model: nn.Module, mean: float = 0.3, var: tuple[float, 
     return model.eval()
 
 
-def random_model(family: str, seed: int, size: int = 16) -> nn.Module:
+def random_model(family: str, seed: int, size: int = 16, input_norm: str = "none") -> nn.Module:
     """A small random CNN7 or ResNet (2 keypoints, size x size gray input) with non-trivial
-    BatchNorms, in eval mode."""
+    BatchNorms, in eval mode; ``input_norm="standardise"``: with input standardisation."""
     from usn_offline.models import build_model, model_config_for
 
     torch.manual_seed(seed)
     widths = (3, 4, 4, 5, 5) if family == "cnn7" else (3, 4, 5)
     model = build_model(model_config_for(family, num_keypoints=2, input_height=size, input_width=size,
-                                         widths=widths, hidden=12))
+                                         widths=widths, hidden=12, input_norm=input_norm))
     return randomise_batchnorms(model)
 
 

@@ -10,6 +10,7 @@ from certify_helpers import random_model, sample_image  # noqa: E402  (tests/cer
 
 from usn_offline.certify import Boxes, lower
 from usn_offline.certify.forward import propagate
+from usn_offline.certify.standardise import bound_inputs
 from usn_offline.errors import ConfigError
 from usn_offline.perturb import PhotometricBox
 from usn_offline.train.bound_loss import BoundLossConfig, bound_loss, keypoint_bounds
@@ -19,14 +20,15 @@ def _images(n: int = 3) -> torch.Tensor:
     return torch.cat([sample_image(seed) for seed in range(n)])
 
 
+@pytest.mark.parametrize("input_norm", ["none", "standardise"])
 @pytest.mark.parametrize("family", ["cnn7", "resnet"])
-def test_differentiable_bounds_are_the_engines_and_sound(family):
-    model = random_model(family, 11).double()
+def test_differentiable_bounds_are_the_engines_and_sound(family, input_norm):
+    model = random_model(family, 11, input_norm=input_norm).double()
     images = _images()
     lo, hi = keypoint_bounds(model, images, 0.05)
     graph = lower(model, (1, 16, 16))  # the certification lowering (checked against the module)
     boxes = Boxes.from_boxes([PhotometricBox.symmetric(0.05, 0.05)] * len(images))
-    fwd = propagate(graph, images, boxes, linear=True, intersect_ibp=True)
+    fwd = propagate(*bound_inputs(graph, images, boxes), linear=True, intersect_ibp=True)
     torch.testing.assert_close(lo.detach(), fwd.out_lo, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(hi.detach(), fwd.out_hi, rtol=1e-10, atol=1e-10)
     g = torch.Generator().manual_seed(0)
@@ -39,11 +41,15 @@ def test_differentiable_bounds_are_the_engines_and_sound(family):
         assert (out >= lo[i].detach() - 1e-9).all() and (out <= hi[i].detach() + 1e-9).all()
 
 
-def test_bound_loss_gradient_matches_finite_differences():
+@pytest.mark.parametrize("input_norm", ["none", "standardise"])
+def test_bound_loss_gradient_matches_finite_differences(input_norm):
     torch.manual_seed(0)
-    model = random_model("cnn7", 12).double()
+    model = random_model("cnn7", 12, input_norm=input_norm).double()
     images = _images(2)
-    loss = bound_loss(model, images, 0.05)
+    # The standardising network over tiles of the goal box (how it is trained), the plain one over +-5 %.
+    tiles = [PhotometricBox(1.2, 1.33, 0.1, 0.15), PhotometricBox(0.75, 0.8, -0.15, -0.1)]
+    boxes = 0.05 if input_norm == "none" else tiles
+    loss = bound_loss(model, images, boxes)
     params = dict(model.named_parameters())
     grads = torch.autograd.grad(loss, list(params.values()))
     rng = np.random.default_rng(0)
@@ -55,9 +61,9 @@ def test_bound_loss_gradient_matches_finite_differences():
             with torch.no_grad():
                 old = float(flat[j])
                 flat[j] = old + h
-                up = float(bound_loss(model, images, 0.05))
+                up = float(bound_loss(model, images, boxes))
                 flat[j] = old - h
-                down = float(bound_loss(model, images, 0.05))
+                down = float(bound_loss(model, images, boxes))
                 flat[j] = old
             numeric = (up - down) / (2 * h)
             assert float(grad.view(-1)[j]) == pytest.approx(numeric, rel=1e-4, abs=1e-7), (name, j)
@@ -82,6 +88,22 @@ def test_cli_defaults_equal_the_config():
     default = BoundLossConfig()
     assert (args.bound_weight, args.bound_eps, args.bound_ramp_epochs) == (default.weight, default.eps,
                                                                              default.ramp_epochs)
+    assert (args.bound_box, args.bound_tiles) == (default.box, default.tiles)
+
+
+def test_training_tiles_cover_the_ramped_box_and_are_reproducible():
+    config = BoundLossConfig(weight=1.0, eps=0.1, ramp_epochs=2, box=(0.75, 1.33, -0.15, 0.15), tiles=4)
+    gen = torch.Generator().manual_seed(0)
+    late = config.training_boxes(5, 64, gen)
+    assert all(0.75 - 1e-12 <= b.a_lo < b.a_hi <= 1.33 + 1e-12 and -0.15 - 1e-12 <= b.b_lo < b.b_hi <= 0.15 + 1e-12
+               for b in late)
+    assert {round(b.a_hi - b.a_lo, 9) for b in late} == {round(0.58 / 4, 9)}
+    assert len({(b.a_lo, b.b_lo) for b in late}) > 8  # tiles vary
+    early = config.training_boxes(0, 64, torch.Generator().manual_seed(0))  # half-way up the ramp
+    assert all(b.a_lo >= 0.875 - 1e-12 and b.a_hi <= 1.165 + 1e-12 for b in early)
+    assert late == config.training_boxes(5, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError):
+        BoundLossConfig(box=(1.1, 1.3, -0.1, 0.1))  # must hold (1, 0)
 
 
 def test_fine_tuning_with_the_bound_loss_narrows_the_bounds(tiny_dataset, tmp_path):

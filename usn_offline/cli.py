@@ -84,11 +84,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
         overrides["widths"] = tuple(args.widths)
     if args.hidden:
         overrides["hidden"] = args.hidden
+    overrides["input_norm"] = args.input_norm
     model_config = model_config_for(args.model, **overrides)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          device=args.device,
                          bound=BoundLossConfig(weight=args.bound_weight, eps=args.bound_eps,
-                                               ramp_epochs=args.bound_ramp_epochs))
+                                               ramp_epochs=args.bound_ramp_epochs,
+                                               box=tuple(args.bound_box) if args.bound_box else None,
+                                               tiles=args.bound_tiles))
     print(f"model {args.model}: {count_parameters(build_model(model_config)):,} parameters; "
           f"{len(train_set)} train / {len(val_set)} val images")
     if args.init is not None:  # the architecture is the starting checkpoint's
@@ -407,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", type=_positive_int, nargs="+", help="backbone channel widths")
     p.add_argument("--hidden", type=_positive_int, help="hidden units of the regression head")
     p.add_argument("--input-size", type=_positive_int, default=64, help="network input side in pixels")
+    p.add_argument("--input-norm", default="none", choices=["none", "standardise"],
+                   help="standardise: the network divides out each image's mean and spread first, exactly "
+                   "invariant to contrast/brightness where no pixel clips (docs/METHOD.md)")
     p.add_argument("--epochs", type=_positive_int, default=20)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=_positive_float, default=2e-3)
@@ -417,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the bound-based loss (certifiable training; 0: off)")
     p.add_argument("--bound-eps", type=_nonnegative_float, default=0.05,
                    help="half-width of the (contrast, brightness) box the bound loss flattens")
+    p.add_argument("--bound-box", type=float, nargs=4, metavar=("A_LO", "A_HI", "B_LO", "B_HI"),
+                   help="the (contrast, brightness) box the bound loss flattens, instead of +-bound-eps")
+    p.add_argument("--bound-tiles", type=_positive_int, default=1,
+                   help="n > 1: each image's bound is over a random tile of the box's n x n grid (what branch "
+                   "and bound certifies)")
     p.add_argument("--bound-ramp-epochs", type=int, default=5,
                    help="epochs over which the bound loss's weight and box ramp up from 0")
     p.add_argument("--seed", type=int, default=0)

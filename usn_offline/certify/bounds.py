@@ -16,9 +16,11 @@ from usn_offline.certify.crown import (
     relus_needing_backward,
     tighten_relu_inputs,
 )
+from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.forward import ForwardBounds, propagate
 from usn_offline.certify.graph import Graph
 from usn_offline.certify.lirpa import lirpa_output_bounds
+from usn_offline.certify.standardise import bound_inputs
 from usn_offline.runtime.preprocess import pixel_affine
 
 
@@ -95,6 +97,11 @@ def output_bounds(graph: Graph, images: torch.Tensor, boxes: Boxes, pixels: Pixe
     already suffice: the backward pass then only runs for the others.
     """
     method = Method(method)
+    if graph.standardise is not None:
+        if options.backend != "ours":
+            raise CertificationError("input standardisation is bounded by our engine only (--backend ours); "
+                                     "auto_LiRPA has no relaxation of it")
+        graph, images, boxes = bound_inputs(graph, images, boxes)
     if options.backend == "auto_lirpa":
         if images.shape[0] != 1:
             raise ValueError("the auto_LiRPA backend bounds boxes of one image at a time")

@@ -2,7 +2,10 @@
 
 A linear function of the two perturbation parameters is stored as a tensor of shape
 (B, 3, *shape): slot 0 is the coefficient of a, slot 1 of b, slot 2 the constant; B
-indexes the boxes of a batch.
+indexes the boxes of a batch. A box may carry *extra* parameters e_1..e_E, each in an
+interval of its own (input sets with more shared degrees of freedom than (a, b), such as
+the standardised inputs of :mod:`usn_offline.certify.standardise`); their coefficients
+follow the constant, in slots 3..3+E-1.
 """
 
 from __future__ import annotations
@@ -16,12 +19,19 @@ from usn_offline.perturb import PhotometricBox
 
 @dataclass
 class Boxes:
-    """B boxes [a_lo, a_hi] x [b_lo, b_hi] as (B,) tensors."""
+    """B boxes [a_lo, a_hi] x [b_lo, b_hi] as (B,) tensors, with ``extra_lo``/``extra_hi``
+    (B, E) the intervals of E extra parameters (none for photometric boxes)."""
 
     a_lo: torch.Tensor
     a_hi: torch.Tensor
     b_lo: torch.Tensor
     b_hi: torch.Tensor
+    extra_lo: torch.Tensor | None = None
+    extra_hi: torch.Tensor | None = None
+
+    @property
+    def num_extra(self) -> int:
+        return 0 if self.extra_lo is None else int(self.extra_lo.shape[1])
 
     @classmethod
     def from_boxes(cls, boxes: list[PhotometricBox], dtype=torch.float64, device="cpu") -> Boxes:
@@ -32,7 +42,8 @@ class Boxes:
         return self.a_lo.shape[0]
 
     def select(self, idx: torch.Tensor) -> Boxes:
-        return Boxes(self.a_lo[idx], self.a_hi[idx], self.b_lo[idx], self.b_hi[idx])
+        extra = (None, None) if self.extra_lo is None else (self.extra_lo[idx], self.extra_hi[idx])
+        return Boxes(self.a_lo[idx], self.a_hi[idx], self.b_lo[idx], self.b_hi[idx], *extra)
 
     def to_list(self) -> list[PhotometricBox]:
         rows = torch.stack([self.a_lo, self.a_hi, self.b_lo, self.b_hi], dim=1).tolist()
@@ -52,17 +63,25 @@ def _view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.view(-1, *([1] * ndim))
 
 
-def linear_min(fn: torch.Tensor, boxes: Boxes) -> torch.Tensor:
-    """Minimum over each box of a linear function (B, 3, *shape) -> (B, *shape)."""
+def _extremes(fn: torch.Tensor, boxes: Boxes, pick) -> torch.Tensor:
     nd = fn.dim() - 2
+    if fn.shape[1] != 3 + boxes.num_extra:
+        raise ValueError(f"a linear function of {fn.shape[1] - 3} extra parameters over boxes with "
+                         f"{boxes.num_extra}")
     ca, cb, c = fn[:, 0], fn[:, 1], fn[:, 2]
-    return (c + torch.minimum(ca * _view(boxes.a_lo, nd), ca * _view(boxes.a_hi, nd))
-            + torch.minimum(cb * _view(boxes.b_lo, nd), cb * _view(boxes.b_hi, nd)))
+    out = (c + pick(ca * _view(boxes.a_lo, nd), ca * _view(boxes.a_hi, nd))
+           + pick(cb * _view(boxes.b_lo, nd), cb * _view(boxes.b_hi, nd)))
+    for k in range(boxes.num_extra):
+        ck = fn[:, 3 + k]
+        out = out + pick(ck * _view(boxes.extra_lo[:, k], nd), ck * _view(boxes.extra_hi[:, k], nd))
+    return out
+
+
+def linear_min(fn: torch.Tensor, boxes: Boxes) -> torch.Tensor:
+    """Minimum over each box of a linear function (B, 3 + E, *shape) -> (B, *shape)."""
+    return _extremes(fn, boxes, torch.minimum)
 
 
 def linear_max(fn: torch.Tensor, boxes: Boxes) -> torch.Tensor:
-    """Maximum over each box of a linear function (B, 3, *shape) -> (B, *shape)."""
-    nd = fn.dim() - 2
-    ca, cb, c = fn[:, 0], fn[:, 1], fn[:, 2]
-    return (c + torch.maximum(ca * _view(boxes.a_lo, nd), ca * _view(boxes.a_hi, nd))
-            + torch.maximum(cb * _view(boxes.b_lo, nd), cb * _view(boxes.b_hi, nd)))
+    """Maximum over each box of a linear function (B, 3 + E, *shape) -> (B, *shape)."""
+    return _extremes(fn, boxes, torch.maximum)

@@ -17,7 +17,7 @@ import torch
 from usn_offline.certify.boxes import Boxes, linear_min
 from usn_offline.certify.forward import ForwardBounds, propagate, relu_slopes
 from usn_offline.certify.graph import Graph
-from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp, input_terms
+from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp, extra_terms, input_terms
 from usn_offline.certify.patches import neuron_bounds
 
 
@@ -49,7 +49,7 @@ def initial_alphas(graph: Graph, fwd: ForwardBounds, num_rows: int) -> dict[int,
 
 def backward_linear(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, rows: torch.Tensor,
                     alphas: dict[int, torch.Tensor] | None = None, start: int | None = None) -> torch.Tensor:
-    """Linear lower bounds of ``rows @ v`` as functions of (a, b): shape (B, 3, S), where v
+    """Linear lower bounds of ``rows @ v`` as functions of (a, b): shape (B, 3 + E, S), where v
     is the (flattened) value of node ``start`` (default: the output).
 
     ``rows`` is (S, numel) or (B, S, numel); images (B or 1, C, H, W).
@@ -67,7 +67,8 @@ def backward_linear(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, rows
     def add_to(j: int, value: torch.Tensor) -> None:
         lam[j] = value if lam[j] is None else lam[j] + value
 
-    coef = torch.zeros(n, s, 3, dtype=graph.dtype, device=rows.device)
+    extras = len(extra_terms(images[:1], graph.input_shape[0]))
+    coef = torch.zeros(n, s, 3 + extras, dtype=graph.dtype, device=rows.device)
     cut = fwd.kept_linear or {}
     for i in range(start, -1, -1):
         if lam[i] is None:
@@ -109,6 +110,8 @@ def backward_linear(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, rows
                 coef[:, :, 1] += (l_i * m.unsqueeze(1)).flatten(2).sum(dim=2)
                 const = const + (l_i.clamp(min=0) * c_lo.unsqueeze(1) + l_i.clamp(max=0) * c_hi.unsqueeze(1)
                                  ).flatten(2).sum(dim=2)
+                for k, plane in enumerate(extra_terms(batch, op.out_shape[0])):
+                    coef[:, :, 3 + k] += (l_i * plane.unsqueeze(1)).flatten(2).sum(dim=2)
     coef[:, :, 2] += const
     return coef.transpose(1, 2)
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from usn_offline.certify.boxes import Boxes, linear_max, linear_min
+from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.graph import Graph
-from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp, input_terms
+from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp, extra_terms, input_terms
 
 
 @dataclass
@@ -73,6 +74,9 @@ def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = T
     of some ReLUs' inputs, computed elsewhere (backward passes): they are intersected with
     the forward ones before the ReLU is relaxed, so every later layer profits.
     """
+    if graph.standardise is not None:
+        raise CertificationError("a graph that standardises its input is bounded through "
+                                 "certify.standardise.standardised_sets on its body (output_bounds does this)")
     n = len(boxes)
     images = images.expand(n, *images.shape[1:]) if images.shape[0] == 1 else images
     lo: list[torch.Tensor | None] = [None] * len(graph.nodes)
@@ -87,8 +91,8 @@ def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = T
     for i, node in enumerate(graph.nodes):
         op = node.op
         if isinstance(op, SemanticInputOp):
-            # x >= 0 and m >= 0, so the extremes of a*x + b*m + c sit at (a_lo, b_lo, c_lo)
-            # and (a_hi, b_hi, c_hi).
+            # A plain image has x >= 0 (and m = 1), so the extremes of a*x + b sit at the
+            # corners (a_lo, b_lo) and (a_hi, b_hi).
             x, m, c_lo, c_hi = input_terms(images, op.out_shape[0])
             v = (-1,) + (1,) * nd
             if m is None:
@@ -96,12 +100,22 @@ def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = T
                 hi[i] = x * boxes.a_hi.view(v) + boxes.b_hi.view(v)
                 m, c_lo = torch.ones_like(x), torch.zeros_like(x)
                 c_hi = c_lo
-            else:
-                lo[i] = x * boxes.a_lo.view(v) + m * boxes.b_lo.view(v) + c_lo
-                hi[i] = x * boxes.a_hi.view(v) + m * boxes.b_hi.view(v) + c_hi
+            else:  # a pixel set: x may be signed (a standardised set), so both ends are compared
+                xa_lo, xa_hi = x * boxes.a_lo.view(v), x * boxes.a_hi.view(v)
+                mb_lo, mb_hi = m * boxes.b_lo.view(v), m * boxes.b_hi.view(v)
+                lo[i] = torch.minimum(xa_lo, xa_hi) + torch.minimum(mb_lo, mb_hi) + c_lo
+                hi[i] = torch.maximum(xa_lo, xa_hi) + torch.maximum(mb_lo, mb_hi) + c_hi
+            extras = extra_terms(images, op.out_shape[0])
+            if len(extras) != boxes.num_extra:
+                raise CertificationError(f"the input set has {len(extras)} extra planes, its boxes "
+                                         f"{boxes.num_extra} extra parameters")
+            for k, plane in enumerate(extras):
+                e_lo, e_hi = plane * boxes.extra_lo[:, k].view(v), plane * boxes.extra_hi[:, k].view(v)
+                lo[i] = lo[i] + torch.minimum(e_lo, e_hi)
+                hi[i] = hi[i] + torch.maximum(e_lo, e_hi)
             if linear:
-                low[i] = torch.stack([x, m, c_lo], dim=1)
-                up[i] = torch.stack([x, m, c_hi], dim=1)
+                low[i] = torch.stack([x, m, c_lo, *extras], dim=1)
+                up[i] = torch.stack([x, m, c_hi, *extras], dim=1)
         elif isinstance(op, AffineOp):
             j = node.inputs[0]
             if not linear or intersect_ibp:

@@ -31,6 +31,7 @@ from usn_offline.certify.ops import (
     SemanticInputOp,
     input_terms,
 )
+from usn_offline.certify.standardise import Standardise
 
 
 @dataclass
@@ -54,6 +55,9 @@ class Graph:
     dtype: torch.dtype
     device: torch.device
     users: list[list[int]] = field(default_factory=list)
+    # The network standardises its input first (certify/standardise.py): node 0 is then the
+    # standardised input, and bounds go through :func:`standardised_sets` to the body.
+    standardise: Standardise | None = None
 
     def __post_init__(self) -> None:
         self.users = [[] for _ in self.nodes]
@@ -76,7 +80,7 @@ class Graph:
                     op = dataclasses.replace(op, **changes)
                 nodes.append(GraphOp(op, node.inputs, node.shape, node.name))
             cache[dtype] = Graph(nodes=nodes, output=self.output, input_shape=self.input_shape, dtype=dtype,
-                                 device=self.device)
+                                 device=self.device, standardise=self.standardise)
         return cache[dtype]
 
     def bias_map(self, i: int) -> torch.Tensor:
@@ -115,7 +119,10 @@ class Graph:
 
         For pixel sets (:func:`~usn_offline.certify.ops.input_terms`) the input is
         a x + b m + c with c = c_lo + fill (c_hi - c_lo), ``fill`` in [0, 1] (a scalar or a
-        tensor broadcast against (N, C, H, W)): one member of the set."""
+        tensor broadcast against (N, C, H, W)): one member of the set.
+
+        With :attr:`standardise`, that input (clipped first for plain images when its
+        ``clip`` says so; a pixel set models clipping itself) is standardised first."""
         values: list[torch.Tensor | None] = [None] * len(self.nodes)
         for i, node in enumerate(self.nodes):
             op = node.op
@@ -124,6 +131,9 @@ class Graph:
                 x, m, c_lo, c_hi = input_terms(images, self.input_shape[0])
                 values[i] = x * a.view(view) + (b.view(view) if m is None else
                                                 b.view(view) * m + c_lo + fill * (c_hi - c_lo))
+                if self.standardise is not None:
+                    pre = values[i].clamp(0.0, 1.0) if m is None and self.standardise.clip else values[i]
+                    values[i] = self.standardise.apply(pre)
             elif isinstance(op, AffineOp):
                 values[i] = op.apply(values[node.inputs[0]])
             elif isinstance(op, ReluOp):
@@ -157,6 +167,10 @@ class _Lowering:
         self.nodes: list[GraphOp] = []
         self.dtype, self.device = dtype, device
         self.input_shape = tuple(input_shape)
+        # Input standardisation found at the head of the network, and whether the input
+        # before it is clipped (then node 0 is z = a x + b itself, see clip_input).
+        self.standardise: Standardise | None = None
+        self.clip = True
 
     def add(self, op, inputs, shape, name) -> int:
         self.nodes.append(GraphOp(op, tuple(inputs), tuple(shape), name))
@@ -203,10 +217,25 @@ class _Lowering:
             stride = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
             out = (shape[0],) + tuple((shape[1 + i] - kernel[i]) // stride[i] + 1 for i in range(2))
             return self.add(AvgPool2dOp(kernel, stride, shape, out), [src], out, name)
+        if isinstance(mod, nn.InstanceNorm2d):
+            return self.standardisation(mod, src, name)
         if isinstance(mod, (nn.Identity, nn.Dropout)):
             return src
         raise CertificationError(f"unsupported layer {name}: {type(mod).__name__} (supported: Conv2d, "
                                  "Linear, ReLU, BatchNorm2d, AvgPool2d, Flatten, residual add)")
+
+    def standardisation(self, mod: nn.InstanceNorm2d, src: int, name: str) -> int:
+        """The network's input standardisation: only as its very first step, on one channel,
+        without affine parameters or running statistics (then it is exactly
+        :class:`Standardise`); the input node then carries it."""
+        if mod.affine or mod.track_running_stats:
+            raise CertificationError(f"{name}: only InstanceNorm2d(affine=False, track_running_stats=False) "
+                                     "(input standardisation) is supported")
+        if src != 0 or self.nodes[0].shape[0] != 1 or self.standardise is not None:
+            raise CertificationError(f"{name}: an InstanceNorm2d is supported only as the network's first "
+                                     "operation on a one-channel input (input standardisation)")
+        self.standardise = Standardise(float(mod.eps), clip=self.clip)
+        return src
 
     def flatten(self, src: int, name: str) -> int:
         shape = self.nodes[src].shape
@@ -216,11 +245,14 @@ class _Lowering:
         return self.add(FlattenOp(shape, out), [src], out, name)
 
 
-def clip_input(low: _Lowering, input_shape: tuple[int, ...], clip: bool) -> int:
+def clip_input(low: _Lowering, input_shape: tuple[int, ...], clip: bool, standardised: bool = False) -> int:
     """Add the perturbation layer z = a x + b and, with ``clip``, x' = relu(z) - relu(z - 1);
-    returns the node the network reads."""
+    returns the node the network reads. ``standardised``: the network standardises its
+    input first; the clip then stays inside that step (:class:`Standardise`), not in the
+    graph, whose node 0 is the standardised input."""
+    low.clip = clip
     z = low.add(SemanticInputOp(input_shape), [], input_shape, "semantic_input")
-    if not clip:
+    if not clip or standardised:
         return z
     zero = torch.zeros(input_shape[0], dtype=low.dtype, device=low.device)
     one = torch.ones(input_shape[0], dtype=low.dtype, device=low.device)
@@ -255,9 +287,15 @@ def _lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool, dtype: to
         raise CertificationError(f"cannot trace the model with torch.fx: {exc}") from exc
     low = _Lowering(input_shape, dtype, device, keep_grad=differentiable)
     modules = dict(traced.named_modules())
-    low.uses = {}
-
-    x_in = clip_input(low, tuple(input_shape), clip)
+    standardised = any(n.op == "call_module" and isinstance(modules.get(n.target), nn.InstanceNorm2d)
+                       for n in traced.graph.nodes)
+    if standardised:
+        readers = [user for n in traced.graph.nodes if n.op == "placeholder" for user in n.users]
+        if len(readers) != 1 or readers[0].op != "call_module" or not isinstance(
+                modules.get(readers[0].target), nn.InstanceNorm2d):
+            raise CertificationError("an InstanceNorm2d (input standardisation) must be the only reader of the "
+                                     "network's input")
+    x_in = clip_input(low, tuple(input_shape), clip, standardised)
 
     env: dict[str, int] = {}
     output = None
@@ -298,7 +336,8 @@ def _lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool, dtype: to
     if output is None:
         raise CertificationError("the traced model has no output")
     nodes, output = _prune_unused(*_fold_batchnorms(*_prune_unused(low.nodes, output)))
-    graph = Graph(nodes=nodes, output=output, input_shape=tuple(input_shape), dtype=dtype, device=device)
+    graph = Graph(nodes=nodes, output=output, input_shape=tuple(input_shape), dtype=dtype, device=device,
+                  standardise=low.standardise)
     if not differentiable:
         _check_equal(graph, model, input_shape)
     return graph

@@ -2,7 +2,8 @@
 
 Per-frame proofs must be about the network the robot runs, so the node lowers the
 bundle's ``model.onnx`` itself rather than a checkpoint. The operator set is the one our
-exporter writes (Conv, Relu, Gemm, Flatten, Add, AveragePool, BatchNormalization);
+exporter writes (Conv, Relu, Gemm, Flatten, Add, AveragePool, BatchNormalization, and an
+InstanceNormalization at the input for standardising models);
 anything else, or an attribute the engine cannot represent, is refused with the node's
 name. Like :func:`~usn_offline.certify.graph.lower`, the result is checked numerically
 against the model itself (ONNX Runtime) before it is used.
@@ -79,6 +80,18 @@ def _batchnorm(node, attrs: dict, weights: dict[str, np.ndarray]) -> nn.BatchNor
     return bn.eval()
 
 
+def _instance_norm(node, attrs: dict, weights: dict[str, np.ndarray]) -> nn.InstanceNorm2d:
+    """Only the plain standardisation (scale 1, bias 0) the exporter writes for ``input_norm``."""
+    try:
+        scale, bias = (weights[name] for name in node.input[1:3])
+    except (KeyError, ValueError) as exc:
+        raise CertificationError(f"InstanceNormalization {node.name}: scale and bias must be constants") from exc
+    if not (np.all(scale == 1.0) and np.all(bias == 0.0)):
+        raise CertificationError(f"InstanceNormalization {node.name}: only scale 1 and bias 0 (input "
+                                 "standardisation) are supported")
+    return nn.InstanceNorm2d(scale.shape[0], eps=float(attrs.get("epsilon", 1e-5)), affine=False)
+
+
 def _avgpool(node, attrs: dict) -> nn.AvgPool2d:
     if any(attrs.get("pads", [0, 0, 0, 0])) or attrs.get("ceil_mode", 0):
         raise CertificationError(f"AveragePool {node.name}: only pads=0 and ceil_mode=0 are supported")
@@ -109,9 +122,20 @@ def lower_onnx(path: Path | str, clip: bool = True, dtype: torch.dtype = torch.f
     input_shape = tuple(dims[1:])
     device = torch.device(device)
     low = _Lowering(input_shape, dtype, device)
-    env = {inputs[0].name: clip_input(low, input_shape, clip)}
+    standardised = any(node.op_type == "InstanceNormalization" for node in graph_proto.node)
+    if standardised:
+        readers = [node for node in graph_proto.node if inputs[0].name in node.input]
+        if len(readers) != 1 or readers[0].op_type != "InstanceNormalization":
+            raise CertificationError(f"{path}: an InstanceNormalization (input standardisation) must be the only "
+                                     "reader of the model's input")
+    env = {inputs[0].name: clip_input(low, input_shape, clip, standardised)}
     for node in graph_proto.node:
         attrs = _attributes(node)
+        if node.op_type == "Constant":  # the exporter writes small tensors (norm scale, bias) as nodes
+            if "value" not in attrs:
+                raise CertificationError(f"Constant {node.name}: only a tensor 'value' is supported")
+            weights[node.output[0]] = numpy_helper.to_array(attrs["value"]).astype(np.float64)
+            continue
         try:
             srcs = [env[name] for name in node.input if name and name not in weights]
         except KeyError as exc:
@@ -125,6 +149,8 @@ def lower_onnx(path: Path | str, clip: bool = True, dtype: torch.dtype = torch.f
             out = low.module(_batchnorm(node, attrs, weights), srcs[0], name)
         elif node.op_type == "AveragePool":
             out = low.module(_avgpool(node, attrs), srcs[0], name)
+        elif node.op_type == "InstanceNormalization":
+            out = low.module(_instance_norm(node, attrs, weights), srcs[0], name)
         elif node.op_type == "Relu":
             out = low.module(nn.ReLU(), srcs[0], name)
         elif node.op_type == "Flatten":
@@ -137,13 +163,15 @@ def lower_onnx(path: Path | str, clip: bool = True, dtype: torch.dtype = torch.f
             out = low.add(AddOp((1.0, 1.0), low.nodes[srcs[0]].shape), srcs, low.nodes[srcs[0]].shape, name)
         else:
             raise CertificationError(f"unsupported ONNX operator {node.op_type} ({name}); supported: Conv, Relu, "
-                                     "Gemm, Flatten, Add, AveragePool, BatchNormalization")
+                                     "Gemm, Flatten, Add, AveragePool, BatchNormalization, InstanceNormalization "
+                                     "(input standardisation)")
         env[node.output[0]] = out
     output_name = graph_proto.output[0].name
     if output_name not in env:
         raise CertificationError(f"{path}: the output {output_name} is not computed by the graph")
     nodes, output = _prune_unused(*_fold_batchnorms(*_prune_unused(low.nodes, env[output_name])))
-    graph = Graph(nodes=nodes, output=output, input_shape=input_shape, dtype=dtype, device=device)
+    graph = Graph(nodes=nodes, output=output, input_shape=input_shape, dtype=dtype, device=device,
+                  standardise=low.standardise)
     _check_against_runtime(graph, path)
     return graph
 

@@ -202,14 +202,23 @@ InputTerms = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch
 def input_terms(images: torch.Tensor, channels: int) -> InputTerms:
     """(x, m, c_lo, c_hi) of a batch of network inputs (B, C', H, W).
 
-    C' = C: plain images, z = a x + b (m, c_lo and c_hi are None). C' = 4 C: pixel sets,
-    the planes x, m, c_lo, c_hi stacked along the channels, z = a x + b m + c with
-    c_lo <= c <= c_hi. The bounds need x >= 0 and m >= 0 (extremes at the box corners).
+    C' = C: plain images, z = a x + b (m, c_lo and c_hi are None). C' = (4 + E) C: pixel
+    sets, the planes x, m, c_lo, c_hi stacked along the channels, z = a x + b m + c with
+    c_lo <= c <= c_hi, then E planes of extra parameters (:func:`extra_terms`). Plain images
+    need x >= 0 (extremes at the box corners); pixel sets may be signed.
     """
     if images.shape[1] == channels:
         return images, None, None, None
-    if images.shape[1] != 4 * channels:
+    if images.shape[1] < 4 * channels or images.shape[1] % channels:
         raise ValueError(f"network input has {images.shape[1]} channels; expected {channels} (an image) "
-                         f"or {4 * channels} (a pixel set)")
-    x, m, c_lo, c_hi = images.split(channels, dim=1)
+                         f"or {4 * channels} or more (a pixel set)")
+    x, m, c_lo, c_hi = images[:, :4 * channels].split(channels, dim=1)
     return x, m, c_lo, c_hi
+
+
+def extra_terms(images: torch.Tensor, channels: int) -> list[torch.Tensor]:
+    """The planes X_k (B, C, H, W) of a pixel set's extra parameters: z gets sum_k e_k X_k,
+    e_k in the box's k-th extra interval (:class:`~usn_offline.certify.boxes.Boxes`)."""
+    if images.shape[1] <= 4 * channels:
+        return []
+    return list(images[:, 4 * channels:].split(channels, dim=1))

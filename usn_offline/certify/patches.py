@@ -36,6 +36,7 @@ from usn_offline.certify.ops import (
     LinearOp,
     ReluOp,
     SemanticInputOp,
+    extra_terms,
     input_terms,
 )
 
@@ -121,7 +122,7 @@ def relaxation_maps(fwd: ForwardBounds) -> dict[int, torch.Tensor]:
 def backward_windows(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, start: int,
                      start_window: Window, box_index: torch.Tensor, row_group: torch.Tensor,
                      relaxations: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Linear lower bounds in (a, b) of each row's combination of node ``start``: (R, 3).
+    """Linear lower bounds in (a, b) of each row's combination of node ``start``: (R, 3 + E).
 
     The same computation as :func:`usn_offline.certify.crown.backward_linear` without a
     cut, one box per group of rows (``box_index``, (G,)); ``row_group`` (R,) names each
@@ -132,7 +133,8 @@ def backward_windows(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, sta
     lam: list[Window | None] = [None] * len(graph.nodes)
     lam[start] = start_window
     r = start_window.lam.shape[0]
-    coef = torch.zeros(r, 3, dtype=dtype, device=box_index.device)
+    coef = torch.zeros(r, 3 + len(extra_terms(images[:1], graph.input_shape[0])), dtype=dtype,
+                       device=box_index.device)
     const = coef[:, 2]
     row_box = box_index[row_group]
 
@@ -198,6 +200,8 @@ def backward_windows(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, sta
             else:
                 coef[:, 1] += (lam_x * m).flatten(1).sum(dim=1)
                 const += (lam_x.clamp(min=0) * c_lo + lam_x.clamp(max=0) * c_hi).flatten(1).sum(dim=1)
+                for k, plane in enumerate(extra_terms(planes, op.out_shape[0])):
+                    coef[:, 3 + k] += (lam_x * plane).flatten(1).sum(dim=1)
         else:  # pragma: no cover - lowering only creates the ops above
             raise CertificationError(f"no backward step for {type(op).__name__}")
     return coef
@@ -237,7 +241,7 @@ def neuron_bounds(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes:
         rows = torch.cat([row_group, row_group])
         coef = backward_windows(graph, fwd, images, node, win, group_box, rows, relaxations)
         row_box = bidx.repeat(2)
-        sub = Boxes(boxes.a_lo[row_box], boxes.a_hi[row_box], boxes.b_lo[row_box], boxes.b_hi[row_box])
+        sub = boxes.select(row_box)
         bound = linear_min(coef.unsqueeze(2), sub)[:, 0]
         lower[start:start + k] = bound[:k]
         upper[start:start + k] = -bound[k:]

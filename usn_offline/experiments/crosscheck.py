@@ -14,6 +14,7 @@ from scipy.stats import spearmanr
 from usn_offline.certify.boxes import Boxes
 from usn_offline.certify.forward import propagate
 from usn_offline.certify.graph import lower
+from usn_offline.certify.standardise import bound_inputs
 from usn_offline.models import KeypointNet
 from usn_offline.perturb import PhotometricBox
 from usn_offline.prune.groups import NeuronGroup
@@ -33,7 +34,7 @@ def engine_unstable_fraction(model: KeypointNet, groups: Sequence[NeuronGroup], 
     totals = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
     for image in images:
         x = torch.as_tensor(np.asarray(image), dtype=torch.float64).reshape(1, cfg.in_channels, *image.shape[-2:])
-        bounds = propagate(graph, x, boxes)
+        bounds = propagate(*bound_inputs(graph, x, boxes))
         for g in groups:
             lo, hi = bounds.relu_input[relu_nodes[g.name]]
             crossing = ((lo < 0) & (hi > 0)).double().reshape(g.size, -1).mean(dim=1)

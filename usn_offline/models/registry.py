@@ -9,7 +9,7 @@ from torch import nn
 
 from usn_offline.errors import ConfigError
 from usn_offline.models.cnn7 import CNN7Backbone
-from usn_offline.models.config import ModelConfig
+from usn_offline.models.config import STANDARDISE_EPS, ModelConfig
 from usn_offline.models.heads import RegressionHead
 from usn_offline.models.resnet import ResNetBackbone
 
@@ -41,8 +41,14 @@ class KeypointNet(nn.Module):
         except ValueError as exc:
             raise ConfigError(f"{config.family}: {exc}") from exc
         self.head = HEADS[config.head](self.backbone.out_shape, config.hidden, config.num_outputs)
+        # InstanceNorm2d without affine or running statistics on one channel is exactly the
+        # per-image standardisation, and exports to one ONNX InstanceNormalization.
+        self.standardise = (nn.InstanceNorm2d(config.in_channels, eps=STANDARDISE_EPS, affine=False)
+                            if config.input_norm == "standardise" else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.standardise is not None:
+            x = self.standardise(x)
         return self.head(self.backbone(x))
 
 

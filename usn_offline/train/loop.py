@@ -183,7 +183,10 @@ def train_model(
             y = targets[idx].to(device)
             loss = loss_fn(model(x), y)
             if bound_weight > 0:
-                loss = loss + bound_weight * bound_loss(model, x[:config.bound.images_per_batch], bound_eps)
+                sub = x[:config.bound.images_per_batch]
+                boxes = (bound_eps if config.bound.box is None and config.bound.tiles == 1
+                         else config.bound.training_boxes(epoch, len(sub), gen))
+                loss = loss + bound_weight * bound_loss(model, sub, boxes)
             value = loss.item()
             check_finite_loss(value, f"epoch {epoch + 1}, batch {start // config.batch_size + 1}")
             optimizer.zero_grad(set_to_none=True)
