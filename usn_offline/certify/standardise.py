@@ -7,8 +7,10 @@ turns a box of (a, b) over an image — or over a frame's pixel set — into a s
 
     z = A d + B + v,   A in [A_lo, A_hi], B in [B_lo, B_hi], v_i in [v_lo_i, v_hi_i],
 
-with d the nominal image minus its mean (signed). Derivation, with n pixels and P the
-centring projection (P y = y - mean y). Every input before standardisation has the form
+with d the nominal image minus its mean (signed) — for frames' pixel sets. For plain
+images :func:`clip_level_sets` refines it: the clipped pixels' values are shared
+parameters of the box instead of independent intervals (much tighter). Derivation, with
+n pixels and P the centring projection (P y = y - mean y). Every input before standardisation has the form
 
     x = a (u + t) + (a constant),
 
@@ -33,12 +35,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from usn_offline.certify.boxes import Boxes
 from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.ops import input_terms
+
+if TYPE_CHECKING:  # graph.py imports this module
+    from usn_offline.certify.graph import Graph
 
 # Relative outward widening of the set's intervals: covers float64 rounding of the sums
 # over an image (~n * 1e-16 for n <= 1e5 pixels) with room to spare.
@@ -62,7 +68,7 @@ class Standardise:
 
 def _interval_product(lo: torch.Tensor, hi: torch.Tensor, s_lo: torch.Tensor, s_hi: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[lo, hi] * [s_lo, s_hi] with 0 < s_lo <= s_hi (broadcast)."""
+    """The interval product [lo, hi] * [s_lo, s_hi] (all four end products; broadcast)."""
     ends = torch.stack(torch.broadcast_tensors(lo * s_lo, lo * s_hi, hi * s_lo, hi * s_hi))
     return ends.min(dim=0).values, ends.max(dim=0).values
 
@@ -165,7 +171,7 @@ def _chord(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return slope.clamp(0, 1), low
 
 
-def _scale_and_shift(standardise: Standardise, images: torch.Tensor, boxes: Boxes):
+def _scale_and_shift(standardise: Standardise, images: torch.Tensor, boxes: Boxes) -> tuple:
     """(A_lo, A_hi, (B_lo, B_hi), (t_lo, t_hi, t_mid), u), A and B of shape (B, 1, 1, 1),
     for plain images (N, 1, H, W) under clip(a x + b) (a x + b without ``clip``) or pixel
     sets (N, 4, H, W) (module docstring)."""
@@ -236,7 +242,7 @@ def standardised_sets(standardise: Standardise, images: torch.Tensor, boxes: Box
     return planes, Boxes(flat(big_a), flat(big_a_hi), flat(b_set_lo), flat(b_set_hi))
 
 
-def body_of(graph):
+def body_of(graph: Graph) -> Graph:
     """The graph without its standardisation (cached): the network the sets feed."""
     cache = graph.__dict__.setdefault("_body_cache", {})
     if "body" not in cache:
@@ -244,7 +250,7 @@ def body_of(graph):
     return cache["body"]
 
 
-def bound_inputs(graph, images: torch.Tensor, boxes: Boxes):
+def bound_inputs(graph: Graph, images: torch.Tensor, boxes: Boxes) -> tuple[Graph, torch.Tensor, Boxes]:
     """(graph, images, boxes) as the bound propagation takes them: unchanged, or for a
     standardising graph its body with the standardised input sets and their boxes."""
     if graph.standardise is None:
