@@ -215,3 +215,32 @@ def test_resnet_prunes_through_the_pipeline(tiny_dataset):
         assert sum(widths.values()) == round(0.6 * (8 + 10 + 16)), method
         assert res.model.config.extra["mid_widths"] == [widths["block1.mid"], widths["block2.mid"]]
         assert res.rounds[-1].parameters < res.rounds[0].parameters
+
+
+def test_finetune_keeps_the_bound_loss_when_asked():
+    """Pruning's fine-tuning rounds with the bound loss on: the same data and seed give a
+    different network than without it, and its bounds over the box are narrower."""
+    import copy
+
+    from certify_helpers import random_model, sample_image  # noqa: E402  (tests/certify_helpers.py)
+
+    from usn_offline.data.dataset import KeypointDataset
+    from usn_offline.prune.finetune import finetune
+    from usn_offline.train.bound_loss import BoundLossConfig, keypoint_bounds
+    from usn_offline.train.loop import TrainConfig
+
+    rng = np.random.default_rng(0)
+    images = np.concatenate([sample_image(s).numpy()[0] for s in range(16)]).astype(np.float32)
+    data = KeypointDataset(images=images, keypoints=rng.uniform(2, 13, (16, 2, 2)).astype(np.float32),
+                           keypoint_names=("a", "b"), file_names=tuple(f"{i}.png" for i in range(16)), split="train")
+    base = random_model("cnn7", 3).float()
+    plain, tuned = copy.deepcopy(base), copy.deepcopy(base)
+    config = TrainConfig(batch_size=8, device="cpu")
+    finetune(plain, data, 2, 1e-3, config, torch.device("cpu"), progress=False)
+    bound = BoundLossConfig(weight=1.0, eps=0.05, ramp_epochs=0, images_per_batch=8)
+    finetune(tuned, data, 2, 1e-3, config, torch.device("cpu"), progress=False, bound=bound)
+    x = torch.from_numpy(images[:4]).unsqueeze(1).double()
+    with torch.no_grad():
+        bounds = [keypoint_bounds(m.double().eval(), x, 0.05) for m in (plain, tuned)]
+    widths = [float((hi - lo).mean()) for lo, hi in bounds]
+    assert widths[1] < widths[0], widths

@@ -129,12 +129,16 @@ def _prune_config(args: argparse.Namespace, method: str, ratio: float):
     from usn_offline.perturb import PhotometricBox
     from usn_offline.prune import PruneConfig
     from usn_offline.prune.gates import GateConfig
+    from usn_offline.train.bound_loss import BoundLossConfig
 
     box = PhotometricBox(args.contrast[0], args.contrast[1], args.brightness[0], args.brightness[1])
     return PruneConfig(method=method, ratio=ratio, rounds=args.rounds, finetune_epochs=args.finetune_epochs,
                        lr=args.lr, box=box, score_images=args.score_images, allocation=args.allocation,
                        min_keep=args.min_keep, gates=GateConfig(weight=args.wd_weight, epochs=args.wd_epochs),
-                       seed=args.seed)
+                       seed=args.seed,
+                       bound=BoundLossConfig(weight=args.bound_weight, eps=args.bound_eps, ramp_epochs=0,
+                                             box=tuple(args.bound_box) if args.bound_box else None,
+                                             tiles=args.bound_tiles))
 
 
 def _load_for_pruning(args: argparse.Namespace):
@@ -540,6 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wd-weight", type=_nonnegative_float, default=1.0,
                        help="weight of the Wasserstein loss (usn-wd)")
         p.add_argument("--wd-epochs", type=_positive_int, default=1, help="concentration-phase epochs (usn-wd)")
+        p.add_argument("--bound-weight", type=_nonnegative_float, default=0.0,
+                       help="keep the bound-based loss in the fine-tuning rounds with this weight (0: off)")
+        p.add_argument("--bound-eps", type=_positive_float, default=0.05,
+                       help="half-width of the box the fine-tuning bound loss flattens")
+        p.add_argument("--bound-box", type=float, nargs=4, metavar=("A_LO", "A_HI", "B_LO", "B_HI"),
+                       help="the box the fine-tuning bound loss flattens, instead of +-bound-eps")
+        p.add_argument("--bound-tiles", type=_positive_int, default=1,
+                       help="n > 1: the fine-tuning bound loss is over random tiles of the box's n x n grid")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="auto")
         p.add_argument("--quiet", action="store_true", help="no progress bars")

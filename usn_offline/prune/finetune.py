@@ -11,15 +11,18 @@ from tqdm import tqdm
 
 from usn_offline.data.dataset import KeypointDataset
 from usn_offline.errors import check_finite_loss
+from usn_offline.train.bound_loss import BoundLossConfig, bound_loss
 from usn_offline.train.loop import TrainConfig, augment_batch, normalised_targets
 
 
 def finetune(model: nn.Module, train_set: KeypointDataset, epochs: int, lr: float, train_config: TrainConfig,
              device: torch.device, seed: int = 0, extra_params: Sequence[nn.Parameter] = (),
              extra_loss: Callable[[], torch.Tensor] | None = None, progress: bool = True,
-             desc: str = "finetune", extra_lr: float | None = None) -> list[float]:
+             desc: str = "finetune", extra_lr: float | None = None,
+             bound: BoundLossConfig | None = None) -> list[float]:
     """Train ``model`` in place for ``epochs`` epochs (cosine-decayed AdamW); returns the
-    mean loss per epoch."""
+    mean loss per epoch. ``bound`` (weight > 0): the bound-based loss at its full box
+    (no warm-up: the network was trained already)."""
     if epochs < 1:
         return []
     gen = torch.Generator().manual_seed(seed)
@@ -44,6 +47,11 @@ def finetune(model: nn.Module, train_set: KeypointDataset, epochs: int, lr: floa
             loss = loss_fn(model(x), targets[idx].to(device))
             if extra_loss is not None:
                 loss = loss + extra_loss()
+            if bound is not None and bound.weight > 0:
+                sub = x[:bound.images_per_batch]
+                boxes = (bound.eps if bound.box is None and bound.tiles == 1
+                         else bound.training_boxes(bound.ramp_epochs, len(sub), gen))
+                loss = loss + bound.weight * bound_loss(model, sub, boxes)
             value = loss.item()
             check_finite_loss(value, f"{desc} epoch {len(history) + 1}, batch {start // train_config.batch_size + 1}")
             optimizer.zero_grad(set_to_none=True)

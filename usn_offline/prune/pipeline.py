@@ -28,6 +28,7 @@ from usn_offline.prune.gates import GateConfig, concentrate
 from usn_offline.prune.groups import neuron_groups
 from usn_offline.prune.structural import prune_structure
 from usn_offline.prune.usn import UsnWeights, perturbation_samples, usn_scores
+from usn_offline.train.bound_loss import BoundLossConfig
 from usn_offline.train.checkpoint import load_checkpoint_info
 from usn_offline.train.loop import TrainConfig
 from usn_offline.train.metrics import evaluate_model
@@ -57,6 +58,9 @@ class PruneConfig:
     usn_weights: UsnWeights = field(default_factory=UsnWeights)
     gates: GateConfig = field(default_factory=GateConfig)
     seed: int = 0
+    # The bound-based loss in the fine-tuning rounds (off by default): without it, pruning a
+    # network trained with it undoes much of its certifiability (docs/METHOD.md).
+    bound: BoundLossConfig = field(default_factory=BoundLossConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -182,7 +186,7 @@ def prune_model(model: KeypointNet, train_set: KeypointDataset, val_set: Keypoin
         keep = select_keep(scores, count, floors, config.resolved_allocation)
         model = prune_structure(model, keep)
         finetune(model, train_set, config.finetune_epochs, config.lr, train_config, device,
-                 seed=config.seed + 100 + r, progress=progress)
+                 seed=config.seed + 100 + r, progress=progress, bound=config.bound)
         removed = 1.0 - sum(g.size for g in neuron_groups(model)) / total
         rounds.append(_snapshot(model, r, removed, val_set, device, time.perf_counter() - started))
         bar.set_postfix(removed=f"{removed:.0%}", val_px=f"{rounds[-1].val_mean_px_error:.2f}")
