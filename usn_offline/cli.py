@@ -125,6 +125,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"evaluation written to {out}")
 
 
+def _bound_loss_arguments(p: argparse.ArgumentParser, where: str) -> None:
+    """The bound-based loss options of ``train`` and of pruning's fine-tuning rounds.
+    Defaults equal BoundLossConfig's (a test checks; the parser must not import torch)."""
+    p.add_argument("--bound-weight", type=_nonnegative_float, default=0.0,
+                   help=f"weight of the bound-based loss in {where} (certifiable training; 0: off)")
+    p.add_argument("--bound-eps", type=_positive_float, default=0.05,
+                   help="half-width of the (contrast, brightness) box the bound loss flattens")
+    p.add_argument("--bound-box", type=float, nargs=4, metavar=("A_LO", "A_HI", "B_LO", "B_HI"),
+                   help="the (contrast, brightness) box the bound loss flattens, instead of +-bound-eps")
+    p.add_argument("--bound-tiles", type=_positive_int, default=1,
+                   help="n > 1: each image's bound is over a random tile of the box's n x n grid (what branch "
+                   "and bound certifies)")
+
+
 def _prune_config(args: argparse.Namespace, method: str, ratio: float):
     from usn_offline.perturb import PhotometricBox
     from usn_offline.prune import PruneConfig
@@ -422,16 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, default=2e-3)
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights and architecture "
                    "(fine-tuning, e.g. with --bound-weight)")
-    # Defaults equal BoundLossConfig's (a test checks; the parser must not import torch).
-    p.add_argument("--bound-weight", type=_nonnegative_float, default=0.0,
-                   help="weight of the bound-based loss (certifiable training; 0: off)")
-    p.add_argument("--bound-eps", type=_nonnegative_float, default=0.05,
-                   help="half-width of the (contrast, brightness) box the bound loss flattens")
-    p.add_argument("--bound-box", type=float, nargs=4, metavar=("A_LO", "A_HI", "B_LO", "B_HI"),
-                   help="the (contrast, brightness) box the bound loss flattens, instead of +-bound-eps")
-    p.add_argument("--bound-tiles", type=_positive_int, default=1,
-                   help="n > 1: each image's bound is over a random tile of the box's n x n grid (what branch "
-                   "and bound certifies)")
+    _bound_loss_arguments(p, "training")
     p.add_argument("--bound-ramp-epochs", type=int, default=5,
                    help="epochs over which the bound loss's weight and box ramp up from 0")
     p.add_argument("--seed", type=int, default=0)
@@ -544,14 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wd-weight", type=_nonnegative_float, default=1.0,
                        help="weight of the Wasserstein loss (usn-wd)")
         p.add_argument("--wd-epochs", type=_positive_int, default=1, help="concentration-phase epochs (usn-wd)")
-        p.add_argument("--bound-weight", type=_nonnegative_float, default=0.0,
-                       help="keep the bound-based loss in the fine-tuning rounds with this weight (0: off)")
-        p.add_argument("--bound-eps", type=_positive_float, default=0.05,
-                       help="half-width of the box the fine-tuning bound loss flattens")
-        p.add_argument("--bound-box", type=float, nargs=4, metavar=("A_LO", "A_HI", "B_LO", "B_HI"),
-                       help="the box the fine-tuning bound loss flattens, instead of +-bound-eps")
-        p.add_argument("--bound-tiles", type=_positive_int, default=1,
-                       help="n > 1: the fine-tuning bound loss is over random tiles of the box's n x n grid")
+        _bound_loss_arguments(p, "the fine-tuning rounds")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="auto")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
