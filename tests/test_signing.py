@@ -162,3 +162,22 @@ def test_the_node_serves_a_trusted_bundle_and_flags_an_untrusted_one_by_policy(s
                        wait_for="serving with every frame flagged")
     assert "the signature does not match manifest.json" in log
     assert "serving with every frame flagged CERTIFICATE_MISMATCH" in log and "Traceback" not in log
+
+
+def test_a_node_stopped_while_starting_exits_quietly(signed):
+    """SIGTERM at any point of the start-up (before, while and after the bundle loads and
+    the publishers are made) stops the node without a traceback."""
+    import os
+    import signal
+    import time
+
+    pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
+    args = [sys.executable, "-m", "usn_keypoint_ros.node", "--ros-args", "-p", f"bundle_dir:={signed}",
+            "-p", "frame_proof:=false"]
+    for delay in (0.5, 1.0, 1.5, 2.0, 3.0):
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert "Traceback" not in err.decode(), (delay, err.decode()[-2000:])
+        assert proc.returncode in (0, -signal.SIGTERM), (delay, proc.returncode)

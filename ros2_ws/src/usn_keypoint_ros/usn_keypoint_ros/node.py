@@ -373,6 +373,15 @@ def main(args=None) -> int:
         print(f"usn_keypoint_node: error: {exc}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        rclpy.try_shutdown()
+        return 0
+    except Exception:
+        # SIGINT/SIGTERM while the node was still being built shut its context down under
+        # it (rclpy then fails to create the next publisher): a stop, not an error.
+        if not rclpy.ok():
+            return 0
+        raise
     try:
         rclpy.spin(node)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
