@@ -49,8 +49,7 @@ def finetune(model: nn.Module, train_set: KeypointDataset, epochs: int, lr: floa
                 loss = loss + extra_loss()
             if bound is not None and bound.weight > 0:
                 sub = x[:bound.images_per_batch]
-                boxes = (bound.eps if bound.box is None and bound.tiles == 1
-                         else bound.training_boxes(bound.ramp_epochs, len(sub), gen))
+                boxes = bound.training_boxes(bound.ramp_epochs, len(sub), gen)  # the full box: no warm-up
                 loss = loss + bound.weight * bound_loss(model, sub, boxes)
             value = loss.item()
             check_finite_loss(value, f"{desc} epoch {len(history) + 1}, batch {start // train_config.batch_size + 1}")

@@ -65,6 +65,9 @@ class BoundLossConfig:
 
     def training_boxes(self, epoch: int, count: int, generator: torch.Generator) -> list[PhotometricBox]:
         """The boxes of ``count`` images in ``epoch``: the (ramped) box, or a random tile of it each."""
+        if self.box is None and self.tiles == 1:
+            eps = self.schedule(epoch)[1]
+            return [PhotometricBox.symmetric(eps, eps)] * count
         ramp = self.schedule(epoch)[1] / self.eps
         a_lo, a_hi, b_lo, b_hi = self.box if self.box is not None else (1 - self.eps, 1 + self.eps,
                                                                            -self.eps, self.eps)

@@ -174,7 +174,7 @@ def train_model(
     val_err = float("nan")
     for epoch in bar:
         model.train()
-        bound_weight, bound_eps = config.bound.schedule(epoch)
+        bound_weight = config.bound.schedule(epoch)[0]
         order = torch.randperm(len(train_set), generator=gen)
         total, seen = 0.0, 0
         for start in range(0, len(order), config.batch_size):
@@ -184,9 +184,7 @@ def train_model(
             loss = loss_fn(model(x), y)
             if bound_weight > 0:
                 sub = x[:config.bound.images_per_batch]
-                boxes = (bound_eps if config.bound.box is None and config.bound.tiles == 1
-                         else config.bound.training_boxes(epoch, len(sub), gen))
-                loss = loss + bound_weight * bound_loss(model, sub, boxes)
+                loss = loss + bound_weight * bound_loss(model, sub, config.bound.training_boxes(epoch, len(sub), gen))
             value = loss.item()
             check_finite_loss(value, f"epoch {epoch + 1}, batch {start // config.batch_size + 1}")
             optimizer.zero_grad(set_to_none=True)
