@@ -81,16 +81,6 @@ def test_schedule_and_config_errors():
             BoundLossConfig(**bad)
 
 
-def test_cli_defaults_equal_the_config():
-    from usn_offline.cli import build_parser
-
-    args = build_parser().parse_args(["train", "--data", "d", "--out", "m.pt"])
-    default = BoundLossConfig()
-    assert (args.bound_weight, args.bound_eps, args.bound_ramp_epochs) == (default.weight, default.eps,
-                                                                             default.ramp_epochs)
-    assert (args.bound_box, args.bound_tiles) == (default.box, default.tiles)
-
-
 def test_training_tiles_cover_the_ramped_box_and_are_reproducible():
     config = BoundLossConfig(weight=1.0, eps=0.1, ramp_epochs=2, box=(0.75, 1.33, -0.15, 0.15), tiles=4)
     gen = torch.Generator().manual_seed(0)

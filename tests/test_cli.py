@@ -113,3 +113,91 @@ def test_bad_file_via_console_script_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"usn-offline: error: checkpoint not found: {tmp_path / 'x.pt'}"]
+
+
+def _cli_defaults() -> list[tuple[str, list[str], str, object]]:
+    """(label, argv, dest, the library's default) for every CLI default that repeats a
+    config's. The configs are the one place the defaults are decided; the parser repeats
+    them because it must not import torch (``usn-offline verify`` runs on a robot)."""
+    from usn_offline.certify import BabConfig, CertifyConfig, RadiusConfig
+    from usn_offline.certify.bounds import BoundOptions
+    from usn_offline.data import GeneratorConfig, RenderConfig
+    from usn_offline.experiments.compare import CompareConfig
+    from usn_offline.export import ExportConfig
+    from usn_offline.models.config import ModelConfig
+    from usn_offline.perturb import PhotometricBox
+    from usn_offline.prune import PruneConfig
+    from usn_offline.prune.gates import GateConfig
+    from usn_offline.replay.bag_writer import BagConfig
+    from usn_offline.replay.live import LiveConfig
+    from usn_offline.train import TrainConfig
+    from usn_offline.train.bound_loss import BoundLossConfig
+
+    data = ["data", "--out", "d"]
+    train = ["train", "--data", "d", "--out", "m.pt"]
+    certify = ["certify", "--checkpoint", "m.pt", "--data", "d", "--out", "c.json"]
+    prune = ["prune", "--checkpoint", "m.pt", "--data", "d", "--out", "p.pt"]
+    compare = ["compare", "--checkpoint", "m.pt", "--data", "d", "--out", "o"]
+    export = ["export", "--checkpoint", "m.pt", "--certificate", "c.json", "--out", "b"]
+    bag = ["make-bag", "--data", "d", "--out", "bag"]
+    replay = ["replay", "--bag", "bag", "--bundle", "b", "--out", "r"]
+    gen, render, tr, model = GeneratorConfig(), RenderConfig(), TrainConfig(), ModelConfig()
+    bab, radius, bounds = BabConfig(), RadiusConfig(), BoundOptions()
+    cert = CertifyConfig(box=PhotometricBox.symmetric(0.1, 0.1))
+    pr, gates, cmp_, exp, bag_cfg, live = (PruneConfig(), GateConfig(), CompareConfig(), ExportConfig(),
+                                           BagConfig(), LiveConfig())
+    bound = BoundLossConfig()
+    bound_loss = [(label, argv, dest, getattr(bound, field)) for label, argv in (("train", train), ("prune", prune))
+                  for dest, field in (("bound_weight", "weight"), ("bound_eps", "eps"), ("bound_box", "box"),
+                                      ("bound_tiles", "tiles"))]
+    return bound_loss + [("train", train, "bound_ramp_epochs", bound.ramp_epochs),
+        ("data", data, "num_train", gen.num_train), ("data", data, "num_val", gen.num_val),
+        ("data", data, "num_test", gen.num_test), ("data", data, "seed", gen.seed),
+        ("data", data, "image_size", render.image_size),
+        ("train", train, "epochs", tr.epochs), ("train", train, "batch_size", tr.batch_size),
+        ("train", train, "lr", tr.lr), ("train", train, "seed", tr.seed), ("train", train, "device", tr.device),
+        ("train", train, "model", model.family), ("train", train, "input_size", model.input_height),
+        ("train", train, "input_norm", model.input_norm),
+        ("certify", certify, "delta", cert.delta), ("certify", certify, "norm", cert.norm.value),
+        ("certify", certify, "reference", cert.reference.value), ("certify", certify, "coverage", cert.coverage),
+        ("certify", certify, "dtype", cert.dtype), ("certify", certify, "method", bab.method.value),
+        ("certify", certify, "bab_budget", bab.max_boxes), ("certify", certify, "bab_depth", bab.max_depth),
+        ("certify", certify, "intermediate", bounds.intermediate),
+        ("certify", certify, "crown_max_unstable", bounds.crown_max_unstable),
+        ("certify", certify, "backend", bounds.backend), ("certify", certify, "eps_max", radius.eps_max),
+        ("certify", certify, "radius_steps", radius.steps), ("certify", certify, "eps_start", radius.eps_start),
+        ("certify", certify, "contrast_scale", radius.contrast_scale),
+        ("certify", certify, "brightness_scale", radius.brightness_scale),
+        ("certify", certify, "radius_strategy", radius.strategy),
+        ("prune", prune, "method", pr.method), ("prune", prune, "ratio", pr.ratio),
+        ("prune", prune, "rounds", pr.rounds), ("prune", prune, "finetune_epochs", pr.finetune_epochs),
+        ("prune", prune, "lr", pr.lr), ("prune", prune, "score_images", pr.score_images),
+        ("prune", prune, "min_keep", pr.min_keep), ("prune", prune, "seed", pr.seed),
+        ("prune", prune, "contrast", [pr.box.a_lo, pr.box.a_hi]),
+        ("prune", prune, "brightness", [pr.box.b_lo, pr.box.b_hi]),
+        ("prune", prune, "wd_weight", gates.weight), ("prune", prune, "wd_epochs", gates.epochs),
+        ("compare", compare, "methods", list(cmp_.methods)), ("compare", compare, "ratios", list(cmp_.ratios)),
+        ("compare", compare, "eps", list(cmp_.eps_list)), ("compare", compare, "delta", cmp_.delta),
+        ("compare", compare, "num_images", cmp_.num_images), ("compare", compare, "bab_budget", bab.max_boxes),
+        ("export", export, "gap_tolerance", exp.gap_tolerance_px),
+        ("export", export, "workspace_mb", exp.workspace_mb),
+        ("make-bag", bag, "scenario", list(bag_cfg.scenarios)),
+        ("make-bag", bag, "frames", bag_cfg.frames_per_scenario), ("make-bag", bag, "width", bag_cfg.width),
+        ("make-bag", bag, "height", bag_cfg.height), ("make-bag", bag, "encoding", bag_cfg.encoding),
+        ("make-bag", bag, "storage", bag_cfg.storage), ("make-bag", bag, "fps", bag_cfg.fps),
+        ("make-bag", bag, "seed", bag_cfg.seed), ("make-bag", bag, "image_topic", bag_cfg.image_topic),
+        ("replay", replay, "frame_timeout", live.timeout_s), ("replay", replay, "live_rate", live.rate),
+    ]
+
+
+def test_cli_defaults_equal_the_library_configs():
+    """One place for each default: a CLI default that drifts from its config fails here."""
+    from usn_offline.cli import build_parser
+
+    parser = build_parser()
+    drift = []
+    for label, argv, dest, expected in _cli_defaults():
+        value = getattr(parser.parse_args(argv), dest)
+        if value != expected:
+            drift.append(f"{label} --{dest.replace('_', '-')}: CLI {value!r} != config {expected!r}")
+    assert not drift, "\n".join(drift)

@@ -30,6 +30,16 @@ def test_runtime_modules_import_without_torch():
     assert _python(code) == "ok"
 
 
+def test_the_cli_parses_without_torch():
+    """``usn-offline verify`` and ``--help`` run on a robot: the parser repeats the configs'
+    defaults instead of importing them (tests/test_cli.py checks they agree)."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from usn_offline.cli import build_parser\n"
+            "build_parser().parse_args(['verify', '--bundle', 'b'])\n"
+            "print('ok')")
+    assert _python(code) == "ok"
+
+
 def test_the_node_and_replay_runtime_serve_a_bundle_without_torch(exported_bundle):
     """backend auto without TensorRT: ONNX Runtime, and torch is never imported."""
     code = ("import sys; sys.modules['torch'] = None\n"

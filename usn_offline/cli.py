@@ -127,7 +127,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _bound_loss_arguments(p: argparse.ArgumentParser, where: str) -> None:
     """The bound-based loss options of ``train`` and of pruning's fine-tuning rounds.
-    Defaults equal BoundLossConfig's (a test checks; the parser must not import torch)."""
+    Defaults equal BoundLossConfig's (tests/test_cli.py checks every default against its
+    config; the parser must not import torch)."""
     p.add_argument("--bound-weight", type=_nonnegative_float, default=0.0,
                    help=f"weight of the bound-based loss in {where} (certifiable training; 0: off)")
     p.add_argument("--bound-eps", type=_positive_float, default=0.05,
@@ -566,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="every pruning method x ratio, each certified: table + plot")
     pruning_arguments(p)
     p.add_argument("--methods", nargs="+", choices=["usn-wd", "usn", "magnitude", "random", "none"],
-                   default=["none", "usn-wd", "usn", "magnitude", "random"])
+                   default=["usn-wd", "usn", "magnitude", "random", "none"])
     p.add_argument("--ratios", type=_finite_float, nargs="+", default=[0.3, 0.6])
     p.add_argument("--eps", type=_positive_float, nargs="+", default=[0.005, 0.01, 0.02],
                    help="symmetric boxes at which certified accuracy is reported")
