@@ -242,6 +242,30 @@ def _declared_parameters(bundle_dir) -> set[str]:
     return set(_declared_defaults(bundle_dir))
 
 
+def test_the_node_declares_exactly_its_parameter_table(exported_bundle):
+    """The declarative table (usn_keypoint_ros/parameters.py) is what the node declares:
+    names, defaults and read-only flags; besides it only the bundle's keypoint_names and
+    rclpy's own."""
+    from usn_keypoint_ros.node import KeypointNode
+    from usn_keypoint_ros.parameters import PARAMETERS
+
+    table = {spec.name: spec for spec in PARAMETERS}
+    rclpy.init()
+    try:
+        node = KeypointNode(parameter_overrides=[rclpy.parameter.Parameter("bundle_dir", value=str(exported_bundle))])
+        declared = {name: param.value for name, param in node._parameters.items()}
+        read_only = {name: node.describe_parameter(name).read_only for name in table}
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+    assert set(declared) - set(table) <= {"keypoint_names", "use_sim_time", "start_type_description_service"}
+    assert "keypoint_names" in declared
+    differing = {name: (declared[name], spec.default) for name, spec in table.items()
+                 if name != "bundle_dir" and declared[name] != spec.default}
+    assert not differing, differing
+    assert read_only == {name: spec.read_only for name, spec in table.items()}
+
+
 def test_params_yaml_and_launch_file_set_only_declared_parameters(exported_bundle):
     defaults = _declared_defaults(exported_bundle)
     declared = set(defaults)

@@ -27,6 +27,7 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data, qos_profile_system_de
 from sensor_msgs.msg import CompressedImage, Image
 from usn_keypoint_msgs.msg import CertificationStatus, Keypoint2D, KeypointArray
 
+from usn_keypoint_ros.parameters import PARAMETERS, NodeParameter
 from usn_offline.errors import BundleError, UsnError
 from usn_offline.runtime.backends import create_backend, deployed_bundle
 from usn_offline.runtime.bundle import CERTIFICATE, Bundle
@@ -36,73 +37,30 @@ from usn_offline.runtime.pipeline import FrameResult, KeypointPipeline
 from usn_offline.runtime.scene_check import make_scene_check
 from usn_offline.runtime.stream import FrameStream
 
-QOS_CHOICES = ("SENSOR_DATA", "DEFAULT", "SYSTEM_DEFAULT")
-TRANSPORTS = ("raw", "compressed")
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
-MISMATCH_POLICIES = ("fail", "flag")
-
 
 class StartupError(Exception):
     """The node cannot start; the message says why."""
 
 
-def _float_range(lo: float, hi: float) -> list[FloatingPointRange]:
-    return [FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
-
-
-def _int_range(lo: int, hi: int) -> list[IntegerRange]:
-    return [IntegerRange(from_value=lo, to_value=hi, step=1)]
+def _descriptor(spec: NodeParameter) -> ParameterDescriptor:
+    ranges = {}
+    if spec.value_range is not None:
+        lo, hi = spec.value_range
+        if isinstance(spec.default, float):
+            ranges["floating_point_range"] = [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=0.0)]
+        else:
+            ranges["integer_range"] = [IntegerRange(from_value=int(lo), to_value=int(hi), step=1)]
+    return ParameterDescriptor(description=spec.description, read_only=spec.read_only, **ranges)
 
 
 class KeypointNode(Node):
     def __init__(self, **kwargs) -> None:
         super().__init__("usn_keypoint_node", **kwargs)
-        ro = {"read_only": True}
-        self._declare("bundle_dir", "", "deployment bundle directory (model.onnx, certificate.json, ...)", **ro)
-        self._declare("backend", "auto", f"inference backend: {', '.join(BACKENDS)}", **ro)
-        self._declare("model_file_path", "", "ONNX model overriding the bundle's (hash-checked)", **ro)
-        self._declare("engine_file_path", "", "TensorRT engine to use or build (default: cache)", **ro)
-        self._declare("force_engine_update", False, "rebuild the TensorRT engine even if cached", **ro)
-        self._declare("enable_fp16", False, "build the TensorRT engine in FP16", **ro)
-        self._declare("checkpoint_path", "", "torch checkpoint for backend=torch", **ro)
-        self._declare("input_qos", "SENSOR_DATA", f"image subscription QoS: {', '.join(QOS_CHOICES)}", **ro)
-        self._declare("input_transport", "raw", "raw: sensor_msgs/Image on 'image'; compressed: "
-                      "sensor_msgs/CompressedImage on '<image>/compressed'", **ro)
-        self._declare("input_qos_depth", 5, "image subscription queue depth", integer_range=_int_range(1, 100),
-                      **ro)
-        self._declare("on_certificate_mismatch", "fail",
-                      "fail: refuse to start; flag: serve with every frame flagged uncertified", **ro)
-        self.declare_parameter("trusted_keys", Parameter.Type.STRING_ARRAY, ParameterDescriptor(
-            description="Ed25519 public keys (PEM files, usn-offline keygen); set: the bundle's manifest must be "
-                        "signed by one of them", read_only=True))
-        self._declare("on_untrusted_bundle", "fail", "with trusted_keys, an unsigned or wrongly signed bundle: "
-                      "fail (refuse to start) or flag (serve, every frame CERTIFICATE_MISMATCH)", **ro)
-        self._declare("max_image_pixels", 4096 * 4096, "larger images are rejected as BAD_INPUT",
-                      integer_range=_int_range(1, 1 << 28), **ro)
-        self._declare("monitor_z", 2.0, "uncertainty rectangle half-width in standard deviations",
-                      floating_point_range=_float_range(0.0, 10.0))
-        self._declare("monitor_max_saturated_fraction", 0.05, "fraction of clipped pixels flagged SATURATED",
-                      floating_point_range=_float_range(0.0, 1.0))
-        self._declare("monitor_calibration_frames", 0,
-                      "use the first N frames that are not flat (nominal light assumed) as the scene's nominal "
-                      "statistics; 0: the bundle's", integer_range=_int_range(0, 10000), **ro)
-        self._declare("frame_proof", True, "prove each frame's keypoints for the certificate's lighting range "
-                      "(needs torch); off: no frame is certified", **ro)
-        self._declare("frame_proof_max_boxes", 16, "branch-and-bound budget of one frame's proof (boxes)",
-                      integer_range=_int_range(1, 4096), **ro)
-        self._declare("frame_proof_every", 1, "prove every n-th frame (the others are NOT_CHECKED)",
-                      integer_range=_int_range(1, 1000), **ro)
-        self._declare("frame_proof_lighting", [0.0, 0.0, 0.0, 0.0], "lighting range the proofs cover: contrast "
-                      "min, max, brightness min, max (contrast > 0); all zero: the certificate's box", **ro)
-        self._declare("monitor_veto", False, "the (a, b) estimate's flags also withhold certification", **ro)
-        self._declare("scene_check", True, "flag OUT_OF_REGION, without a proof, frames whose contrast no lighting "
-                      "of the range can give a scene of contrast scene_std_range", **ro)
-        self._declare("scene_std_range", [0.0, 0.0], "network-input std (min, max) of the scenes under nominal "
-                      "light; zeros: the training images' 1st-99th percentile (from the bundle)", **ro)
-        self._declare("publish_debug_image", False, "publish ~/debug_image with keypoints and a red border "
-                      "when a frame is not certified")
-        self._declare("diagnostics_period", 1.0, "seconds between /diagnostics messages",
-                      floating_point_range=_float_range(0.1, 60.0), **ro)
+        for spec in PARAMETERS:
+            if spec.default is None:  # typed and unset unless given
+                self.declare_parameter(spec.name, Parameter.Type.STRING_ARRAY, _descriptor(spec))
+            else:
+                self.declare_parameter(spec.name, spec.default, _descriptor(spec))
         self._validate_start()
 
         p = self._params()
@@ -183,10 +141,6 @@ class KeypointNode(Node):
         self.create_timer(p["diagnostics_period"], self.publish_diagnostics)
 
     # -- parameters ---------------------------------------------------------------------------
-    def _declare(self, name, default, description, read_only=False, **ranges) -> None:
-        self.declare_parameter(name, default, ParameterDescriptor(description=description, read_only=read_only,
-                                                                  **ranges))
-
     def _value(self, name: str):
         try:
             return self.get_parameter(name).value
@@ -194,13 +148,7 @@ class KeypointNode(Node):
             return None
 
     def _params(self) -> dict:
-        return {name: self._value(name) for name in (
-            "bundle_dir", "backend", "model_file_path", "engine_file_path", "force_engine_update", "enable_fp16",
-            "checkpoint_path", "input_qos", "input_transport", "input_qos_depth", "on_certificate_mismatch",
-            "trusted_keys", "on_untrusted_bundle",
-            "max_image_pixels", "frame_proof", "frame_proof_max_boxes", "frame_proof_every", "frame_proof_lighting",
-            "monitor_veto", "scene_check", "scene_std_range",
-            "monitor_z", "monitor_max_saturated_fraction", "monitor_calibration_frames", "diagnostics_period")}
+        return {spec.name: self._value(spec.name) for spec in PARAMETERS}
 
     def _signature_trusted(self, p: dict) -> bool:
         """With trusted_keys: is the bundle signed by one of them? (fail policy: refuse)."""
@@ -241,11 +189,9 @@ class KeypointNode(Node):
         p = self._params()
         if not p["bundle_dir"]:
             raise StartupError("parameter bundle_dir is required (the export bundle directory)")
-        for name, choices in (("backend", BACKENDS), ("input_qos", QOS_CHOICES), ("input_transport", TRANSPORTS),
-                              ("on_certificate_mismatch", MISMATCH_POLICIES),
-                              ("on_untrusted_bundle", MISMATCH_POLICIES)):
-            if p[name] not in choices:
-                raise StartupError(f"parameter {name}={p[name]!r} must be one of {', '.join(choices)}")
+        for spec in PARAMETERS:
+            if spec.choices is not None and p[spec.name] not in spec.choices:
+                raise StartupError(f"parameter {spec.name}={p[spec.name]!r} must be one of {', '.join(spec.choices)}")
 
     def _on_set_parameters(self, params) -> SetParametersResult:
         for param in params:
