@@ -68,10 +68,9 @@ def exported_bundle(tiny_dataset, tmp_path_factory) -> Path:
     on the CPU's float kernels. At lr 3e-3 some trajectories never left it; at 1.5e-3 with
     batches of 16, 8 of 8 training seeds left it at the third epoch and ended at 2.7-3.4 px
     on the node test's frames (the seed stands in for another CPU's trajectory)."""
-    import json
 
     from usn_offline.certify import CertifyConfig, certify_dataset
-    from usn_offline.certify.report import report_to_dict, write_report
+    from usn_offline.certify.report import load_report, report_to_dict, write_report
     from usn_offline.data import GeneratorConfig, generate_dataset, load_split
     from usn_offline.export import ExportConfig, write_bundle
     from usn_offline.models import model_config_for
@@ -90,6 +89,6 @@ def exported_bundle(tiny_dataset, tmp_path_factory) -> Path:
     report = certify_dataset(model, test.subset(slice(0, 3)),
                              CertifyConfig(box=PhotometricBox(0.9, 1.1, -0.1, 0.1), delta=50.0), progress=False)
     cert = write_report(root / "cert.json", report_to_dict(report, ckpt, data, "test"))
-    bundle = write_bundle(root / "bundle", model, info, ckpt, json.loads(cert.read_text()), test, train,
+    bundle = write_bundle(root / "bundle", model, info, ckpt, load_report(cert), test, train,
                           ExportConfig(build_engine=False))
     return bundle.root

@@ -15,7 +15,7 @@ from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.falsify import pgd_attack
 from usn_offline.certify.frame import inverse_box, pixel_set
 from usn_offline.certify.onnx_lowering import lower_onnx
-from usn_offline.certify.standardise import Standardise, clip_level_sets, standardised_sets
+from usn_offline.certify.standardise import Standardise, body_of, clip_level_sets, standardised_sets
 from usn_offline.perturb import PhotometricBox
 from usn_offline.runtime.preprocess import PreprocessConfig
 
@@ -241,6 +241,26 @@ def test_auto_lirpa_backend_refuses_standardisation():
     with pytest.raises(CertificationError, match="standardisation"):
         output_bounds(graph, sample_image(0, SIZE), Boxes.from_boxes([GOAL]), PixelMap.for_image(2, SIZE, SIZE),
                       options=BoundOptions(backend="auto_lirpa"))
+
+
+def test_a_signed_input_is_bounded_as_a_pixel_set_and_refused_as_a_plain_image():
+    """The body of a standardising network over a z0 + b (bench/certify_bench.py compares
+    it with auto_LiRPA): z0 is signed, so a plain image would be bounded at the wrong
+    corners; it is refused, and the pixel set (z0, 1, 0, 0) contains every sample."""
+    graph = lower(_model("cnn7", 0), (1, SIZE, SIZE))
+    body = body_of(graph)
+    z0 = graph.standardise.apply(sample_image(0, SIZE))
+    assert bool((z0 < 0).any())
+    box, pixels = PhotometricBox.symmetric(0.1, 0.1), PixelMap.for_image(2, SIZE, SIZE)
+    with pytest.raises(CertificationError, match=">= 0"):
+        output_bounds(body, z0, Boxes.from_boxes([box]), pixels)
+    planes = torch.cat([z0, torch.ones_like(z0), torch.zeros_like(z0), torch.zeros_like(z0)], dim=1)
+    lo, hi = output_bounds(body, planes, Boxes.from_boxes([box]), pixels)
+    a = torch.linspace(box.a_lo, box.a_hi, 11, dtype=torch.float64).repeat_interleave(11)
+    b = torch.linspace(box.b_lo, box.b_hi, 11, dtype=torch.float64).repeat(11)
+    with torch.no_grad():
+        out = pixels(body.evaluate(z0, a, b))
+    assert bool((out >= lo - 1e-9).all()) and bool((out <= hi + 1e-9).all())
 
 
 def test_per_frame_proofs_of_a_standardising_onnx_model(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from usn_offline.certify import CertifyConfig, certify_dataset
 from usn_offline.certify.region import certified_region
-from usn_offline.certify.report import report_to_dict, write_report
+from usn_offline.certify.report import CertificateReport, load_report, report_to_dict, write_report
 from usn_offline.cli import main
 from usn_offline.data import load_split
 from usn_offline.errors import BundleError
@@ -33,7 +33,7 @@ def exported(tiny_dataset, tiny_checkpoint, tmp_path_factory):
     report = certify_dataset(model, test.subset(slice(0, 3)),
                              CertifyConfig(box=PhotometricBox(1.0, 1.0, 0.0, 0.0), delta=2.0), progress=False)
     cert_path = write_report(root / "cert.json", report_to_dict(report, ckpt, tiny_dataset, "test"))
-    bundle = write_bundle(root / "bundle", model, info, ckpt, json.loads(cert_path.read_text()), test, train,
+    bundle = write_bundle(root / "bundle", model, info, ckpt, load_report(cert_path), test, train,
                           ExportConfig(build_engine=False))
     return {"root": root, "ckpt": ckpt, "cert": cert_path, "bundle": bundle, "model": model, "test": test}
 
@@ -206,7 +206,8 @@ def test_certificate_of_another_checkpoint_is_refused(exported, tmp_path):
     doc["model"]["sha256"] = "f" * 64
     model, info = load_checkpoint(exported["ckpt"])
     with pytest.raises(BundleError, match="computed for another checkpoint"):
-        write_bundle(tmp_path / "b", model, info, exported["ckpt"], doc, exported["test"], exported["test"])
+        write_bundle(tmp_path / "b", model, info, exported["ckpt"], CertificateReport.from_document(doc),
+                     exported["test"], exported["test"])
 
 
 def test_region_falls_back_to_the_radius():
@@ -403,6 +404,8 @@ def test_export_out_never_deletes_anything_but_a_bundle(exported, tmp_path, caps
     (lambda r: r["perturbation"].update(a_lo=float("nan")), "NaN is not a JSON number"),
     (lambda r: r["summary"].update(num_images=True), "'summary.num_images' must be an integer"),
     (lambda r: r.update(kind="other"), "not a usn-offline certification report"),
+    (lambda r: r.pop("data"), "no field 'data'"),
+    (lambda r: r["data"].update(split=3), "'data.split' must be a string"),
 ])
 def test_export_refuses_an_incomplete_certificate(exported, tmp_path, capsys, edit, message):
     report = json.loads(exported["cert"].read_text())

@@ -270,29 +270,18 @@ def _cmd_certify(args: argparse.Namespace) -> None:
     print(f"certificate written to {path}")
 
 
-def _read_report(path: Path) -> dict:
-    from usn_offline.errors import BundleError
-    from usn_offline.jsonio import read_json_object
-
-    if not path.is_file():
-        raise BundleError(f"certificate not found: {path}")
-    doc = read_json_object(path, BundleError)
-    if doc.get("schema_version") != 1:
-        raise BundleError(f"{path}: not a schema_version 1 certification report")
-    return doc
-
-
 def _cmd_export(args: argparse.Namespace) -> None:
+    from usn_offline.certify.report import load_report
     from usn_offline.data import load_split
     from usn_offline.export import ExportConfig, bundle_summary, write_bundle
     from usn_offline.tables import format_table
     from usn_offline.train import load_checkpoint
 
-    report = _read_report(args.certificate)
+    report = load_report(args.certificate)
     model, info = load_checkpoint(args.checkpoint)
-    data_root = args.data or Path(report["data"]["root"])
+    data_root = args.data or Path(report.data_root)
     k = info.model.num_keypoints
-    gap_data = load_split(data_root, report["data"]["split"], info.preprocess, expected_keypoints=k)
+    gap_data = load_split(data_root, report.data_split, info.preprocess, expected_keypoints=k)
     nominal = load_split(data_root, args.nominal_split, info.preprocess, expected_keypoints=k)
     config = ExportConfig(gap_tolerance_px=args.gap_tolerance, build_engine=not args.no_engine,
                           fp16=args.fp16, workspace_mb=args.workspace_mb, sign_key=args.sign_key)

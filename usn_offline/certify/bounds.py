@@ -108,6 +108,10 @@ def output_bounds(graph: Graph, images: torch.Tensor, boxes: Boxes, pixels: Pixe
         return lirpa_output_bounds(graph, images, boxes, pixels.scale, pixels.offset, method.value)
     if options.backend != "ours":
         raise ValueError(f"bounds backend must be 'ours' or 'auto_lirpa', got {options.backend!r}")
+    if images.shape[1] == graph.input_shape[0] and bool((images < 0).any()):
+        # a x + b of a plain image is bounded at the box's corners, which holds for x >= 0.
+        raise CertificationError("bounds over plain images need pixel values >= 0; give a signed input "
+                                 "as a pixel set (x, 1, 0, 0)")
     if options.intermediate not in ("crown", "forward", "auto"):
         raise ValueError(f"intermediate bounds must be 'crown', 'forward' or 'auto', got {options.intermediate!r}")
     margin = DEFAULT_MARGIN.get(graph.dtype, 1e-4) if options.margin is None else options.margin

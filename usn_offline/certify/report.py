@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +16,8 @@ from usn_offline.certify.bab import Status
 from usn_offline.certify.bounds import DEFAULT_MARGIN
 from usn_offline.certify.engine import CertificationReport, CertifyConfig
 from usn_offline.certify.lirpa import LIRPA_MARGIN
+from usn_offline.errors import BundleError
+from usn_offline.jsonio import read_json_object
 from usn_offline.runtime.hashing import sha256_file
 from usn_offline.tables import format_table
 
@@ -118,3 +122,74 @@ def summary_table(report: CertificationReport) -> str:
         total = sum(map(len, s["region_cells_at_coverage"]))
         rows.append((f"region cells >= {100 * cfg.coverage:g} %", f"{cells}/{total}"))
     return format_table(rows)
+
+
+# (path, type) of the report fields the export reads; numbers are finite.
+_REPORT_FIELDS = (("model", dict), ("model.sha256", str), ("property", dict), ("property.delta_px", float),
+                  ("property.norm", str), ("property.reference", str), ("perturbation", dict),
+                  ("perturbation.a_lo", float), ("perturbation.a_hi", float), ("perturbation.b_lo", float),
+                  ("perturbation.b_hi", float), ("summary", dict), ("summary.certified_fraction", float),
+                  ("summary.num_images", int), ("data", dict), ("data.root", str), ("data.split", str),
+                  ("method", dict))
+
+
+def _field(doc: dict, path: str, kind: type) -> object:
+    """The value at ``path`` (dotted), refused (BundleError naming it) when missing or not
+    of ``kind`` (float: a finite number)."""
+    value: object = doc
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    if value is None:
+        raise BundleError(f"the certificate has no field '{path}' (not a complete certify report)")
+    numeric = kind in (float, int) and not isinstance(value, bool)
+    if kind is float and not (numeric and isinstance(value, (int, float)) and math.isfinite(value)):
+        raise BundleError(f"the certificate's field '{path}' must be a finite number, got {value!r}")
+    if kind is not float and not isinstance(value, kind) or (kind is int and not numeric):
+        noun = {str: "a string", int: "an integer", dict: "an object"}[kind]
+        raise BundleError(f"the certificate's field '{path}' must be {noun}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class CertificateReport:
+    """A certification report as ``usn-offline certify`` wrote it, validated for the
+    export: the fields it reads, typed, and the document (its perturbation, data and
+    method sections are copied into the bundle's certificate as written)."""
+
+    document: dict
+    model_sha256: str
+    delta_px: float
+    norm: str
+    reference: str
+    certified_fraction: float
+    num_images: int
+    data_root: str
+    data_split: str
+
+    @classmethod
+    def from_document(cls, doc: object) -> CertificateReport:
+        """Validate a parsed report; BundleError names the first field it cannot use."""
+        if not isinstance(doc, dict) or doc.get("kind") != "usn-certification-report":
+            raise BundleError("the --certificate file is not a usn-offline certification report")
+        values = {path: _field(doc, path, kind) for path, kind in _REPORT_FIELDS}
+        return cls(document=doc, model_sha256=values["model.sha256"], delta_px=float(values["property.delta_px"]),
+                   norm=values["property.norm"], reference=values["property.reference"],
+                   certified_fraction=float(values["summary.certified_fraction"]),
+                   num_images=values["summary.num_images"], data_root=values["data.root"],
+                   data_split=values["data.split"])
+
+    @property
+    def perturbation(self) -> dict:
+        return self.document["perturbation"]
+
+
+def load_report(path: Path | str) -> CertificateReport:
+    """Read and validate a certification report (BundleError, one line, when it is
+    missing, not JSON, of another schema or incomplete)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"certificate not found: {path}")
+    doc = read_json_object(path, BundleError)
+    if doc.get("schema_version") != REPORT_SCHEMA_VERSION:
+        raise BundleError(f"{path}: not a schema_version {REPORT_SCHEMA_VERSION} certification report")
+    return CertificateReport.from_document(doc)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 
 from usn_offline import __version__
 from usn_offline.certify.region import box_text, certified_region
+from usn_offline.certify.report import CertificateReport
 from usn_offline.data.dataset import KeypointDataset
 from usn_offline.errors import BundleError
 from usn_offline.export.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx
@@ -72,21 +72,20 @@ def deployment_gap_px(model: KeypointNet, backend_infer, dataset: KeypointDatase
 
 
 def write_bundle(out: Path | str, model: KeypointNet, info: CheckpointInfo, checkpoint: Path | str,
-                 report: dict, gap_data: KeypointDataset, nominal_data: KeypointDataset,
+                 report: CertificateReport, gap_data: KeypointDataset, nominal_data: KeypointDataset,
                  config: ExportConfig = ExportConfig()) -> Bundle:
     """Export everything into ``out`` and return the bundle as the loader sees it.
 
     ``out`` must be new, empty or an earlier bundle of ours (replaced as a whole); anything
     else is refused before any work, and nothing but a bundle is ever deleted."""
     out = check_bundle_target(out)
-    check_report(report)
     if config.sign_key is not None:
         load_private_key(config.sign_key)  # a bad key fails before any work
     ck_sha = sha256_file(checkpoint)
-    if report["model"]["sha256"] != ck_sha:
+    if report.model_sha256 != ck_sha:
         raise BundleError(f"the certificate was computed for another checkpoint (sha256 "
-                          f"{report['model']['sha256'][:12]}... != {Path(checkpoint).name} {ck_sha[:12]}...)")
-    region = certified_region(report)
+                          f"{report.model_sha256[:12]}... != {Path(checkpoint).name} {ck_sha[:12]}...)")
+    region = certified_region(report.document)
     if "reason" in region:
         log.warning("%s", region["reason"])
     tmp = out.with_name(out.name + ".partial")
@@ -101,33 +100,6 @@ def write_bundle(out: Path | str, model: KeypointNet, info: CheckpointInfo, chec
         shutil.rmtree(out)  # an earlier bundle of ours (check_bundle_target)
     tmp.rename(out)
     return Bundle.load(out)
-
-
-# (path, type) of the report fields the export reads; numbers are finite.
-_REPORT_FIELDS = (("model", dict), ("model.sha256", str), ("property", dict), ("property.delta_px", float),
-                  ("property.norm", str), ("property.reference", str), ("perturbation", dict),
-                  ("perturbation.a_lo", float), ("perturbation.a_hi", float), ("perturbation.b_lo", float),
-                  ("perturbation.b_hi", float), ("summary", dict), ("summary.certified_fraction", float),
-                  ("summary.num_images", int), ("data", dict), ("method", dict))
-
-
-def check_report(report: dict) -> None:
-    """Refuse (BundleError, naming the field) a certification report the export cannot
-    use: not one of ours, or a field missing or of the wrong type."""
-    if not isinstance(report, dict) or report.get("kind") != "usn-certification-report":
-        raise BundleError("the --certificate file is not a usn-offline certification report")
-    for path, kind in _REPORT_FIELDS:
-        value: object = report
-        for key in path.split("."):
-            value = value.get(key) if isinstance(value, dict) else None
-        if value is None:
-            raise BundleError(f"the certificate has no field '{path}' (not a complete certify report)")
-        numeric = kind in (float, int) and not isinstance(value, bool)
-        if kind is float and not (numeric and isinstance(value, (int, float)) and math.isfinite(value)):
-            raise BundleError(f"the certificate's field '{path}' must be a finite number, got {value!r}")
-        if kind is not float and not isinstance(value, kind) or (kind is int and not numeric):
-            noun = {str: "a string", int: "an integer", dict: "an object"}[kind]
-            raise BundleError(f"the certificate's field '{path}' must be {noun}, got {value!r}")
 
 
 BUNDLE_FILES = frozenset({MANIFEST, CERTIFICATE, ONNX_MODEL, ENGINE, SIGNATURE})
@@ -163,7 +135,7 @@ def _manifest_kind(path: Path) -> str | None:
     return doc.get("kind") if isinstance(doc, dict) else None
 
 
-def _write_into(tmp: Path, out: Path, model: KeypointNet, info: CheckpointInfo, ck_sha: str, report: dict,
+def _write_into(tmp: Path, out: Path, model: KeypointNet, info: CheckpointInfo, ck_sha: str, report: CertificateReport,
                 region: dict, gap_data: KeypointDataset, nominal_data: KeypointDataset, config: ExportConfig
                 ) -> None:
 
@@ -187,25 +159,25 @@ def _write_into(tmp: Path, out: Path, model: KeypointNet, info: CheckpointInfo, 
                               f"tolerance {config.gap_tolerance_px} px: export refused")
     gap = max(gaps.values())
 
-    prop, pert = report["property"], report["perturbation"]
+    summary = report.document["summary"]
     certificate = {
         "schema_version": CERTIFICATE_SCHEMA_VERSION,
         "kind": "usn-bundle-certificate",
         "model_sha256": onnx_sha,
         "checkpoint_sha256": ck_sha,
-        "perturbation": pert,
+        "perturbation": report.perturbation,
         "region": region,
-        "delta_px": prop["delta_px"],
-        "norm": prop["norm"],
-        "reference": prop["reference"],
+        "delta_px": report.delta_px,
+        "norm": report.norm,
+        "reference": report.reference,
         "deployment_gap_px": gap,
         "deployment_gap_by_backend_px": gaps,
-        "effective_delta_px": prop["delta_px"] + gap,
-        "certified_fraction": report["summary"]["certified_fraction"],
-        "certified_fraction_at_eps": report["summary"].get("certified_fraction_at_eps", {}),
-        "num_certified_images": report["summary"]["num_images"],
-        "data": report["data"],
-        "method": report["method"],
+        "effective_delta_px": report.delta_px + gap,
+        "certified_fraction": report.certified_fraction,
+        "certified_fraction_at_eps": summary.get("certified_fraction_at_eps", {}),
+        "num_certified_images": report.num_images,
+        "data": report.document["data"],
+        "method": report.document["method"],
         "nominal_statistics": dataclasses.asdict(nominal_from_images(nominal_data.images)),
         "engine": None if engine is None else engine_record(engine, onnx_sha),
     }
