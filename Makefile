@@ -15,6 +15,7 @@ BAG_FRAMES ?= 12
 # the quick story certifies the small box: the goal box takes ~45 s per image
 CERT_CONTRAST ?= 0.97 1.03
 CERT_BRIGHTNESS ?= -0.03 0.03
+CERT_EPS ?= 0.01 0.02
 else
 DEMO_DIR ?= runs/demo
 DATA_ARGS ?=
