@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from usn_offline.data.dataset import KeypointDataset
 from usn_offline.errors import check_finite_loss
-from usn_offline.train.bound_loss import BoundLossConfig, bound_loss
+from usn_offline.train.bound_loss import BoundLossConfig
 from usn_offline.train.loop import TrainConfig, augment_batch, normalised_targets
 
 
@@ -47,10 +47,8 @@ def finetune(model: nn.Module, train_set: KeypointDataset, epochs: int, lr: floa
             loss = loss_fn(model(x), targets[idx].to(device))
             if extra_loss is not None:
                 loss = loss + extra_loss()
-            if bound is not None and bound.weight > 0:
-                sub = x[:bound.images_per_batch]
-                boxes = bound.training_boxes(bound.ramp_epochs, len(sub), gen)  # the full box: no warm-up
-                loss = loss + bound.weight * bound_loss(model, sub, boxes)
+            if bound is not None:  # at its full weight and box (ramp_epochs): no warm-up
+                loss = loss + bound.term(model, x, bound.ramp_epochs, gen)
             value = loss.item()
             check_finite_loss(value, f"{desc} epoch {len(history) + 1}, batch {start // train_config.batch_size + 1}")
             optimizer.zero_grad(set_to_none=True)

@@ -63,6 +63,16 @@ class BoundLossConfig:
         ramp = 1.0 if self.ramp_epochs == 0 else min(1.0, (epoch + 1) / self.ramp_epochs)
         return self.weight * ramp, self.eps * ramp
 
+    def term(self, model: nn.Module, batch: torch.Tensor, epoch: int, generator: torch.Generator
+             ) -> torch.Tensor | float:
+        """The weighted bound loss of ``epoch`` over the batch's first ``images_per_batch``
+        images (0 when off): the one term the training loop and pruning's fine-tune add."""
+        weight = self.schedule(epoch)[0]
+        if weight <= 0:
+            return 0.0
+        sub = batch[:self.images_per_batch]
+        return weight * bound_loss(model, sub, self.training_boxes(epoch, len(sub), generator))
+
     def training_boxes(self, epoch: int, count: int, generator: torch.Generator) -> list[PhotometricBox]:
         """The boxes of ``count`` images in ``epoch``: the (ramped) box, or a random tile of it each."""
         if self.box is None and self.tiles == 1:

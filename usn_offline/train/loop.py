@@ -20,7 +20,7 @@ from usn_offline.errors import CheckpointError, ConfigError, TrainingError, chec
 from usn_offline.models import KeypointNet, ModelConfig, build_model
 from usn_offline.perturb import apply_photometric
 from usn_offline.runtime.preprocess import PreprocessConfig, pixels_to_normalised
-from usn_offline.train.bound_loss import BoundLossConfig, bound_loss
+from usn_offline.train.bound_loss import BoundLossConfig
 from usn_offline.train.checkpoint import CheckpointInfo, save_checkpoint
 from usn_offline.train.device import resolve_device, use_all_cpu_cores
 from usn_offline.train.metrics import evaluate_model
@@ -174,7 +174,6 @@ def train_model(
     val_err = float("nan")
     for epoch in bar:
         model.train()
-        bound_weight = config.bound.schedule(epoch)[0]
         order = torch.randperm(len(train_set), generator=gen)
         total, seen = 0.0, 0
         for start in range(0, len(order), config.batch_size):
@@ -182,9 +181,7 @@ def train_model(
             x = augment_batch(images[idx], config, gen).to(device)
             y = targets[idx].to(device)
             loss = loss_fn(model(x), y)
-            if bound_weight > 0:
-                sub = x[:config.bound.images_per_batch]
-                loss = loss + bound_weight * bound_loss(model, sub, config.bound.training_boxes(epoch, len(sub), gen))
+            loss = loss + config.bound.term(model, x, epoch, gen)
             value = loss.item()
             check_finite_loss(value, f"epoch {epoch + 1}, batch {start // config.batch_size + 1}")
             optimizer.zero_grad(set_to_none=True)
