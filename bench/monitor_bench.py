@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from timing import median_seconds  # noqa: E402  (bench/timing.py, beside this script)
 
-from usn_offline.runtime.bundle import CertifiedBox
+from usn_offline.perturb import PhotometricBox
 from usn_offline.runtime.monitor import PhotometricMonitor, nominal_from_images, saturated_fraction
 from usn_offline.runtime.preprocess import PreprocessConfig, preprocess
 
@@ -17,7 +17,7 @@ from usn_offline.runtime.preprocess import PreprocessConfig, preprocess
 def main() -> None:
     rng = np.random.default_rng(0)
     nominal = nominal_from_images(rng.random((32, 64, 64)))
-    monitor = PhotometricMonitor([CertifiedBox(0.9, 1.1, -0.1, 0.1)], nominal)
+    monitor = PhotometricMonitor([PhotometricBox(0.9, 1.1, -0.1, 0.1)], nominal)
     config = PreprocessConfig(64, 64)
     print(f"{'frame':>18} | {'preprocess':>10} | {'monitor':>10} | monitor / preprocess")
     for shape in ((480, 640, 3), (480, 640)):

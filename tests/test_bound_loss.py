@@ -82,7 +82,7 @@ def test_schedule_and_config_errors():
 
 
 def test_training_tiles_cover_the_ramped_box_and_are_reproducible():
-    config = BoundLossConfig(weight=1.0, eps=0.1, ramp_epochs=2, box=(0.75, 1.33, -0.15, 0.15), tiles=4)
+    config = BoundLossConfig(weight=1.0, eps=0.1, ramp_epochs=2, box=PhotometricBox(0.75, 1.33, -0.15, 0.15), tiles=4)
     gen = torch.Generator().manual_seed(0)
     late = config.training_boxes(5, 64, gen)
     assert all(0.75 - 1e-12 <= b.a_lo < b.a_hi <= 1.33 + 1e-12 and -0.15 - 1e-12 <= b.b_lo < b.b_hi <= 0.15 + 1e-12
@@ -93,7 +93,7 @@ def test_training_tiles_cover_the_ramped_box_and_are_reproducible():
     assert all(b.a_lo >= 0.875 - 1e-12 and b.a_hi <= 1.165 + 1e-12 for b in early)
     assert late == config.training_boxes(5, 64, torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError):
-        BoundLossConfig(box=(1.1, 1.3, -0.1, 0.1))  # must hold (1, 0)
+        BoundLossConfig(box=PhotometricBox(1.1, 1.3, -0.1, 0.1))  # must hold (1, 0)
 
 
 def test_fine_tuning_with_the_bound_loss_narrows_the_bounds(tiny_dataset, tmp_path):

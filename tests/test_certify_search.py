@@ -17,7 +17,8 @@ from usn_offline.certify import (
     lower,
     region_map,
 )
-from usn_offline.certify.search import STRATEGIES, ring
+from usn_offline.certify.boxes import inside, intersect, ring
+from usn_offline.certify.search import STRATEGIES
 from usn_offline.perturb import PhotometricBox
 
 
@@ -117,14 +118,13 @@ def test_certified_and_open_leaves_tile_the_root(device):
     certified_area = []
     for budget in (6, 40):
         out = certify_boxes(graph, image, prop, pixels, [root], BabConfig(max_boxes=budget))[0]
-        certified_area.append(sum((a1 - a0) * (b1 - b0) for a0, a1, b0, b1 in out.certified_leaves))
+        certified_area.append(sum((b.a_hi - b.a_lo) * (b.b_hi - b.b_lo) for b in out.certified_leaves))
         leaves = out.certified_leaves + out.open_leaves
         assert out.status is not Status.FALSIFIED
         assert (out.status is Status.CERTIFIED) == (not out.open_leaves)
-        area = sum((a1 - a0) * (b1 - b0) for a0, a1, b0, b1 in leaves)
+        area = sum((b.a_hi - b.a_lo) * (b.b_hi - b.b_lo) for b in leaves)
         assert abs(area - 0.6 * 0.6) < 1e-12
-        assert all(root.a_lo <= a0 <= a1 <= root.a_hi and root.b_lo <= b0 <= b1 <= root.b_hi
-                   for a0, a1, b0, b1 in leaves)
+        assert all(inside(b, root) for b in leaves)
     assert certified_area[1] > 0 and certified_area[0] <= certified_area[1]  # more budget, more proved
 
 
@@ -175,13 +175,12 @@ def test_distance_to_nominal():
     assert flat.eps_of(1.0, 0.2) == pytest.approx(0.2)
 
 
-def test_clip_keeps_degenerate_targets_and_drops_shared_edges():
-    from usn_offline.certify.search import _clip
-
-    assert _clip(PhotometricBox(1, 1, -0.2, 0.2), PhotometricBox(1, 1, -0.1, 0.1)) == PhotometricBox(1, 1, -0.1, 0.1)
-    assert _clip(PhotometricBox(1.1, 1.2, -0.1, 0.1), PhotometricBox(0.9, 1.1, -0.1, 0.1)) is None
-    assert _clip(PhotometricBox(1.2, 1.3, -0.1, 0.1), PhotometricBox(0.9, 1.1, -0.1, 0.1)) is None
-    assert _clip(PhotometricBox(1.0, 1.3, 0.0, 0.3), PhotometricBox(0.9, 1.1, -0.1, 0.1)) == \
+def test_intersect_keeps_degenerate_targets_and_drops_shared_edges():
+    assert intersect(PhotometricBox(1, 1, -0.2, 0.2), PhotometricBox(1, 1, -0.1, 0.1)) == \
+        PhotometricBox(1, 1, -0.1, 0.1)
+    assert intersect(PhotometricBox(1.1, 1.2, -0.1, 0.1), PhotometricBox(0.9, 1.1, -0.1, 0.1)) is None
+    assert intersect(PhotometricBox(1.2, 1.3, -0.1, 0.1), PhotometricBox(0.9, 1.1, -0.1, 0.1)) is None
+    assert intersect(PhotometricBox(1.0, 1.3, 0.0, 0.3), PhotometricBox(0.9, 1.1, -0.1, 0.1)) == \
         PhotometricBox(1.0, 1.1, 0.0, 0.1)
 
 

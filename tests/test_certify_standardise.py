@@ -307,7 +307,8 @@ def test_trained_standardising_network_with_the_tiled_bound_loss(tiny_dataset, t
     plain = tmp_path / "m.pt"
     train_model(train, val, config, TrainConfig(epochs=2, batch_size=16, device="cpu"), plain, progress=False)
     tuned = tmp_path / "b.pt"
-    bound = BoundLossConfig(weight=0.1, box=(0.75, 1.33, -0.15, 0.15), tiles=4, ramp_epochs=0, images_per_batch=8)
+    bound = BoundLossConfig(weight=0.1, box=PhotometricBox(0.75, 1.33, -0.15, 0.15), tiles=4, ramp_epochs=0,
+                            images_per_batch=8)
     train_model(train, val, config, TrainConfig(epochs=1, batch_size=16, lr=3e-4, device="cpu", bound=bound), tuned,
                 progress=False, init=plain)
     h, w = test.image_hw

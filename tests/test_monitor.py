@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from usn_offline.data import load_split
-from usn_offline.perturb import apply_photometric
-from usn_offline.runtime.bundle import CertifiedBox
+from usn_offline.perturb import PhotometricBox, apply_photometric
 from usn_offline.runtime.monitor import PhotometricMonitor, Reason, nominal_from_images, saturated_fraction
 
 
@@ -15,7 +14,7 @@ def images(tiny_dataset):
 
 
 def test_estimates_recover_a_known_change_within_their_uncertainty(images):
-    monitor = PhotometricMonitor([CertifiedBox(0.5, 1.5, -0.5, 0.5)], nominal_from_images(images))
+    monitor = PhotometricMonitor([PhotometricBox(0.5, 1.5, -0.5, 0.5)], nominal_from_images(images))
     rng = np.random.default_rng(0)
     covered = 0
     for img in images[:60]:
@@ -29,7 +28,7 @@ def test_scene_calibration_makes_the_estimate_precise(images):
     scene = images[5]
     frames = np.stack([np.clip(scene + np.random.default_rng(i).normal(0, 0.005, scene.shape), 0, 1)
                        for i in range(20)])
-    monitor = PhotometricMonitor([CertifiedBox(0.9, 1.1, -0.05, 0.05)], nominal_from_images(frames))
+    monitor = PhotometricMonitor([PhotometricBox(0.9, 1.1, -0.05, 0.05)], nominal_from_images(frames))
     a, b, sa, sb = monitor.estimate(apply_photometric(scene, 1.05, 0.02, clip=False))
     assert a == pytest.approx(1.05, abs=0.02) and b == pytest.approx(0.02, abs=0.02)
     assert sa < 0.01 and sb < 0.01
@@ -40,14 +39,14 @@ def test_scene_calibration_makes_the_estimate_precise(images):
 
 def test_decision_is_conservative(images):
     """With wide (dataset-level) uncertainty, nothing is certified inside a small region."""
-    monitor = PhotometricMonitor([CertifiedBox(0.98, 1.02, -0.02, 0.02)], nominal_from_images(images))
+    monitor = PhotometricMonitor([PhotometricBox(0.98, 1.02, -0.02, 0.02)], nominal_from_images(images))
     results = [monitor.assess(img) for img in images[:30]]
     assert not any(r.certified for r in results)
     assert all(Reason.OUT_OF_REGION in r.reasons for r in results)
 
 
 def test_flat_and_saturated_frames():
-    monitor = PhotometricMonitor([CertifiedBox(0.5, 1.5, -0.5, 0.5)],
+    monitor = PhotometricMonitor([PhotometricBox(0.5, 1.5, -0.5, 0.5)],
                                  nominal_from_images(np.random.default_rng(0).random((10, 8, 8))))
     flat = monitor.assess(np.full((8, 8), 0.5))
     assert Reason.UNCERTAIN_ESTIMATE in flat.reasons

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from usn_offline.errors import ConfigError
-from usn_offline.runtime.bundle import Bundle, CertifiedBox
+from usn_offline.perturb import PhotometricBox
+from usn_offline.runtime.bundle import Bundle
 from usn_offline.runtime.monitor import saturated_fraction
 from usn_offline.runtime.preprocess import PreprocessConfig, full_scale, preprocess
 from usn_offline.runtime.scene_check import SceneContrastCheck, make_scene_check
 
-RANGE = CertifiedBox(0.9, 1.1, -0.1, 0.1)
+RANGE = PhotometricBox(0.9, 1.1, -0.1, 0.1)
 CONFIG = PreprocessConfig(64, 64)
 
 
@@ -78,7 +79,7 @@ def test_the_bound_is_tight_enough_to_catch_a_tunnel_and_glare():
     rng = np.random.default_rng(3)
     view = 0.5 + 0.4 * (_scene(rng, (480, 640)) - 0.5)  # little clipping even at contrast 2
     s0 = _nominal_std(view, np.uint8)
-    check = SceneContrastCheck(CertifiedBox(0.97, 1.03, -0.03, 0.03), 0.8 * s0, 1.25 * s0, CONFIG)
+    check = SceneContrastCheck(PhotometricBox(0.97, 1.03, -0.03, 0.03), 0.8 * s0, 1.25 * s0, CONFIG)
     for a, b, verdict in ((1.0, 0.0, None), (0.35, -0.03, "too low"), (0.6, 0.1, "too low"),
                           (1.6, -0.3, "too high"), (2.0, -0.5, "too high"), (0.0, 0.0, "too low")):
         frame = _relight(view, a, b, np.uint8)
@@ -135,7 +136,7 @@ def _rewrite(root, certificate) -> None:
 def test_lighting_range_parameter(exported_bundle):
     bundle = Bundle.load(exported_bundle)
     assert bundle.lighting_range((0.0,) * 4) == bundle.region[0]
-    assert bundle.lighting_range((0.5, 2.0, -0.1, 0.1)) == CertifiedBox(0.5, 2.0, -0.1, 0.1)
+    assert bundle.lighting_range((0.5, 2.0, -0.1, 0.1)) == PhotometricBox(0.5, 2.0, -0.1, 0.1)
     for bad in ((0.5, 2.0), (0.0, 2.0, -0.1, 0.1), (1.2, 1.1, 0.0, 0.0), (0.9, float("inf"), 0.0, 0.0)):
         with pytest.raises(Exception, match="lighting range"):
             bundle.lighting_range(bad)

@@ -71,6 +71,7 @@ def _cmd_data(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from usn_offline.data import load_split
     from usn_offline.models import build_model, count_parameters, model_config_for
+    from usn_offline.perturb import PhotometricBox
     from usn_offline.runtime.preprocess import PreprocessConfig
     from usn_offline.train import TrainConfig, train_model
     from usn_offline.train.bound_loss import BoundLossConfig
@@ -90,7 +91,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
                          device=args.device,
                          bound=BoundLossConfig(weight=args.bound_weight, eps=args.bound_eps,
                                                ramp_epochs=args.bound_ramp_epochs,
-                                               box=tuple(args.bound_box) if args.bound_box else None,
+                                               box=PhotometricBox(*args.bound_box) if args.bound_box else None,
                                                tiles=args.bound_tiles))
     print(f"model {args.model}: {count_parameters(build_model(model_config)):,} parameters; "
           f"{len(train_set)} train / {len(val_set)} val images")
@@ -152,7 +153,7 @@ def _prune_config(args: argparse.Namespace, method: str, ratio: float):
                        min_keep=args.min_keep, gates=GateConfig(weight=args.wd_weight, epochs=args.wd_epochs),
                        seed=args.seed,
                        bound=BoundLossConfig(weight=args.bound_weight, eps=args.bound_eps, ramp_epochs=0,
-                                             box=tuple(args.bound_box) if args.bound_box else None,
+                                             box=PhotometricBox(*args.bound_box) if args.bound_box else None,
                                              tiles=args.bound_tiles))
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from usn_offline.certify.bounds import BoundOptions, Method, PixelMap, output_bounds
-from usn_offline.certify.boxes import Boxes
+from usn_offline.certify.boxes import Boxes, halves
 from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.falsify import deviations_at, pgd_attack
 from usn_offline.certify.graph import Graph
@@ -79,34 +79,61 @@ class BoxOutcome:
     # How the root was partitioned: sub-boxes proven, and sub-boxes left unresolved (budget,
     # depth, or the root was decided elsewhere). Together they cover the root, so a later
     # call on a part of the root only needs the unresolved ones (the radius search does this).
-    certified_leaves: list[tuple[float, float, float, float]] = field(default_factory=list)
-    open_leaves: list[tuple[float, float, float, float]] = field(default_factory=list)
+    certified_leaves: list[PhotometricBox] = field(default_factory=list)
+    open_leaves: list[PhotometricBox] = field(default_factory=list)
+
+
+@dataclass
+class _Root:
+    """Branch-and-bound state of one root box: its decision so far, the union of its leaves'
+    bounds, and the leaves themselves (proven or left open), which together tile the box."""
+
+    index: int
+    box: PhotometricBox
+    lower: torch.Tensor
+    upper: torch.Tensor
+    status: Status | None = None
+    counterexample: tuple[float, float] | None = None
+    counterexample_deviation: float | None = None
+    bounded: int = 0
+    depth: int = 0
+    certified_leaves: list[PhotometricBox] = field(default_factory=list)
+    open_leaves: list[PhotometricBox] = field(default_factory=list)
+
+    def counted(self, depth: int) -> None:
+        """One more box of this root bounded, ``depth`` splits below it."""
+        self.bounded += 1
+        self.depth = max(self.depth, depth)
+
+    def leaf(self, box: PhotometricBox, lo: torch.Tensor, hi: torch.Tensor, proven: bool) -> None:
+        """A leaf of the split tree, whose bounds ``lo``/``hi`` join the root's."""
+        self.lower = torch.minimum(self.lower, lo)
+        self.upper = torch.maximum(self.upper, hi)
+        (self.certified_leaves if proven else self.open_leaves).append(box)
+
+    def children(self, entry: _Entry, lo: torch.Tensor | None, hi: torch.Tensor | None) -> list[_Entry]:
+        """The two halves of ``entry``'s box, across the side widest relative to the root's
+        extent (both axes matter equally to the user); they inherit ``lo``/``hi``."""
+        scale_a, scale_b = self.box.a_hi - self.box.a_lo, self.box.b_hi - self.box.b_lo
+        return [_Entry(self, half, entry.depth + 1, lo, hi) for half in halves(entry.box, scale_a, scale_b)]
+
+    def outcome(self, seconds: float) -> BoxOutcome:
+        return BoxOutcome(
+            status=self.status or Status.CERTIFIED, lower=self.lower.cpu().numpy(), upper=self.upper.cpu().numpy(),
+            counterexample=self.counterexample, counterexample_deviation=self.counterexample_deviation,
+            boxes_bounded=self.bounded, depth=self.depth, seconds=seconds,
+            certified_leaves=self.certified_leaves, open_leaves=self.open_leaves)
 
 
 @dataclass
 class _Entry:
-    root: int
-    box: tuple[float, float, float, float]
+    """A box waiting to be bounded, with the (float64) bounds inherited from its parent."""
+
+    root: _Root
+    box: PhotometricBox
     depth: int
     lo: torch.Tensor | None
     hi: torch.Tensor | None
-
-
-def _split(box: tuple[float, float, float, float], root: PhotometricBox):
-    # Widest side relative to the root's extent (both axes matter equally to the user).
-    return halves(box, root.a_hi - root.a_lo, root.b_hi - root.b_lo)
-
-
-def halves(box: tuple[float, float, float, float], scale_a: float, scale_b: float):
-    """The two halves of ``box`` across its side that is widest in units of the scales."""
-    a_lo, a_hi, b_lo, b_hi = box
-    wa = (a_hi - a_lo) / max(scale_a, 1e-12)
-    wb = (b_hi - b_lo) / max(scale_b, 1e-12)
-    if wa >= wb:
-        m = (a_lo + a_hi) / 2
-        return [(a_lo, m, b_lo, b_hi), (m, a_hi, b_lo, b_hi)]
-    m = (b_lo + b_hi) / 2
-    return [(a_lo, a_hi, b_lo, m), (a_lo, a_hi, m, b_hi)]
 
 
 def _excess(prop: KeypointProperty, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -115,24 +142,22 @@ def _excess(prop: KeypointProperty, lo: torch.Tensor, hi: torch.Tensor) -> torch
     return torch.maximum(r - prop.delta - lo, hi - r - prop.delta).max(dim=1).values
 
 
-def _screen(batch: list[_Entry], screen, config: BabConfig, roots: list[PhotometricBox], queue: deque,
-            bounded: list[int], depth: list[int]) -> list[_Entry]:
-    """Split the entries whose float32 bounds clearly fail; return the others. Children keep
-    the (float64) bounds their parent inherited, which still cover them."""
+def _screen(batch: list[_Entry], screen, config: BabConfig) -> tuple[list[_Entry], list[_Entry]]:
+    """Float32 screening: (the entries to bound in float64, the children of those whose
+    float32 bounds clearly fail). Children keep the float64 bounds their parent inherited,
+    which still cover them."""
     g32, image32, pixels32, prop32 = screen
-    boxes = Boxes.from_boxes([PhotometricBox(*e.box) for e in batch], torch.float32, g32.device)
+    boxes = Boxes.from_boxes([e.box for e in batch], torch.float32, g32.device)
     lo, hi = output_bounds(g32, image32, boxes, pixels32, config.method, config.bounds, done=prop32.verified)
     hopeless = _excess(prop32, lo, hi) > config.screen_float32_px
-    keep = []
+    keep, split = [], []
     for e, skip in zip(batch, hopeless.tolist(), strict=True):
         if skip and e.depth < config.max_depth:
-            bounded[e.root] += 1
-            depth[e.root] = max(depth[e.root], e.depth)
-            for child in _split(e.box, roots[e.root]):
-                queue.append(_Entry(e.root, child, e.depth + 1, e.lo, e.hi))
+            e.root.counted(e.depth)
+            split += e.root.children(e, e.lo, e.hi)
         else:
             keep.append(e)
-    return keep
+    return keep, split
 
 
 def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
@@ -142,16 +167,8 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
     dtype, device = graph.dtype, graph.device
     batch_size = config.batch_for(device)
     k2 = prop.reference.shape[0]
-    n_roots = len(roots)
-    status: list[Status | None] = [None] * n_roots
-    cex: list[tuple[float, float] | None] = [None] * n_roots
-    cex_dev: list[float | None] = [None] * n_roots
-    leaf_lo = [torch.full((k2,), float("inf"), dtype=dtype, device=device) for _ in roots]
-    leaf_hi = [torch.full((k2,), -float("inf"), dtype=dtype, device=device) for _ in roots]
-    bounded = [0] * n_roots
-    depth = [0] * n_roots
-    proven: list[list[tuple[float, float, float, float]]] = [[] for _ in roots]
-    unresolved: list[list[tuple[float, float, float, float]]] = [[] for _ in roots]
+    states = [_Root(r, box, torch.full((k2,), float("inf"), dtype=dtype, device=device),
+                    torch.full((k2,), -float("inf"), dtype=dtype, device=device)) for r, box in enumerate(roots)]
 
     fast = None  # float32 copies for work whose result is re-checked in float64 (CPU only)
     if dtype == torch.float64 and device.type == "cpu":
@@ -164,9 +181,8 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
     # float32; a counterexample counts only if it violates in float64.
     root_boxes = Boxes.from_boxes(roots, dtype, device)
 
-    def attack(indices: list[int]) -> None:
-        idx = torch.tensor(indices, device=device)
-        sub = root_boxes.select(idx)
+    def attack(targets: list[_Root]) -> None:
+        sub = root_boxes.select(torch.tensor([t.index for t in targets], device=device))
         if fast is not None:
             g32, image32, pixels32, prop32 = fast
             sub32 = Boxes(sub.a_lo.float(), sub.a_hi.float(), sub.b_lo.float(), sub.b_hi.float())
@@ -176,92 +192,78 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
             dev = deviations_at(graph, image, prop, pixels, a, b)
         else:
             a, b, dev = pgd_attack(graph, image, prop, pixels, sub, config.attack_restarts, config.attack_steps)
-        for k, r in enumerate(indices):
+        for k, target in enumerate(targets):
             if prop.violates(dev[k]):
-                status[r], cex[r], cex_dev[r] = Status.FALSIFIED, (float(a[k]), float(b[k])), float(dev[k])
-
-    def merge(r: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        leaf_lo[r] = torch.minimum(leaf_lo[r], lo)
-        leaf_hi[r] = torch.maximum(leaf_hi[r], hi)
+                target.status = Status.FALSIFIED
+                target.counterexample, target.counterexample_deviation = (float(a[k]), float(b[k])), float(dev[k])
 
     # The screen's float32 forward bounds would split boxes that CROWN intermediate bounds
     # prove: it only serves the forward setting.
     screen = fast if (config.screen_float32_px is not None and config.bounds.intermediate == "forward"
                       and config.bounds.backend == "ours") else None
 
-    queue = deque(_Entry(r, (bx.a_lo, bx.a_hi, bx.b_lo, bx.b_hi), 0, None, None) for r, bx in enumerate(roots))
+    queue = deque(_Entry(state, state.box, 0, None, None) for state in states)
     total = 0
-    first_pass = n_roots  # every root gets bounded at least once, whatever the budget
+    first_pass = len(states)  # every root gets bounded at least once, whatever the budget
     while queue:
         if total >= config.max_boxes and first_pass <= 0:
             break
         batch: list[_Entry] = []
         while queue and len(batch) < batch_size:
             e = queue.popleft()
-            if status[e.root] is not None and e.lo is not None:
-                merge(e.root, e.lo, e.hi)  # root already decided: keep its inherited bounds
-                unresolved[e.root].append(e.box)
+            if e.root.status is not None and e.lo is not None:
+                e.root.leaf(e.box, e.lo, e.hi, proven=False)  # root already decided: keep its inherited bounds
                 continue
             batch.append(e)
         if not batch:
             continue
         first_pass -= len(batch)
         if screen is not None and all(e.lo is not None for e in batch):
-            kept = _screen(batch, screen, config, roots, queue, bounded, depth)
+            kept, split = _screen(batch, screen, config)
+            queue.extend(split)
             total += len(batch) - len(kept)
             batch = kept
             if not batch:
                 continue
-        boxes = Boxes.from_boxes([PhotometricBox(*e.box) for e in batch], dtype, device)
+        boxes = Boxes.from_boxes([e.box for e in batch], dtype, device)
         lo, hi = output_bounds(graph, image, boxes, pixels, config.method, config.bounds, done=prop.verified)
         total += len(batch)
         for i, e in enumerate(batch):
             if e.lo is not None:  # a child lies inside its parent: both bounds hold
                 lo[i], hi[i] = torch.maximum(lo[i], e.lo), torch.minimum(hi[i], e.hi)
         ok = prop.verified(lo, hi)
-        unproven_roots = [e.root for i, e in enumerate(batch) if e.depth == 0 and not ok[i] and status[e.root] is None]
+        unproven_roots = [e.root for i, e in enumerate(batch) if e.depth == 0 and not ok[i] and e.root.status is None]
         if unproven_roots:
             attack(unproven_roots)
-        open_idx = [i for i, e in enumerate(batch) if not ok[i] and status[e.root] is None]
+        open_idx = [i for i, e in enumerate(batch) if not ok[i] and e.root.status is None]
         ma, mb = boxes.centres()
         dev = None
         if open_idx:
             idx = torch.tensor(open_idx, device=device)
             dev = deviations_at(graph, image, prop, pixels, ma[idx], mb[idx])
         for i, e in enumerate(batch):
-            bounded[e.root] += 1
-            depth[e.root] = max(depth[e.root], e.depth)
-            if ok[i] or status[e.root] is not None:
-                merge(e.root, lo[i], hi[i])
-                (proven if ok[i] else unresolved)[e.root].append(e.box)
+            root = e.root
+            root.counted(e.depth)
+            if ok[i] or root.status is not None:
+                root.leaf(e.box, lo[i], hi[i], proven=bool(ok[i]))
                 continue
             d = dev[open_idx.index(i)]
             if prop.violates(d):
-                status[e.root] = Status.FALSIFIED
-                cex[e.root], cex_dev[e.root] = (float(ma[i]), float(mb[i])), float(d)
-                merge(e.root, lo[i], hi[i])
-                unresolved[e.root].append(e.box)
+                root.status = Status.FALSIFIED
+                root.counterexample, root.counterexample_deviation = (float(ma[i]), float(mb[i])), float(d)
+                root.leaf(e.box, lo[i], hi[i], proven=False)
             elif e.depth >= config.max_depth:
-                status[e.root] = Status.NOT_CERTIFIED
-                merge(e.root, lo[i], hi[i])
-                unresolved[e.root].append(e.box)
+                root.status = Status.NOT_CERTIFIED
+                root.leaf(e.box, lo[i], hi[i], proven=False)
             else:
-                for child in _split(e.box, roots[e.root]):
-                    queue.append(_Entry(e.root, child, e.depth + 1, lo[i].clone(), hi[i].clone()))
+                queue.extend(root.children(e, lo[i].clone(), hi[i].clone()))
     # Boxes left in the queue: their inherited bounds still cover their part of the root.
     for e in queue:
         if e.lo is not None:
-            merge(e.root, e.lo, e.hi)
-        unresolved[e.root].append(e.box)
-        if status[e.root] is None:
-            status[e.root] = Status.NOT_CERTIFIED
+            e.root.leaf(e.box, e.lo, e.hi, proven=False)
+        else:
+            e.root.open_leaves.append(e.box)
+        if e.root.status is None:
+            e.root.status = Status.NOT_CERTIFIED
     seconds = time.perf_counter() - started
-    outcomes = []
-    for r in range(n_roots):
-        outcomes.append(BoxOutcome(
-            status=status[r] or Status.CERTIFIED,
-            lower=leaf_lo[r].cpu().numpy(), upper=leaf_hi[r].cpu().numpy(),
-            counterexample=cex[r], counterexample_deviation=cex_dev[r],
-            boxes_bounded=bounded[r], depth=depth[r], seconds=seconds / n_roots,
-            certified_leaves=proven[r], open_leaves=unresolved[r]))
-    return outcomes
+    return [state.outcome(seconds / len(states)) for state in states]

@@ -1,4 +1,5 @@
-"""Batches of (a, b) boxes and linear functions of (a, b) over them.
+"""Batches of (a, b) boxes, linear functions of (a, b) over them, and the geometry of
+single boxes that branch and bound and the radius search split and tile with.
 
 A linear function of the two perturbation parameters is stored as a tensor of shape
 (B, 3, *shape): slot 0 is the coefficient of a, slot 1 of b, slot 2 the constant; B
@@ -85,3 +86,46 @@ def linear_min(fn: torch.Tensor, boxes: Boxes) -> torch.Tensor:
 def linear_max(fn: torch.Tensor, boxes: Boxes) -> torch.Tensor:
     """Maximum over each box of a linear function (B, 3 + E, *shape) -> (B, *shape)."""
     return _extremes(fn, boxes, torch.maximum)
+
+
+def halves(box: PhotometricBox, scale_a: float, scale_b: float) -> tuple[PhotometricBox, PhotometricBox]:
+    """The two halves of ``box`` across its side that is widest in units of the scales."""
+    wa = (box.a_hi - box.a_lo) / max(scale_a, 1e-12)
+    wb = (box.b_hi - box.b_lo) / max(scale_b, 1e-12)
+    if wa >= wb:
+        m = (box.a_lo + box.a_hi) / 2
+        return PhotometricBox(box.a_lo, m, box.b_lo, box.b_hi), PhotometricBox(m, box.a_hi, box.b_lo, box.b_hi)
+    m = (box.b_lo + box.b_hi) / 2
+    return PhotometricBox(box.a_lo, box.a_hi, box.b_lo, m), PhotometricBox(box.a_lo, box.a_hi, m, box.b_hi)
+
+
+def intersect(box: PhotometricBox, to: PhotometricBox) -> PhotometricBox | None:
+    """The intersection of two boxes; None when it is empty, or when it is thinner than
+    ``to`` in a side where ``to`` has extent (a segment on a shared edge: the network is
+    continuous and the property closed, so it holds there once it holds on both sides)."""
+    a_lo, a_hi = max(box.a_lo, to.a_lo), min(box.a_hi, to.a_hi)
+    b_lo, b_hi = max(box.b_lo, to.b_lo), min(box.b_hi, to.b_hi)
+    if a_lo > a_hi or b_lo > b_hi:
+        return None
+    if (a_lo == a_hi and to.a_lo < to.a_hi) or (b_lo == b_hi and to.b_lo < to.b_hi):
+        return None
+    return PhotometricBox(a_lo, a_hi, b_lo, b_hi)
+
+
+def inside(box: PhotometricBox, outer: PhotometricBox) -> bool:
+    """Whether ``box`` lies in ``outer`` (edges included)."""
+    return outer.a_lo <= box.a_lo and box.a_hi <= outer.a_hi and outer.b_lo <= box.b_lo and box.b_hi <= outer.b_hi
+
+
+def ring(inner: PhotometricBox, outer: PhotometricBox) -> list[PhotometricBox]:
+    """Boxes covering ``outer`` minus the interior of ``inner`` (inner inside outer)."""
+    parts = []
+    if outer.a_lo < inner.a_lo:
+        parts.append(PhotometricBox(outer.a_lo, inner.a_lo, outer.b_lo, outer.b_hi))
+    if inner.a_hi < outer.a_hi:
+        parts.append(PhotometricBox(inner.a_hi, outer.a_hi, outer.b_lo, outer.b_hi))
+    if outer.b_lo < inner.b_lo:
+        parts.append(PhotometricBox(inner.a_lo, inner.a_hi, outer.b_lo, inner.b_lo))
+    if inner.b_hi < outer.b_hi:
+        parts.append(PhotometricBox(inner.a_lo, inner.a_hi, inner.b_hi, outer.b_hi))
+    return parts

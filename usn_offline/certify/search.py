@@ -11,8 +11,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from usn_offline.certify.bab import BabConfig, Status, certify_boxes, halves
+from usn_offline.certify.bab import BabConfig, Status, certify_boxes
 from usn_offline.certify.bounds import PixelMap
+from usn_offline.certify.boxes import halves, inside, intersect, ring
 from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.graph import Graph
 from usn_offline.certify.spec import KeypointProperty
@@ -168,7 +169,7 @@ def _frontier_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty, 
             if _longest_side(box, radius) <= smallest:
                 blocked = min(blocked, distance)
             else:
-                for child in _halves(box, radius):
+                for child in halves(box, radius.contrast_scale, radius.brightness_scale):
                     heapq.heappush(queue, entry(child))
     # Unproven: the tiles still queued, the blocked ones, and (beyond the falsified eps) the
     # tile holding the counterexample, whose children are queued at most that far out.
@@ -191,12 +192,6 @@ def _sides(box: PhotometricBox, radius: RadiusConfig) -> tuple[float, float]:
 
 def _longest_side(box: PhotometricBox, radius: RadiusConfig) -> float:
     return max(_sides(box, radius))
-
-
-def _halves(box: PhotometricBox, radius: RadiusConfig) -> list[PhotometricBox]:
-    """Split the side that is longer in eps units."""
-    parts = halves((box.a_lo, box.a_hi, box.b_lo, box.b_hi), radius.contrast_scale, radius.brightness_scale)
-    return [PhotometricBox(*part) for part in parts]
 
 
 def _bisection_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
@@ -222,8 +217,8 @@ def _bisection_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty,
         config = bab
         if pending is not None:
             inner = radius.box(proven)
-            roots = [c for c in (_clip(leaf, outer) for leaf in pending)
-                     if c is not None and not _inside(c, inner)]
+            roots = [c for c in (intersect(leaf, outer) for leaf in pending)
+                     if c is not None and not inside(c, inner)]
             # The failed probe's attack already searched these boxes; corners and centres
             # (still evaluated) are enough here.
             config = replace(bab, attack_restarts=0, attack_steps=0)
@@ -234,7 +229,7 @@ def _bisection_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty,
         status = (Status.FALSIFIED if Status.FALSIFIED in statuses else
                   Status.NOT_CERTIFIED if Status.NOT_CERTIFIED in statuses else Status.CERTIFIED)
         if status is Status.NOT_CERTIFIED:
-            pending = [PhotometricBox(*leaf) for o in outs for leaf in o.open_leaves]
+            pending = [leaf for o in outs for leaf in o.open_leaves]
         elif status is Status.FALSIFIED:
             pending = None  # the falsified root's leaves are not tracked; start over
         probes.append((eps, status.value))
@@ -267,37 +262,6 @@ def _bisection_radius(graph: Graph, image: torch.Tensor, prop: KeypointProperty,
             if status is Status.FALSIFIED:
                 falsified = mid
     return RadiusResult(lo, True, falsified, probes, seconds)
-
-
-def _clip(box: PhotometricBox, to: PhotometricBox) -> PhotometricBox | None:
-    """The intersection of two boxes; None when it is empty, or when it is thinner than
-    ``to`` in a side where ``to`` has extent (a segment on a shared edge: the network is
-    continuous and the property closed, so it holds there once it holds on both sides)."""
-    a_lo, a_hi = max(box.a_lo, to.a_lo), min(box.a_hi, to.a_hi)
-    b_lo, b_hi = max(box.b_lo, to.b_lo), min(box.b_hi, to.b_hi)
-    if a_lo > a_hi or b_lo > b_hi:
-        return None
-    if (a_lo == a_hi and to.a_lo < to.a_hi) or (b_lo == b_hi and to.b_lo < to.b_hi):
-        return None
-    return PhotometricBox(a_lo, a_hi, b_lo, b_hi)
-
-
-def _inside(box: PhotometricBox, outer: PhotometricBox) -> bool:
-    return outer.a_lo <= box.a_lo and box.a_hi <= outer.a_hi and outer.b_lo <= box.b_lo and box.b_hi <= outer.b_hi
-
-
-def ring(inner: PhotometricBox, outer: PhotometricBox) -> list[PhotometricBox]:
-    """Boxes covering ``outer`` minus the interior of ``inner`` (inner inside outer)."""
-    parts = []
-    if outer.a_lo < inner.a_lo:
-        parts.append(PhotometricBox(outer.a_lo, inner.a_lo, outer.b_lo, outer.b_hi))
-    if inner.a_hi < outer.a_hi:
-        parts.append(PhotometricBox(inner.a_hi, outer.a_hi, outer.b_lo, outer.b_hi))
-    if outer.b_lo < inner.b_lo:
-        parts.append(PhotometricBox(inner.a_lo, inner.a_hi, outer.b_lo, inner.b_lo))
-    if inner.b_hi < outer.b_hi:
-        parts.append(PhotometricBox(inner.a_lo, inner.a_hi, inner.b_hi, outer.b_hi))
-    return parts
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from usn_offline.errors import BundleError
 from usn_offline.jsonio import read_json_object
+from usn_offline.perturb import PhotometricBox
 from usn_offline.runtime.hashing import sha256_file
 from usn_offline.runtime.preprocess import PreprocessConfig
 
@@ -28,17 +29,6 @@ ENGINE = "model.engine"
 # (the model's own shapes are checked against them when a backend loads it).
 MAX_INPUT_SIDE = 4096
 MAX_KEYPOINTS = 1024
-
-
-@dataclass(frozen=True)
-class CertifiedBox:
-    a_lo: float
-    a_hi: float
-    b_lo: float
-    b_hi: float
-
-    def contains(self, a: float, b: float) -> bool:
-        return self.a_lo <= a <= self.a_hi and self.b_lo <= b <= self.b_hi
 
 
 @dataclass(frozen=True)
@@ -63,7 +53,7 @@ class Bundle:
     certificate: dict
     preprocess: PreprocessConfig
     keypoint_names: tuple[str, ...]
-    region: list[CertifiedBox]
+    region: list[PhotometricBox]
     delta_px: float
     deployment_gap_px: float
     nominal: NominalStatistics
@@ -86,7 +76,7 @@ class Bundle:
     def in_region(self, a: float, b: float) -> bool:
         return any(box.contains(a, b) for box in self.region)
 
-    def lighting_range(self, lighting: tuple[float, ...] = (0.0,) * 4) -> CertifiedBox:
+    def lighting_range(self, lighting: tuple[float, ...] = (0.0,) * 4) -> PhotometricBox:
         """The lighting range per-frame decisions cover: ``lighting`` (contrast min, max,
         brightness min, max), or the certificate's first box when it is all zero."""
         if len(lighting) != 4:
@@ -98,7 +88,7 @@ class Bundle:
         if not (0 < a_lo <= a_hi and b_lo <= b_hi) or not all(map(math.isfinite, lighting)):
             raise BundleError(f"lighting range {list(lighting)}: needs 0 < contrast min <= max and "
                               "brightness min <= max, all finite")
-        return CertifiedBox(a_lo, a_hi, b_lo, b_hi)
+        return PhotometricBox(a_lo, a_hi, b_lo, b_hi)
 
     @classmethod
     def load(cls, root: Path | str) -> Bundle:
@@ -195,7 +185,7 @@ def _number(doc: dict, key: str, name: str, minimum: float | None = None) -> flo
     return float(value)
 
 
-def _region(certificate: dict) -> list[CertifiedBox]:
+def _region(certificate: dict) -> list[PhotometricBox]:
     region = _require(certificate, "region", dict, CERTIFICATE)
     boxes = region.get("boxes")
     if not isinstance(boxes, list) or not boxes:
@@ -207,7 +197,7 @@ def _region(certificate: dict) -> list[CertifiedBox]:
         vals = [_number(box, k, f"{CERTIFICATE} region.boxes[{i}]") for k in ("a_lo", "a_hi", "b_lo", "b_hi")]
         if vals[0] > vals[1] or vals[2] > vals[3] or vals[0] < 0:
             raise BundleError(f"{CERTIFICATE}: region.boxes[{i}] is empty or has negative contrast: {vals}")
-        out.append(CertifiedBox(*vals))
+        out.append(PhotometricBox(*vals))
     return out
 
 

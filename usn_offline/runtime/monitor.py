@@ -31,7 +31,8 @@ from enum import IntEnum
 import cv2
 import numpy as np
 
-from usn_offline.runtime.bundle import CertifiedBox, NominalStatistics
+from usn_offline.perturb import PhotometricBox
+from usn_offline.runtime.bundle import NominalStatistics
 
 
 class Reason(IntEnum):
@@ -82,7 +83,7 @@ class MonitorResult:
 class PhotometricMonitor:
     """Decides per frame whether its estimated (contrast, brightness) lies in the region."""
 
-    region: list[CertifiedBox]
+    region: list[PhotometricBox]
     nominal: NominalStatistics
     z: float = 2.0  # half-width of the uncertainty rectangle, in standard deviations
     max_saturated_fraction: float = 0.05

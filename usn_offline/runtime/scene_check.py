@@ -34,7 +34,8 @@ import cv2
 import numpy as np
 
 from usn_offline.errors import ConfigError
-from usn_offline.runtime.bundle import Bundle, CertifiedBox
+from usn_offline.perturb import PhotometricBox
+from usn_offline.runtime.bundle import Bundle
 from usn_offline.runtime.preprocess import PreprocessConfig, full_scale, resize_image
 
 # float32 arithmetic of the preprocessing (a few ulps of values in [0, 1]), with room.
@@ -46,7 +47,7 @@ class SceneContrastCheck:
     """Flags frames whose contrast the lighting range cannot give a scene whose own
     network-input standard deviation lies in [min_std, max_std]."""
 
-    lighting: CertifiedBox
+    lighting: PhotometricBox
     min_std: float
     max_std: float
     preprocess: PreprocessConfig
@@ -117,7 +118,7 @@ def _clipped_masks(pixels: np.ndarray, scale: float) -> tuple[np.ndarray, np.nda
     return functools.reduce(np.fmin, channels) <= 0, functools.reduce(np.fmax, channels) >= scale
 
 
-def make_scene_check(bundle: Bundle, enabled: bool, lighting: CertifiedBox,
+def make_scene_check(bundle: Bundle, enabled: bool, lighting: PhotometricBox,
                      std_range: tuple[float, ...] = (0.0, 0.0)) -> SceneContrastCheck | None:
     """The check the node and the replay use: the scene std range ``std_range`` (min,
     max), or, when it is all zero, the training images' 1st-99th percentile from the

@@ -33,7 +33,7 @@ class BoundLossConfig:
     """``weight`` 0 turns it off; ``eps`` is the box half-width reached after
     ``ramp_epochs``; ``images_per_batch`` images of each batch carry it (its cost).
 
-    ``box`` (a_lo, a_hi, b_lo, b_hi), when given, replaces the symmetric eps box (the ramp
+    ``box``, when given, replaces the symmetric eps box (the ramp
     grows it from (1, 0)); ``tiles`` n > 1 gives each image a random tile of the box's
     n x n grid instead of the whole box: branch and bound certifies a wide box through
     small sub-boxes, so that is what the network is made flat on (a standardising network,
@@ -43,7 +43,7 @@ class BoundLossConfig:
     eps: float = 0.05
     ramp_epochs: int = 5
     images_per_batch: int = 16
-    box: tuple[float, float, float, float] | None = None
+    box: PhotometricBox | None = None
     tiles: int = 1
 
     def __post_init__(self) -> None:
@@ -54,7 +54,7 @@ class BoundLossConfig:
         if self.ramp_epochs < 0 or self.images_per_batch < 1 or self.tiles < 1:
             raise ConfigError("bound loss: ramp_epochs >= 0, images_per_batch >= 1 and tiles >= 1 required")
         if self.box is not None:
-            a_lo, a_hi, b_lo, b_hi = self.box
+            a_lo, a_hi, b_lo, b_hi = self.box.a_lo, self.box.a_hi, self.box.b_lo, self.box.b_hi
             if not (0 < a_lo <= 1 <= a_hi < float("inf") and -1 < b_lo <= 0 <= b_hi < 1):
                 raise ConfigError(f"bound loss box must hold (1, 0) with 0 < a and |b| < 1, got {self.box}")
 
@@ -79,9 +79,8 @@ class BoundLossConfig:
             eps = self.schedule(epoch)[1]
             return [PhotometricBox.symmetric(eps, eps)] * count
         ramp = self.schedule(epoch)[1] / self.eps
-        a_lo, a_hi, b_lo, b_hi = self.box if self.box is not None else (1 - self.eps, 1 + self.eps,
-                                                                           -self.eps, self.eps)
-        a_lo, a_hi, b_lo, b_hi = 1 + ramp * (a_lo - 1), 1 + ramp * (a_hi - 1), ramp * b_lo, ramp * b_hi
+        box = self.box or PhotometricBox.symmetric(self.eps, self.eps)
+        a_lo, a_hi, b_lo, b_hi = 1 + ramp * (box.a_lo - 1), 1 + ramp * (box.a_hi - 1), ramp * box.b_lo, ramp * box.b_hi
         if self.tiles == 1:
             return [PhotometricBox(a_lo, a_hi, b_lo, b_hi)] * count
         picks = torch.randint(0, self.tiles, (count, 2), generator=generator).tolist()

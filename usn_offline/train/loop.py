@@ -95,6 +95,37 @@ def normalised_targets(dataset: KeypointDataset) -> torch.Tensor:
     return torch.from_numpy(norm.reshape(len(dataset), -1).astype(np.float32))
 
 
+def train_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, config: TrainConfig,
+                gen: torch.Generator, device: torch.device, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, bound: BoundLossConfig | None = None,
+                bound_epoch: int = 0, extra_loss: Callable[[], torch.Tensor] | None = None,
+                where: str = "epoch") -> float:
+    """One pass over the training set in an order drawn from ``gen``: per batch, augmentation,
+    the task loss plus ``extra_loss()`` and the bound loss of ``bound_epoch``, one optimiser
+    and one scheduler step. The one epoch loop of training and of pruning's fine-tune;
+    returns the mean loss. ``where`` names the epoch in the error a non-finite loss raises."""
+    loss_fn = nn.SmoothL1Loss(beta=config.smooth_l1_beta)
+    model.train()
+    order = torch.randperm(len(images), generator=gen)
+    total = 0.0
+    for start in range(0, len(order), config.batch_size):
+        idx = order[start:start + config.batch_size]
+        x = augment_batch(images[idx], config, gen).to(device)
+        loss = loss_fn(model(x), targets[idx].to(device))
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        if bound is not None:
+            loss = loss + bound.term(model, x, bound_epoch, gen)
+        value = loss.item()
+        check_finite_loss(value, f"{where}, batch {start // config.batch_size + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += value * len(idx)
+    return total / len(order)
+
+
 def train_model(
     train_set: KeypointDataset,
     val_set: KeypointDataset,
@@ -138,7 +169,6 @@ def train_model(
     steps_per_epoch = (len(train_set) + config.batch_size - 1) // config.batch_size
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15)
-    loss_fn = nn.SmoothL1Loss(beta=config.smooth_l1_beta)
     start_epoch, history = 0, []
 
     if resume and resume_path(out).is_file():
@@ -173,24 +203,8 @@ def train_model(
                initial=start_epoch, total=config.epochs)
     val_err = float("nan")
     for epoch in bar:
-        model.train()
-        order = torch.randperm(len(train_set), generator=gen)
-        total, seen = 0.0, 0
-        for start in range(0, len(order), config.batch_size):
-            idx = order[start:start + config.batch_size]
-            x = augment_batch(images[idx], config, gen).to(device)
-            y = targets[idx].to(device)
-            loss = loss_fn(model(x), y)
-            loss = loss + config.bound.term(model, x, epoch, gen)
-            value = loss.item()
-            check_finite_loss(value, f"epoch {epoch + 1}, batch {start // config.batch_size + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += value * len(idx)
-            seen += len(idx)
-        history.append(total / seen)
+        history.append(train_epoch(model, images, targets, config, gen, device, optimizer, scheduler,
+                                   bound=config.bound, bound_epoch=epoch, where=f"epoch {epoch + 1}"))
         val_err = evaluate_model(model, val_set, device).mean_px_error
         bar.set_postfix(loss=f"{history[-1]:.4f}", val_px=f"{val_err:.2f}")
         log.info("epoch %d: loss %.5f, val mean px error %.3f", epoch + 1, history[-1], val_err)
