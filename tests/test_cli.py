@@ -1,6 +1,7 @@
 """The usn-offline CLI: help, one-line errors with exit code != 0, and a tiny end-to-end run
 through the installed console script (as a user runs it, ROS wheel start-up hook included)."""
 
+import inspect
 import json
 import os
 import shutil
@@ -121,7 +122,8 @@ def _cli_defaults() -> list[tuple[str, list[str], str, object]]:
     them because it must not import torch (``usn-offline verify`` runs on a robot)."""
     from usn_offline.certify import BabConfig, CertifyConfig, RadiusConfig
     from usn_offline.certify.bounds import BoundOptions
-    from usn_offline.data import GeneratorConfig, RenderConfig
+    from usn_offline.data import GeneratorConfig, RenderConfig, load_split
+    from usn_offline.data.coco import default_input_side
     from usn_offline.experiments.compare import CompareConfig
     from usn_offline.export import ExportConfig
     from usn_offline.models.config import ModelConfig
@@ -135,6 +137,7 @@ def _cli_defaults() -> list[tuple[str, list[str], str, object]]:
 
     data = ["data", "--out", "d"]
     train = ["train", "--data", "d", "--out", "m.pt"]
+    evaluate = ["evaluate", "--checkpoint", "m.pt", "--data", "d"]
     certify = ["certify", "--checkpoint", "m.pt", "--data", "d", "--out", "c.json"]
     prune = ["prune", "--checkpoint", "m.pt", "--data", "d", "--out", "p.pt"]
     compare = ["compare", "--checkpoint", "m.pt", "--data", "d", "--out", "o"]
@@ -147,6 +150,8 @@ def _cli_defaults() -> list[tuple[str, list[str], str, object]]:
     pr, gates, cmp_, exp, bag_cfg, live = (PruneConfig(), GateConfig(), CompareConfig(), ExportConfig(),
                                            BagConfig(), LiveConfig())
     bound = BoundLossConfig()
+    visibility = inspect.signature(load_split).parameters["min_visibility"].default
+    assert default_input_side.__defaults__[-1] == model.input_height  # the fallback input side
     bound_loss = [(label, argv, dest, getattr(bound, field)) for label, argv in (("train", train), ("prune", prune))
                   for dest, field in (("bound_weight", "weight"), ("bound_eps", "eps"), ("bound_box", "box"),
                                       ("bound_tiles", "tiles"))]
@@ -156,7 +161,9 @@ def _cli_defaults() -> list[tuple[str, list[str], str, object]]:
         ("data", data, "image_size", render.image_size),
         ("train", train, "epochs", tr.epochs), ("train", train, "batch_size", tr.batch_size),
         ("train", train, "lr", tr.lr), ("train", train, "seed", tr.seed), ("train", train, "device", tr.device),
-        ("train", train, "model", model.family), ("train", train, "input_size", model.input_height),
+        ("train", train, "model", model.family),
+        ("train", train, "input_size", None),  # None: chosen from the data (test_coco.py)
+        ("train", train, "min_visibility", visibility), ("evaluate", evaluate, "min_visibility", visibility),
         ("train", train, "input_norm", model.input_norm),
         ("certify", certify, "delta", cert.delta), ("certify", certify, "norm", cert.norm.value),
         ("certify", certify, "reference", cert.reference.value), ("certify", certify, "coverage", cert.coverage),

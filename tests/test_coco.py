@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from usn_offline.data import load_split, write_split
-from usn_offline.data.coco import annotation_path
+from usn_offline.data.coco import annotation_path, default_input_side
 from usn_offline.errors import DatasetError
 from usn_offline.runtime.preprocess import PreprocessConfig
 
@@ -120,7 +120,35 @@ def test_skipped_images_are_counted_in_the_log(tmp_path, caplog):
         ds = load_split(tmp_path, "train")
     assert len(ds) == 2
     assert "skipped 2 image(s): no annotation" in caplog.text
-    assert "skipped 1 image(s): keypoint not visible" in caplog.text
+    assert "skipped 1 image(s): keypoint not labelled" in caplog.text
+
+
+def test_only_visible_keypoints_count_unless_asked(tmp_path, caplog):
+    """COCO v = 1 (labelled but not visible) is not trained on by default; min_visibility=1
+    takes it; v = 0 (not labelled) never."""
+    _write_small(tmp_path)
+    path = annotation_path(tmp_path, "train")
+    doc = json.loads(path.read_text())
+    doc["annotations"][0]["keypoints"][2] = 1
+    doc["annotations"][1]["keypoints"][5] = 0
+    path.write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING):
+        assert len(load_split(tmp_path, "train")) == 3
+    assert "keypoint labelled but not visible" in caplog.text and "keypoint not labelled" in caplog.text
+    assert len(load_split(tmp_path, "train", min_visibility=1)) == 4
+    with pytest.raises(DatasetError, match="min_visibility must be 1 or 2"):
+        load_split(tmp_path, "train", min_visibility=3)
+
+
+@pytest.mark.parametrize("size, want", [((80, 80), (80, "the train images' own size")),
+                                        ((160, 160), (64, "larger than 128x128")),
+                                        ((48, 64), (64, "not square"))])
+def test_input_side_comes_from_the_data(tmp_path, size, want):
+    h, w = size
+    write_split(tmp_path, "train", [np.zeros((h, w), np.uint8)], np.zeros((1, 4, 2)), ("a", "b", "c", "d"))
+    side, why = default_input_side(tmp_path)
+    assert side == want[0] and want[1] in why
+    assert default_input_side(tmp_path / "missing")[0] == 64
 
 
 def _edit(root, edit):
@@ -141,7 +169,8 @@ def _edit(root, edit):
     (lambda d: d["images"][2].update(id=d["images"][1]["id"]), "duplicate image id"),
     (lambda d: d["annotations"][0]["keypoints"].__setitem__(0, float("nan")), "NaN is not a JSON number"),
     (lambda d: d["annotations"][0]["keypoints"].__setitem__(0, 1e6), r"at \(1e\+06, .*\) lies outside the 32x32"),
-    (lambda d: d["annotations"][0]["keypoints"].__setitem__(1, -3), "lies outside the 32x32 image"),
+    (lambda d: d["annotations"][0]["keypoints"].__setitem__(1, -3),
+     r"annotation \d+ of image .* \(id \d+\): keypoint kp0 at \(.*, -3\) lies outside the 32x32 image"),
     (lambda d: d["annotations"][0]["keypoints"].__setitem__(0, "12"), "keypoints must be numbers"),
 ])
 def test_malformed_annotations_give_one_clear_error(tmp_path, edit, message):

@@ -14,6 +14,7 @@ from usn_offline.runtime.preprocess import PreprocessConfig
 from usn_offline.train import TrainConfig, evaluate_model, load_checkpoint, train_model
 from usn_offline.train.checkpoint import CheckpointInfo, config_path, save_checkpoint
 from usn_offline.train.device import resolve_device
+from usn_offline.train.loop import collapse_message
 
 SMALL = dict(widths=(8, 8, 8, 8, 8), hidden=32)
 
@@ -89,6 +90,21 @@ def test_a_diverging_run_stops_with_a_clear_error_and_writes_nothing(splits, tmp
     with pytest.raises(TrainingError, match="the loss is (nan|inf) at epoch"):
         train_model(train, val, model_config_for("cnn7", **SMALL), TrainConfig(epochs=2, batch_size=16, lr=1e30),
                     out, progress=False)
+
+
+def test_a_collapsed_run_stops_with_a_clear_error_and_writes_nothing(splits, tiny_checkpoint, tmp_path):
+    """A dataset made to collapse: every image is the same picture, with different labels,
+    so the network can only learn one answer for all. Training ends with a clear error and
+    leaves no checkpoint; a network trained on the real images passes the check."""
+    train, val = splits
+    same = lambda ds: replace(ds, images=np.repeat(ds.images[:1], len(ds), axis=0))  # noqa: E731
+    out = tmp_path / "flat.pt"
+    with pytest.raises(TrainingError, match=r"training collapsed: the network gives the same keypoints for all "
+                                            rf"{len(val)} validation images \(spread 0 px, labels \d"):
+        train_model(same(train), same(val), model_config_for("cnn7", **SMALL), TrainConfig(epochs=1, batch_size=16),
+                    out, progress=False)
+    assert not out.exists() and not config_path(out).exists() and not out.with_suffix(".resume.pt").exists()
+    assert collapse_message(load_checkpoint(tiny_checkpoint)[0], val, "cpu") is None
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -70,17 +70,26 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from usn_offline.data import load_split
+    from usn_offline.data.coco import default_input_side
     from usn_offline.models import build_model, count_parameters, model_config_for
     from usn_offline.perturb import PhotometricBox
     from usn_offline.runtime.preprocess import PreprocessConfig
     from usn_offline.train import TrainConfig, train_model
     from usn_offline.train.bound_loss import BoundLossConfig
 
-    pre = PreprocessConfig(args.input_size, args.input_size)
-    train_set = load_split(args.data, "train", pre)
-    val_set = load_split(args.data, "val", pre, expected_keypoints=train_set.num_keypoints)
-    overrides = {"num_keypoints": train_set.num_keypoints, "input_height": args.input_size,
-                 "input_width": args.input_size}
+    side = args.input_size
+    if side is None and args.init is None:
+        side, why = default_input_side(args.data)
+        print(f"input size {side}x{side} ({why}; --input-size to choose another)")
+    elif side is None:  # a fine-tune keeps the starting checkpoint's input size
+        from usn_offline.train import load_checkpoint
+
+        side = load_checkpoint(args.init)[1].model.input_height
+    pre = PreprocessConfig(side, side)
+    train_set = load_split(args.data, "train", pre, min_visibility=args.min_visibility)
+    val_set = load_split(args.data, "val", pre, expected_keypoints=train_set.num_keypoints,
+                         min_visibility=args.min_visibility)
+    overrides = {"num_keypoints": train_set.num_keypoints, "input_height": side, "input_width": side}
     if args.widths:
         overrides["widths"] = tuple(args.widths)
     if args.hidden:
@@ -116,7 +125,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     model, info = load_checkpoint(args.checkpoint, device)
-    dataset = load_split(args.data, args.split, info.preprocess, expected_keypoints=info.model.num_keypoints)
+    dataset = load_split(args.data, args.split, info.preprocess, expected_keypoints=info.model.num_keypoints,
+                         min_visibility=args.min_visibility)
     result = evaluate_model(model, dataset, device, tuple(args.pck))
     print(evaluation_table(result))
     if args.out:
@@ -124,6 +134,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({**result.to_dict(), "checkpoint": str(args.checkpoint)}, indent=2))
         print(f"evaluation written to {out}")
+
+
+def _visibility_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-visibility", type=int, choices=[1, 2], default=2,
+                   help="COCO visibility flag a keypoint needs for its image to be used: 2 = labelled and "
+                   "visible (default), 1 = also labelled but occluded")
 
 
 def _bound_loss_arguments(p: argparse.ArgumentParser, where: str) -> None:
@@ -418,7 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="cnn7", choices=["cnn7", "resnet"])
     p.add_argument("--widths", type=_positive_int, nargs="+", help="backbone channel widths")
     p.add_argument("--hidden", type=_positive_int, help="hidden units of the regression head")
-    p.add_argument("--input-size", type=_positive_int, default=64, help="network input side in pixels")
+    p.add_argument("--input-size", type=_positive_int,
+                   help="network input side in pixels (default: the training images' side when they are square "
+                   "and at most 128 px, else 64; train prints which)")
+    _visibility_argument(p)
     p.add_argument("--input-norm", default="none", choices=["none", "standardise"],
                    help="standardise: the network divides out each image's mean and spread first, exactly "
                    "invariant to contrast/brightness where no pixel clips (docs/METHOD.md)")
@@ -441,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--split", default="test")
     p.add_argument("--pck", type=_positive_float, nargs="+", default=[2.0, 5.0], help="PCK thresholds (px)")
+    _visibility_argument(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="write the result as JSON (e.g. eval.json)")
     p.set_defaults(func=_cmd_evaluate)

@@ -30,6 +30,22 @@ log = logging.getLogger(__name__)
 COORDINATE_CONVENTION = "pixel centres at integer coordinates (OpenCV); image spans [-0.5, W-0.5]"
 
 
+def default_input_side(root: Path | str, split: str = "train", largest: int = 128, fallback: int = 64
+                       ) -> tuple[int, str]:
+    """The network input side to train at when none is given, and why: the split's image
+    side when its images are square and at most ``largest`` px (no resampling), else
+    ``fallback``."""
+    size = stored_image_size(root, split)
+    if size is None:
+        return fallback, f"the {split} annotations do not state the images' size"
+    h, w = size
+    if h != w:
+        return fallback, f"the {split} images are {w}x{h}, not square"
+    if h > largest:
+        return fallback, f"the {split} images are {w}x{h}, larger than {largest}x{largest}"
+    return h, f"the {split} images' own size"
+
+
 def annotation_path(root: Path | str, split: str) -> Path:
     return Path(root) / "annotations" / f"{split}.json"
 
@@ -154,12 +170,17 @@ def load_split(
     split: str,
     preprocess_config: PreprocessConfig | None = None,
     expected_keypoints: int | None = None,
+    min_visibility: int = 2,
 ) -> KeypointDataset:
     """Load one split, preprocessing every image to the network input size.
 
-    Images without exactly one fully visible annotation are skipped and counted in the
-    log; anything malformed raises :class:`DatasetError` naming the file.
+    Images without exactly one annotation whose keypoints all have a COCO visibility flag
+    v >= ``min_visibility`` are skipped and counted in the log (COCO: v = 2 labelled and
+    visible, 1 labelled but not visible, 0 not labelled; only v = 2 counts by default);
+    anything malformed raises :class:`DatasetError` naming the file.
     """
+    if min_visibility not in (1, 2):
+        raise DatasetError(f"min_visibility must be 1 or 2 (COCO visibility flags), got {min_visibility}")
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}")
@@ -210,8 +231,8 @@ def load_split(
         if not np.isfinite(triples).all():
             raise DatasetError(f"{path}: annotation {anns[0].get('id')} of image '{entry['file_name']}': "
                                "keypoints must be finite (NaN or infinity found)")
-        if np.any(triples[:, 2] <= 0):
-            skipped["keypoint not visible"] += 1
+        if np.any(triples[:, 2] < min_visibility):
+            skipped["keypoint not labelled" if np.any(triples[:, 2] <= 0) else "keypoint labelled but not visible"] += 1
             continue
         image_path = root / "images" / entry["file_name"]
         image = _read_image(image_path)
@@ -220,7 +241,8 @@ def load_split(
         outside = (x < -0.5) | (x > w - 0.5) | (y < -0.5) | (y > h - 0.5)
         if outside.any():
             i = int(np.argmax(outside))
-            raise DatasetError(f"{path}: image '{entry['file_name']}': keypoint {names[i]} at "
+            raise DatasetError(f"{path}: annotation {anns[0].get('id')} of image '{entry['file_name']}' "
+                               f"(id {entry['id']!r}): keypoint {names[i]} at "
                                f"({triples[i, 0]:g}, {triples[i, 1]:g}) lies outside the {w}x{h} image")
         if config is None:
             config = PreprocessConfig(input_height=image.shape[0], input_width=image.shape[1])

@@ -21,9 +21,9 @@ from usn_offline.models import KeypointNet, ModelConfig, build_model
 from usn_offline.perturb import apply_photometric
 from usn_offline.runtime.preprocess import PreprocessConfig, pixels_to_normalised
 from usn_offline.train.bound_loss import BoundLossConfig
-from usn_offline.train.checkpoint import CheckpointInfo, save_checkpoint
+from usn_offline.train.checkpoint import CheckpointInfo, config_path, save_checkpoint
 from usn_offline.train.device import resolve_device, use_all_cpu_cores
-from usn_offline.train.metrics import evaluate_model
+from usn_offline.train.metrics import evaluate_model, predict_pixels
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,25 @@ class TrainResult:
     val_mean_px_error: float
     loss_history: list[float]
     seconds: float
+
+
+# A network whose keypoints move less than this (network pixels, the largest standard
+# deviation of any coordinate over the validation images) has collapsed to a constant
+# output: dead ReLUs leave only the head's bias, which gives exactly zero.
+COLLAPSED_SPREAD_PX = 0.01
+
+
+def collapse_message(model: nn.Module, val_set: KeypointDataset, device: torch.device) -> str | None:
+    """Why the trained ``model`` is useless when it gives the same keypoints for every
+    validation image although their labels differ; None when it does not."""
+    if len(val_set) < 2:
+        return None
+    spread = float(predict_pixels(model, val_set, device).std(axis=0).max())
+    label_spread = float(val_set.keypoints.std(axis=0).max())
+    if spread >= COLLAPSED_SPREAD_PX or label_spread < 10 * COLLAPSED_SPREAD_PX:
+        return None
+    return (f"training collapsed: the network gives the same keypoints for all {len(val_set)} validation images "
+            f"(spread {spread:.2g} px, labels {label_spread:.1f} px)")
 
 
 def resume_path(checkpoint: Path | str) -> Path:
@@ -217,6 +236,13 @@ def train_model(
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, history[-1], val_err)
     bar.close()
+    if history and start_epoch < config.epochs:
+        reason = collapse_message(model, val_set, device)
+        if reason is not None:  # a constant-output checkpoint would only mislead what comes after it
+            for path in (out, config_path(out), resume_path(out)):
+                path.unlink(missing_ok=True)
+            raise TrainingError(f"{reason}; no checkpoint written — try a lower --lr, more --epochs or "
+                                "another --model")
     return TrainResult(checkpoint=out, epochs_run=config.epochs - start_epoch,
                        final_train_loss=history[-1] if history else float("nan"),
                        val_mean_px_error=val_err, loss_history=history,
