@@ -244,7 +244,7 @@ def test_region_is_the_requested_box_when_it_reaches_coverage():
 
 
 def test_region_falls_back_to_the_largest_symmetric_eps_reaching_coverage():
-    report = _fallback_report(eps={0.005: 1.0, 0.01: 1.0, 0.02: 0.95, 0.04: 0.6}, radius=0.03)
+    report = _fallback_report(eps={0.005: 1.0, 0.01: 1.0, 0.02: 0.95, 0.04: 0.6})
     region = certified_region(report)
     assert region["kind"] == "symmetric_eps" and region["eps"] == 0.02 and region["certified_fraction"] == 0.95
     # Exactly the box certify checked (PhotometricBox.symmetric(0.02, 0.02)).
@@ -254,9 +254,24 @@ def test_region_falls_back_to_the_largest_symmetric_eps_reaching_coverage():
     reason = region["reason"]
     assert "requested box a in [0.8, 1.2], b in [-0.2, 0.2] is certified for 50.0 % of the images" in reason
     assert "below the 95 % coverage" in reason and "eps = 0.02" in reason and len(reason.splitlines()) == 1
+    assert "largest of" not in reason  # the only region proved
     # The eps order in the certificate does not matter: the largest qualifying one wins.
     report = _fallback_report(eps={0.04: 0.96, 0.01: 1.0, 0.08: 0.5})
     assert certified_region(report)["eps"] == 0.04
+
+
+def test_fallback_is_the_largest_region_proved_for_the_coverage():
+    """Among the symmetric eps box, the radius and the region-map cells that reach the
+    coverage, the largest in (a, b) area is used, and the reason says it was chosen."""
+    eps = {0.02: 1.0}  # 0.04 x 0.04
+    region = certified_region(_fallback_report(eps=eps, radius=0.03))  # 0.06 x 0.06
+    assert region["kind"] == "symmetric_radius" and region["radius"] == 0.03
+    assert "the largest of the 2 regions proved for the coverage" in region["reason"]
+    region = certified_region(_fallback_report(eps=eps, radius=0.01))  # 0.02 x 0.02
+    assert region["kind"] == "symmetric_eps" and region["eps"] == 0.02
+    cells = [[False, True], [False, False]]  # one 0.2 x 0.2 cell
+    region = certified_region(_fallback_report(eps=eps, radius=0.03, cells=cells))
+    assert region["kind"] == "region_map_cells" and "largest of the 3 regions" in region["reason"]
 
 
 def test_symmetric_eps_region_uses_the_exact_eps_not_its_rounded_key():
@@ -299,7 +314,7 @@ def test_export_says_when_it_falls_back_from_the_requested_box(exported, tmp_pat
     assert code == 0
     assert [r.getMessage() for r in caplog.records if "requested box" in r.getMessage()] == [
         "the requested box a in [1, 1], b in [0, 0] is certified for 0.0 % of the images, below the 95 % "
-        "coverage: the runtime monitor uses the largest symmetric box certified for the coverage, eps = 0.01 "
+        "coverage: the runtime uses the largest symmetric box certified for the coverage, eps = 0.01 "
         "(a in [0.99, 1.01], b in [-0.01, 0.01], certified for 100.0 %)"]
     assert "requested box" in out and "region used instead" in out and "symmetric eps = 0.01" in out
     bundle = Bundle.load(tmp_path / "b")  # the torch-free loader accepts the region kind
