@@ -128,7 +128,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     dataset = load_split(args.data, args.split, info.preprocess, expected_keypoints=info.model.num_keypoints,
                          min_visibility=args.min_visibility)
     result = evaluate_model(model, dataset, device, tuple(args.pck))
-    print(evaluation_table(result))
+    print(evaluation_table(result, dataset.image_hw))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

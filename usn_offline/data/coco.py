@@ -202,7 +202,7 @@ def load_split(
             by_image.setdefault(ann["image_id"], []).append(ann)
 
     skipped: Counter[str] = Counter()
-    images, keypoints, files = [], [], []
+    images, keypoints, files, source_hw = [], [], [], []
     config = preprocess_config
     seen_ids: set[int | str] = set()
     for entry in doc["images"]:
@@ -254,6 +254,7 @@ def load_split(
         images.append(net_image)
         keypoints.append(kps)
         files.append(entry["file_name"])
+        source_hw.append(image.shape[:2])
 
     for reason, count in skipped.items():
         log.warning("%s: skipped %d image(s): %s", path, count, reason)
@@ -266,4 +267,5 @@ def load_split(
         keypoint_names=names,
         file_names=tuple(files),
         split=split,
+        source_hw=np.asarray(source_hw, dtype=np.int64),
     )

@@ -10,13 +10,16 @@ import numpy as np
 @dataclass
 class KeypointDataset:
     """Images (N, H, W) float32 in [0, 1], already at the network input size, and
-    keypoints (N, K, 2) in pixel coordinates of those images."""
+    keypoints (N, K, 2) in pixel coordinates of those images. ``source_hw`` (N, 2): the
+    (height, width) each image is stored at, where known — errors in the user's own image
+    pixels are measured with it."""
 
     images: np.ndarray
     keypoints: np.ndarray
     keypoint_names: tuple[str, ...]
     file_names: tuple[str, ...]
     split: str
+    source_hw: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 3:
@@ -26,6 +29,8 @@ class KeypointDataset:
             raise ValueError(f"keypoints must be ({n}, {k}, 2), got {self.keypoints.shape}")
         if len(self.file_names) != n:
             raise ValueError(f"{len(self.file_names)} file names for {n} images")
+        if self.source_hw is not None and np.shape(self.source_hw) != (n, 2):
+            raise ValueError(f"source_hw must be ({n}, 2), got {np.shape(self.source_hw)}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -46,4 +51,5 @@ class KeypointDataset:
             keypoint_names=self.keypoint_names,
             file_names=tuple(self.file_names[i] for i in idx),
             split=self.split,
+            source_hw=None if self.source_hw is None else self.source_hw[idx],
         )

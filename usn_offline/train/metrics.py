@@ -39,8 +39,24 @@ def keypoint_errors(pred_px: np.ndarray, true_px: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class ImagePixelAccuracy:
+    """The same errors in the pixels of the user's stored images (each image's own scale
+    from network input to stored size, per axis), and the PCK thresholds taken there."""
+
+    mean_px_error: float
+    median_px_error: float
+    pck: dict[float, float]
+    sizes: list[str]  # the stored image sizes, "WxH", most frequent first
+
+    def to_dict(self) -> dict:
+        return {"mean_px_error": self.mean_px_error, "median_px_error": self.median_px_error,
+                "sizes": self.sizes, **{f"pck@{t:g}px": v for t, v in self.pck.items()}}
+
+
+@dataclass
 class EvaluationResult:
-    """Accuracy of a model on one split (pixels of the network input image)."""
+    """Accuracy of a model on one split, in pixels of the network input image;
+    ``image_px`` the same in the stored images' own pixels (None when not known)."""
 
     num_images: int
     mean_px_error: float
@@ -48,17 +64,37 @@ class EvaluationResult:
     pck: dict[float, float]
     per_keypoint_mean_px_error: dict[str, float] = field(default_factory=dict)
     split: str = "test"
+    image_px: ImagePixelAccuracy | None = None
 
     def to_dict(self) -> dict:
         d = {
             "split": self.split,
             "num_images": self.num_images,
+            "units": "network-input pixels (image_px: the stored images' pixels)",
             "mean_px_error": self.mean_px_error,
             "median_px_error": self.median_px_error,
             "per_keypoint_mean_px_error": self.per_keypoint_mean_px_error,
         }
         d.update({f"pck@{t:g}px": v for t, v in self.pck.items()})
+        d["image_px"] = None if self.image_px is None else self.image_px.to_dict()
         return d
+
+
+def image_pixel_accuracy(pred_px: np.ndarray, dataset: KeypointDataset, thresholds: tuple[float, ...]
+                         ) -> ImagePixelAccuracy | None:
+    """Errors in the stored images' pixels: a displacement (dx, dy) in the network input is
+    (dx * W/w, dy * H/h) in an image stored at W x H (``scale_keypoints`` is affine per axis)."""
+    if dataset.source_hw is None:
+        return None
+    h, w = dataset.image_hw
+    scale = (np.asarray(dataset.source_hw, np.float64) / [h, w])[:, None, ::-1]  # (N, 1, [sx, sy])
+    diff = (np.asarray(pred_px, np.float64) - np.asarray(dataset.keypoints, np.float64)) * scale
+    err = np.linalg.norm(diff, axis=-1)
+    sizes, counts = np.unique(np.asarray(dataset.source_hw), axis=0, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    return ImagePixelAccuracy(mean_px_error=float(err.mean()), median_px_error=float(np.median(err)),
+                              pck={float(t): float((err <= t).mean()) for t in thresholds},
+                              sizes=[f"{sizes[i][1]}x{sizes[i][0]}" for i in order])
 
 
 def evaluate_predictions(pred_px: np.ndarray, dataset: KeypointDataset,
@@ -71,6 +107,7 @@ def evaluate_predictions(pred_px: np.ndarray, dataset: KeypointDataset,
         pck={float(t): float((err <= t).mean()) for t in thresholds},
         per_keypoint_mean_px_error={n: float(err[:, i].mean()) for i, n in enumerate(dataset.keypoint_names)},
         split=dataset.split,
+        image_px=image_pixel_accuracy(pred_px, dataset, thresholds),
     )
 
 
@@ -79,10 +116,21 @@ def evaluate_model(model: torch.nn.Module, dataset: KeypointDataset, device: tor
     return evaluate_predictions(predict_pixels(model, dataset, device), dataset, thresholds)
 
 
-def evaluation_table(result: EvaluationResult) -> str:
+def evaluation_table(result: EvaluationResult, input_hw: tuple[int, int] | None = None) -> str:
+    """The accuracy table; when the stored images are not at the network input size
+    (``input_hw``), the errors and PCK in their own pixels follow, labelled so."""
     rows = [("split", result.split), ("images", str(result.num_images)),
             ("mean pixel error", f"{result.mean_px_error:.3f} px"),
             ("median pixel error", f"{result.median_px_error:.3f} px")]
     rows += [(f"PCK@{t:g}px", f"{100 * v:.2f} %") for t, v in result.pck.items()]
     rows += [(f"mean error {name}", f"{v:.3f} px") for name, v in result.per_keypoint_mean_px_error.items()]
+    img = result.image_px
+    if input_hw is not None:
+        rows[1:1] = [("pixels", f"network input {input_hw[1]}x{input_hw[0]}")]
+    if img is not None and input_hw is not None and img.sizes != [f"{input_hw[1]}x{input_hw[0]}"]:
+        sizes = ", ".join(img.sizes[:3]) + (", ..." if len(img.sizes) > 3 else "")
+        rows += [("image pixels: stored sizes", sizes),
+                 ("mean pixel error (image px)", f"{img.mean_px_error:.3f} px"),
+                 ("median pixel error (image px)", f"{img.median_px_error:.3f} px")]
+        rows += [(f"PCK@{t:g}px (image px)", f"{100 * v:.2f} %") for t, v in img.pck.items()]
     return format_table(rows)
