@@ -158,7 +158,7 @@ def _cli_defaults() -> list[tuple[str, list[str], str, object]]:
     return bound_loss + [("train", train, "bound_ramp_epochs", bound.ramp_epochs),
         ("data", data, "num_train", gen.num_train), ("data", data, "num_val", gen.num_val),
         ("data", data, "num_test", gen.num_test), ("data", data, "seed", gen.seed),
-        ("data", data, "image_size", render.image_size),
+        ("data", data, "image_size", render.image_size), ("data", data, "target", render.target),
         ("train", train, "epochs", tr.epochs), ("train", train, "batch_size", tr.batch_size),
         ("train", train, "lr", tr.lr), ("train", train, "seed", tr.seed), ("train", train, "device", tr.device),
         ("train", train, "model", model.family),

@@ -6,7 +6,7 @@ import pytest
 from usn_offline.data.backgrounds import load_backgrounds
 from usn_offline.data.generator import GeneratorConfig, render_split
 from usn_offline.data.render import RenderConfig, project, render_scene, sample_homography, warp_texture
-from usn_offline.data.target import make_pad_texture
+from usn_offline.data.target import TARGETS, make_pad_texture
 from usn_offline.errors import ConfigError
 
 
@@ -77,3 +77,33 @@ def test_bad_render_config_is_rejected():
         RenderConfig(scale_range=(0.8, 0.2))
     with pytest.raises(ConfigError, match="num_train"):
         GeneratorConfig(num_train=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hexagon_keypoints_are_its_projected_vertices_and_centre(seed):
+    """The docking hexagon's rendered coverage has the area and centroid of its projected
+    vertex polygon, and its centre keypoint is the projected texture centre."""
+    config = RenderConfig(target="docking_hexagon", max_rotation_deg=180.0)
+    texture = TARGETS["docking_hexagon"].draw(config.texture_size, 0.2, 0.9)
+    assert texture.keypoints.shape == (7, 2) and len(TARGETS["docking_hexagon"].keypoint_names) == 7
+    homography = sample_homography(np.random.default_rng(seed), texture, config)
+    keypoints = project(homography, texture.keypoints)
+    _, alpha = warp_texture(texture.image, homography, config.image_size, config.supersample, texture.mask)
+    area, cx, cy = _polygon_area_centroid(keypoints[:6])
+    yy, xx = np.mgrid[0:config.image_size, 0:config.image_size]
+    assert alpha.sum() == pytest.approx(area, rel=5e-3)
+    assert (alpha * xx).sum() / alpha.sum() == pytest.approx(cx, abs=0.04)
+    assert (alpha * yy).sum() / alpha.sum() == pytest.approx(cy, abs=0.04)
+    c = (config.texture_size - 1) / 2
+    np.testing.assert_allclose(keypoints[6], project(homography, np.array([[c, c]]))[0])
+
+
+def test_hexagon_dataset_turns_all_the_way_round(tmp_path):
+    """Rotations of the docking target cover more than the landing pad's +-40 degrees."""
+    config = GeneratorConfig(num_train=40, render=RenderConfig(target="docking_hexagon", max_rotation_deg=180.0))
+    _, kps = render_split(config, "train", progress=False)
+    up = kps[:, 0] - kps[:, 6]  # centre -> vertex 0
+    angles = np.degrees(np.arctan2(up[:, 0], -up[:, 1]))
+    assert kps.shape == (40, 7, 2) and np.abs(angles).max() > 120
+    with pytest.raises(ConfigError, match="unknown target 'hexagon'"):
+        RenderConfig(target="hexagon")

@@ -58,9 +58,12 @@ def _nonnegative_float(text: str) -> float:
 
 def _cmd_data(args: argparse.Namespace) -> None:
     from usn_offline.data import GeneratorConfig, RenderConfig, generate_dataset
+    from usn_offline.data.target import TARGETS
 
+    rotation = args.max_rotation if args.max_rotation is not None else TARGETS[args.target].max_rotation_deg
     config = GeneratorConfig(num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
-                             seed=args.seed, render=RenderConfig(image_size=args.image_size))
+                             seed=args.seed, render=RenderConfig(image_size=args.image_size, target=args.target,
+                                                                 max_rotation_deg=rotation))
     paths = generate_dataset(args.out, config, progress=not args.quiet)
     counts = config.split_sizes()
     for split, path in paths.items():
@@ -418,8 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("data", help="generate the built-in landing-pad dataset (COCO keypoints folder)")
+    p = sub.add_parser("data", help="generate a built-in dataset (COCO keypoints folder)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--target", default="landing_pad", choices=["landing_pad", "docking_hexagon"],
+                   help="landing_pad: 4 corners, rotation up to 40 deg; docking_hexagon: 6 vertices and the "
+                   "centre, any rotation")
+    p.add_argument("--max-rotation", type=_finite_float, metavar="DEG",
+                   help="in-plane rotation range +-DEG (default: the target's)")
     p.add_argument("--num-train", type=_positive_int, default=8000)
     p.add_argument("--num-val", type=_positive_int, default=500)
     p.add_argument("--num-test", type=_positive_int, default=1000)

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from usn_offline.data.backgrounds import load_backgrounds
 from usn_offline.data.coco import write_split
 from usn_offline.data.render import RenderConfig, render_scene
-from usn_offline.data.target import KEYPOINT_NAMES, SKELETON
+from usn_offline.data.target import TARGETS
 from usn_offline.errors import ConfigError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -59,5 +59,6 @@ def generate_dataset(root: Path | str, config: GeneratorConfig, progress: bool =
     out = {}
     for split in SPLITS:
         images, keypoints = render_split(config, split, progress)
-        out[split] = write_split(root, split, images, keypoints, KEYPOINT_NAMES, SKELETON, info)
+        target = TARGETS[config.render.target]
+        out[split] = write_split(root, split, images, keypoints, target.keypoint_names, target.skeleton, info)
     return out

@@ -1,6 +1,6 @@
-"""Render one synthetic training image: the pad under a random homography over a photo.
+"""Render one synthetic training image: a target under a random homography over a photo.
 
-Ground truth is exact: the keypoints are the pad's texture corners mapped through the
+Ground truth is exact: the keypoints are the target's texture keypoints mapped through the
 same homography that warps the texture.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from usn_offline.data.target import PadTexture, make_pad_texture
+from usn_offline.data.target import TARGETS, TargetTexture
 from usn_offline.errors import ConfigError
 
 
@@ -32,8 +32,11 @@ class RenderConfig:
     pad_dark_range: tuple[float, float] = (0.03, 0.35)
     pad_light_range: tuple[float, float] = (0.6, 0.97)
     illumination_gradient: float = 0.25
+    target: str = "landing_pad"  # a name of data/target.py TARGETS
 
     def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown target '{self.target}' (choose from {sorted(TARGETS)})")
         if self.image_size < 16:
             raise ConfigError(f"image_size must be >= 16, got {self.image_size}")
         lo, hi = self.scale_range
@@ -46,11 +49,12 @@ class RenderConfig:
         return asdict(self)
 
 
-def sample_homography(rng: np.random.Generator, texture: PadTexture, config: RenderConfig) -> np.ndarray:
-    """A random texture->image homography keeping every keypoint inside the image margin."""
+def sample_homography(rng: np.random.Generator, texture: TargetTexture, config: RenderConfig) -> np.ndarray:
+    """A random texture->image homography keeping the texture square (so every keypoint)
+    inside the image margin."""
     n = config.image_size
     lo, hi = config.margin_px - 0.5, n - 0.5 - config.margin_px
-    src = texture.keypoints.astype(np.float32)
+    src = texture.corners.astype(np.float32)
     for _ in range(1000):
         side = rng.uniform(*config.scale_range) * n
         theta = np.deg2rad(rng.uniform(-config.max_rotation_deg, config.max_rotation_deg))
@@ -61,7 +65,7 @@ def sample_homography(rng: np.random.Generator, texture: PadTexture, config: Ren
         corners += rng.uniform(-1, 1, size=(4, 2)) * config.perspective * side
         if corners.min() >= lo and corners.max() <= hi:
             return cv2.getPerspectiveTransform(src, corners.astype(np.float32)).astype(np.float64)
-    raise ConfigError("could not place the pad inside the image; widen scale_range or shrink margin_px")
+    raise ConfigError("could not place the target inside the image; widen scale_range or shrink margin_px")
 
 
 def project(homography: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -77,18 +81,20 @@ def _supersampled(homography: np.ndarray, factor: int) -> np.ndarray:
     return up @ homography
 
 
-def warp_texture(texture: np.ndarray, homography: np.ndarray, image_size: int, supersample: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def warp_texture(texture: np.ndarray, homography: np.ndarray, image_size: int, supersample: int,
+                 mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Warp a texture into an image_size x image_size frame, anti-aliased by supersampling.
 
-    Returns (warped texture, coverage alpha in [0, 1]); both float32.
+    Returns (warped texture, coverage alpha in [0, 1]); both float32. ``mask``: where the
+    target is in the texture (default: all of it).
     """
+    coverage = np.ones_like(texture, dtype=np.float32) if mask is None else mask.astype(np.float32)
     hi_h = _supersampled(homography, supersample)
     size_hi = (image_size * supersample, image_size * supersample)
     warped, alpha = (
         cv2.warpPerspective(t, hi_h, size_hi, flags=cv2.INTER_LINEAR,
                             borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
-        for t in (texture.astype(np.float32), np.ones_like(texture, dtype=np.float32)))
+        for t in (texture.astype(np.float32), coverage))
     size = (image_size, image_size)
     return (cv2.resize(warped, size, interpolation=cv2.INTER_AREA),
             cv2.resize(alpha, size, interpolation=cv2.INTER_AREA))
@@ -111,14 +117,14 @@ def render_scene(
     photos: tuple[np.ndarray, ...],
     config: RenderConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render one image. Returns (uint8 image (N, N), keypoints (4, 2) in pixels)."""
+    """Render one image. Returns (uint8 image (N, N), keypoints (K, 2) in pixels)."""
     n = config.image_size
-    texture = make_pad_texture(config.texture_size, dark=rng.uniform(*config.pad_dark_range),
-                               light=rng.uniform(*config.pad_light_range))
+    texture = TARGETS[config.target].draw(config.texture_size, rng.uniform(*config.pad_dark_range),
+                                          rng.uniform(*config.pad_light_range))
     homography = sample_homography(rng, texture, config)
     keypoints = project(homography, texture.keypoints)
 
-    pad, alpha = warp_texture(texture.image, homography, n, config.supersample)
+    pad, alpha = warp_texture(texture.image, homography, n, config.supersample, texture.mask)
     image = alpha * pad + (1.0 - alpha) * _background(rng, photos, n)
 
     # Smooth illumination change across the scene (a sun patch, a shadow edge).
