@@ -77,17 +77,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from usn_offline.models import build_model, count_parameters, model_config_for
     from usn_offline.perturb import PhotometricBox
     from usn_offline.runtime.preprocess import PreprocessConfig
-    from usn_offline.train import TrainConfig, train_model
+    from usn_offline.train import TrainConfig, load_checkpoint, train_model
     from usn_offline.train.bound_loss import BoundLossConfig
 
-    side = args.input_size
-    if side is None and args.init is None:
+    # A fine-tune (--init) keeps its starting checkpoint's architecture and input size.
+    init = load_checkpoint(args.init)[1] if args.init is not None else None
+    side = args.input_size or (init.model.input_height if init is not None else None)
+    if side is None:
         side, why = default_input_side(args.data)
         print(f"input size {side}x{side} ({why}; --input-size to choose another)")
-    elif side is None:  # a fine-tune keeps the starting checkpoint's input size
-        from usn_offline.train import load_checkpoint
-
-        side = load_checkpoint(args.init)[1].model.input_height
     pre = PreprocessConfig(side, side)
     train_set = load_split(args.data, "train", pre, min_visibility=args.min_visibility)
     val_set = load_split(args.data, "val", pre, expected_keypoints=train_set.num_keypoints,
@@ -98,19 +96,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.hidden:
         overrides["hidden"] = args.hidden
     overrides["input_norm"] = args.input_norm
-    model_config = model_config_for(args.model, **overrides)
+    model_config = init.model if init is not None else model_config_for(args.model, **overrides)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          device=args.device,
                          bound=BoundLossConfig(weight=args.bound_weight, eps=args.bound_eps,
                                                ramp_epochs=args.bound_ramp_epochs,
                                                box=PhotometricBox(*args.bound_box) if args.bound_box else None,
                                                tiles=args.bound_tiles))
-    print(f"model {args.model}: {count_parameters(build_model(model_config)):,} parameters; "
+    print(f"model {model_config.family}: {count_parameters(build_model(model_config)):,} parameters; "
           f"{len(train_set)} train / {len(val_set)} val images")
-    if args.init is not None:  # the architecture is the starting checkpoint's
-        from usn_offline.train import load_checkpoint
-
-        model_config = load_checkpoint(args.init)[1].model
     result = train_model(train_set, val_set, model_config, config, args.out, resume=args.resume,
                          progress=not args.quiet, init=args.init)
     if result.epochs_run == 0:
