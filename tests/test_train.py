@@ -10,11 +10,11 @@ import torch
 from usn_offline.data import load_split
 from usn_offline.errors import CheckpointError, ConfigError, TrainingError
 from usn_offline.models import build_model, model_config_for
-from usn_offline.runtime.preprocess import PreprocessConfig
+from usn_offline.runtime.preprocess import PreprocessConfig, normalised_to_pixels, pixels_to_normalised
 from usn_offline.train import TrainConfig, evaluate_model, load_checkpoint, train_model
 from usn_offline.train.checkpoint import CheckpointInfo, config_path, save_checkpoint
 from usn_offline.train.device import resolve_device
-from usn_offline.train.loop import collapse_message
+from usn_offline.train.loop import collapse_message, geometric_batch
 
 SMALL = dict(widths=(8, 8, 8, 8, 8), hidden=32)
 
@@ -209,3 +209,50 @@ def test_device_resolution():
             resolve_device("cuda")
     with pytest.raises(ConfigError, match="invalid device"):
         resolve_device("tpu:x")
+
+
+def _blob(h, w, centre, sigma=1.5):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * sigma ** 2)).astype(np.float32)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80)])
+def test_geometric_augmentation_moves_keypoints_with_the_image(hw):
+    """A blob drawn at a keypoint is found, after turning and scaling, where the augmented
+    keypoint says (its centroid, within a tenth of a pixel); a keypoint that would leave
+    the frame leaves its image untouched."""
+    h, w = hw
+    centres = [(w * 0.62, h * 0.40), (w * 0.30, h * 0.55), (w - 4.0, h - 4.0)]
+    x = torch.from_numpy(np.stack([_blob(h, w, c) for c in centres]))[:, None]
+    y = torch.from_numpy(pixels_to_normalised(np.array(centres), h, w).astype(np.float32)).reshape(3, 2)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for config in (TrainConfig(augment_rotation_deg=180.0, augment_scale=(0.7, 1.0)),
+                   TrainConfig(augment_scale=(1.3, 1.3))):
+        out, moved = geometric_batch(x, y, config, torch.Generator().manual_seed(3))
+        for i in (0, 1):  # (blob 2 ends near an edge, where the repeated border pixels bias a centroid)
+            img = out[i, 0].numpy()
+            found = np.array([(img * xx).sum(), (img * yy).sum()]) / img.sum()
+            want = normalised_to_pixels(moved[i].numpy().astype(np.float64), h, w)
+            assert not np.allclose(want, centres[i], atol=0.5)  # it did move
+            np.testing.assert_allclose(found, want, atol=0.1)
+    assert torch.equal(out[2], x[2]) and torch.equal(moved[2], y[2])  # scaled up, it would leave the frame
+
+
+def test_no_geometric_augmentation_by_default_draws_nothing():
+    x, y = torch.rand(4, 1, 16, 16), torch.rand(4, 8)
+    gen = torch.Generator().manual_seed(0)
+    before = gen.get_state().clone()
+    out, moved = geometric_batch(x, y, TrainConfig(), gen)
+    assert out is x and moved is y and torch.equal(gen.get_state(), before)
+    with pytest.raises(ConfigError, match="augment_rotation_deg must be in"):
+        TrainConfig(augment_rotation_deg=200)
+    with pytest.raises(ConfigError, match="augment_scale must satisfy"):
+        TrainConfig(augment_scale=(1.2, 0.8))
+
+
+def test_training_with_geometric_augmentation_learns(splits, tmp_path):
+    train, val = splits
+    result = train_model(train, val, model_config_for("cnn7", **SMALL),
+                         TrainConfig(epochs=4, batch_size=16, lr=3e-3, augment_rotation_deg=30.0,
+                                     augment_scale=(0.8, 1.0)), tmp_path / "g.pt", progress=False)
+    assert result.loss_history[-1] < 0.8 * result.loss_history[0]

@@ -98,7 +98,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     overrides["input_norm"] = args.input_norm
     model_config = init.model if init is not None else model_config_for(args.model, **overrides)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         device=args.device,
+                         device=args.device, augment_rotation_deg=args.augment_rotation,
+                         augment_scale=tuple(args.augment_scale),
                          bound=BoundLossConfig(weight=args.bound_weight, eps=args.bound_eps,
                                                ramp_epochs=args.bound_ramp_epochs,
                                                box=PhotometricBox(*args.bound_box) if args.bound_box else None,
@@ -446,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=20)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=_positive_float, default=2e-3)
+    p.add_argument("--augment-rotation", type=_finite_float, default=0.0, metavar="DEG",
+                   help="turn each training image by up to +-DEG about its centre, keypoints with it (0: off)")
+    p.add_argument("--augment-scale", type=_positive_float, nargs=2, default=[1.0, 1.0], metavar=("LO", "HI"),
+                   help="scale each training image by a factor in [LO, HI] about its centre (1 1: off)")
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights and architecture "
                    "(fine-tuning, e.g. with --bound-weight)")
     _bound_loss_arguments(p, "training")

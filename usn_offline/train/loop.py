@@ -42,6 +42,12 @@ class TrainConfig:
     augment_contrast: tuple[float, float] = (0.6, 1.4)
     augment_brightness: tuple[float, float] = (-0.25, 0.25)
     augment_probability: float = 0.8
+    # Geometric augmentation, off by default: each image turned by up to +-this many degrees
+    # and scaled by a factor in augment_scale about its centre, its keypoints moved with it
+    # (an image whose keypoints would leave the frame is left as it is). No flips: those need
+    # the keypoint order remapped.
+    augment_rotation_deg: float = 0.0
+    augment_scale: tuple[float, float] = (1.0, 1.0)
     smooth_l1_beta: float = 0.01
     # Bound-based (certifiable) training: off unless bound.weight > 0 (train/bound_loss.py).
     bound: BoundLossConfig = field(default_factory=BoundLossConfig)
@@ -60,6 +66,10 @@ class TrainConfig:
             raise ConfigError(f"augment_contrast must satisfy 0 <= lo <= hi, got {self.augment_contrast}")
         if self.augment_brightness[0] > self.augment_brightness[1]:
             raise ConfigError(f"augment_brightness range is empty: {self.augment_brightness}")
+        if not 0.0 <= self.augment_rotation_deg <= 180.0:
+            raise ConfigError(f"augment_rotation_deg must be in [0, 180], got {self.augment_rotation_deg}")
+        if not 0 < self.augment_scale[0] <= self.augment_scale[1] < float("inf"):
+            raise ConfigError(f"augment_scale must satisfy 0 < lo <= hi, got {self.augment_scale}")
 
 
 @dataclass
@@ -107,6 +117,35 @@ def augment_batch(x: torch.Tensor, config: TrainConfig, gen: torch.Generator) ->
     return apply_photometric(x, a.to(x.device), b.to(x.device))
 
 
+def geometric_batch(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, gen: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn and scale each image (N, C, H, W) about its centre and move its normalised
+    keypoints (N, 2K) with it (bilinear resampling, edge pixels repeated outward); images
+    whose keypoints would leave the frame stay as they are. Identity, drawing nothing from
+    ``gen``, when the config asks for no geometric augmentation."""
+    if config.augment_rotation_deg == 0 and tuple(config.augment_scale) == (1.0, 1.0):
+        return x, y
+    n, _, h, w = x.shape
+    angle = torch.empty(n, dtype=torch.float64).uniform_(-config.augment_rotation_deg,
+                                                         config.augment_rotation_deg, generator=gen)
+    scale = torch.empty(n, dtype=torch.float64).uniform_(*config.augment_scale, generator=gen)
+    cos, sin = torch.cos(torch.deg2rad(angle)) * scale, torch.sin(torch.deg2rad(angle)) * scale
+    # The turn is a rotation in pixels; normalised coordinates u = p / (W/2, H/2) see it as
+    # S^-1 (s R) S with S = diag(W/2, H/2).
+    forward = torch.stack([torch.stack([cos, -sin * h / w], 1), torch.stack([sin * w / h, cos], 1)], 1)
+    points = y.reshape(n, -1, 2).to(torch.float64)
+    moved = points @ forward.transpose(1, 2)
+    inside = (moved.abs() <= 1.0 - 2.0 / min(h, w)).flatten(1).all(dim=1)  # a pixel's margin
+    # grid_sample reads output location u at input location A u: A is the inverse map.
+    inverse = torch.linalg.inv(forward)
+    theta = torch.cat([inverse, torch.zeros(n, 2, 1, dtype=torch.float64)], dim=2).to(x.dtype)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    turned = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    keep = inside.view(n, 1, 1, 1)
+    return (torch.where(keep, turned, x),
+            torch.where(inside.view(n, 1), moved.reshape(n, -1).to(y.dtype), y))
+
+
 def normalised_targets(dataset: KeypointDataset) -> torch.Tensor:
     """(N, 2K) float32 training targets in normalised coordinates."""
     h, w = dataset.image_hw
@@ -129,8 +168,9 @@ def train_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, c
     total = 0.0
     for start in range(0, len(order), config.batch_size):
         idx = order[start:start + config.batch_size]
-        x = augment_batch(images[idx], config, gen).to(device)
-        loss = loss_fn(model(x), targets[idx].to(device))
+        x, y = geometric_batch(images[idx], targets[idx], config, gen)
+        x = augment_batch(x, config, gen).to(device)
+        loss = loss_fn(model(x), y.to(device))
         if extra_loss is not None:
             loss = loss + extra_loss()
         if bound is not None:
