@@ -15,6 +15,7 @@ from usn_offline.train import TrainConfig, evaluate_model, load_checkpoint, trai
 from usn_offline.train.checkpoint import CheckpointInfo, config_path, save_checkpoint
 from usn_offline.train.device import resolve_device
 from usn_offline.train.loop import collapse_message, geometric_batch
+from usn_offline.train.metrics import predict_pixels
 
 SMALL = dict(widths=(8, 8, 8, 8, 8), hidden=32)
 
@@ -104,7 +105,7 @@ def test_a_collapsed_run_stops_with_a_clear_error_and_writes_nothing(splits, tin
         train_model(same(train), same(val), model_config_for("cnn7", **SMALL), TrainConfig(epochs=1, batch_size=16),
                     out, progress=False)
     assert not out.exists() and not config_path(out).exists() and not out.with_suffix(".resume.pt").exists()
-    assert collapse_message(load_checkpoint(tiny_checkpoint)[0], val, "cpu") is None
+    assert collapse_message(predict_pixels(load_checkpoint(tiny_checkpoint)[0], val), val) is None
 
 
 def test_checkpoint_round_trip(tmp_path):

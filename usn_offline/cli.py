@@ -77,11 +77,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from usn_offline.models import build_model, count_parameters, model_config_for
     from usn_offline.perturb import PhotometricBox
     from usn_offline.runtime.preprocess import PreprocessConfig
-    from usn_offline.train import TrainConfig, load_checkpoint, train_model
+    from usn_offline.train import TrainConfig, train_model
     from usn_offline.train.bound_loss import BoundLossConfig
+    from usn_offline.train.checkpoint import load_checkpoint_info
 
-    # A fine-tune (--init) keeps its starting checkpoint's architecture and input size.
-    init = load_checkpoint(args.init)[1] if args.init is not None else None
+    # A fine-tune (--init) keeps its starting checkpoint's architecture and input size
+    # (train_model loads and checks its weights).
+    init = load_checkpoint_info(args.init) if args.init is not None else None
     side = args.input_size or (init.model.input_height if init is not None else None)
     if side is None:
         side, why = default_input_side(args.data)

@@ -54,8 +54,8 @@ class BoundLossConfig:
         if self.ramp_epochs < 0 or self.images_per_batch < 1 or self.tiles < 1:
             raise ConfigError("bound loss: ramp_epochs >= 0, images_per_batch >= 1 and tiles >= 1 required")
         if self.box is not None:
-            a_lo, a_hi, b_lo, b_hi = self.box.a_lo, self.box.a_hi, self.box.b_lo, self.box.b_hi
-            if not (0 < a_lo <= 1 <= a_hi < float("inf") and -1 < b_lo <= 0 <= b_hi < 1):
+            box = self.box  # finite and non-empty: PhotometricBox checks that
+            if not (0 < box.a_lo <= 1 <= box.a_hi and -1 < box.b_lo <= 0 <= box.b_hi < 1):
                 raise ConfigError(f"bound loss box must hold (1, 0) with 0 < a and |b| < 1, got {self.box}")
 
     def schedule(self, epoch: int) -> tuple[float, float]:

@@ -23,7 +23,7 @@ from usn_offline.runtime.preprocess import PreprocessConfig, pixels_to_normalise
 from usn_offline.train.bound_loss import BoundLossConfig
 from usn_offline.train.checkpoint import CheckpointInfo, config_path, save_checkpoint
 from usn_offline.train.device import resolve_device, use_all_cpu_cores
-from usn_offline.train.metrics import evaluate_model, predict_pixels
+from usn_offline.train.metrics import evaluate_predictions, predict_pixels
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,12 @@ class TrainResult:
 COLLAPSED_SPREAD_PX = 0.01
 
 
-def collapse_message(model: nn.Module, val_set: KeypointDataset, device: torch.device) -> str | None:
-    """Why the trained ``model`` is useless when it gives the same keypoints for every
-    validation image although their labels differ; None when it does not."""
+def collapse_message(predictions: np.ndarray, val_set: KeypointDataset) -> str | None:
+    """Why a trained network is useless when its ``predictions`` (N, K, 2 pixels) are the
+    same keypoints for every validation image although their labels differ; None when not."""
     if len(val_set) < 2:
         return None
-    spread = float(predict_pixels(model, val_set, device).std(axis=0).max())
+    spread = float(np.asarray(predictions).std(axis=0).max())
     label_spread = float(val_set.keypoints.std(axis=0).max())
     if spread >= COLLAPSED_SPREAD_PX or label_spread < 10 * COLLAPSED_SPREAD_PX:
         return None
@@ -264,7 +264,8 @@ def train_model(
     for epoch in bar:
         history.append(train_epoch(model, images, targets, config, gen, device, optimizer, scheduler,
                                    bound=config.bound, bound_epoch=epoch, where=f"epoch {epoch + 1}"))
-        val_err = evaluate_model(model, val_set, device).mean_px_error
+        val_pred = predict_pixels(model, val_set, device)
+        val_err = evaluate_predictions(val_pred, val_set).mean_px_error
         bar.set_postfix(loss=f"{history[-1]:.4f}", val_px=f"{val_err:.2f}")
         log.info("epoch %d: loss %.5f, val mean px error %.3f", epoch + 1, history[-1], val_err)
         info.training = {"config": asdict(config), "epochs_done": epoch + 1, "loss_history": history,
@@ -277,7 +278,7 @@ def train_model(
             on_epoch_end(epoch + 1, history[-1], val_err)
     bar.close()
     if history and start_epoch < config.epochs:
-        reason = collapse_message(model, val_set, device)
+        reason = collapse_message(val_pred, val_set)  # the last epoch's validation predictions
         if reason is not None:  # a constant-output checkpoint would only mislead what comes after it
             for path in (out, config_path(out), resume_path(out)):
                 path.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from usn_offline.data.dataset import KeypointDataset
-from usn_offline.runtime.preprocess import normalised_to_pixels
+from usn_offline.runtime.preprocess import normalised_to_pixels, scale_keypoints
 from usn_offline.tables import format_table
 
 DEFAULT_PCK_THRESHOLDS: tuple[float, ...] = (2.0, 5.0)
@@ -82,15 +82,17 @@ class EvaluationResult:
 
 def image_pixel_accuracy(pred_px: np.ndarray, dataset: KeypointDataset, thresholds: tuple[float, ...]
                          ) -> ImagePixelAccuracy | None:
-    """Errors in the stored images' pixels: a displacement (dx, dy) in the network input is
-    (dx * W/w, dy * H/h) in an image stored at W x H (``scale_keypoints`` is affine per axis)."""
+    """Errors in the stored images' pixels: prediction and label mapped back to each image's
+    stored size by ``scale_keypoints`` (the map the dataset loader used)."""
     if dataset.source_hw is None:
         return None
-    h, w = dataset.image_hw
-    scale = (np.asarray(dataset.source_hw, np.float64) / [h, w])[:, None, ::-1]  # (N, 1, [sx, sy])
-    diff = (np.asarray(pred_px, np.float64) - np.asarray(dataset.keypoints, np.float64)) * scale
-    err = np.linalg.norm(diff, axis=-1)
-    sizes, counts = np.unique(np.asarray(dataset.source_hw), axis=0, return_counts=True)
+    source_hw = np.asarray(dataset.source_hw)
+    sizes, counts = np.unique(source_hw, axis=0, return_counts=True)
+    err = np.empty(dataset.keypoints.shape[:2])
+    for size in sizes:
+        rows = (source_hw == size).all(axis=1)
+        back = [scale_keypoints(k[rows], dataset.image_hw, tuple(size)) for k in (pred_px, dataset.keypoints)]
+        err[rows] = keypoint_errors(*back)
     order = np.argsort(-counts, kind="stable")
     return ImagePixelAccuracy(mean_px_error=float(err.mean()), median_px_error=float(np.median(err)),
                               pck={float(t): float((err <= t).mean()) for t in thresholds},
