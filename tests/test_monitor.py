@@ -82,6 +82,23 @@ def test_saturation_fast_path_matches_the_definition(shape, dtype, max_value):
     assert saturated_fraction(frame, max_value) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("shape,dtype,max_value", [
+    ((48, 64, 3), np.uint8, 255), ((48, 64), np.uint8, 255), ((48, 64), np.uint16, 65535)])
+def test_saturation_of_frames_clipping_nowhere_or_in_one_value(shape, dtype, max_value):
+    """The min/max shortcut for frames that clip nowhere, next to frames where a single
+    channel value of a single pixel clips (which it must not miss)."""
+    frame = np.random.default_rng(4).integers(1, int(max_value), size=shape).astype(dtype)
+    assert saturated_fraction(frame, max_value) == 0.0
+    pixels = shape[0] * shape[1]
+    for value in (0, max_value):
+        one = frame.copy()
+        one.reshape(-1)[-1] = value
+        assert saturated_fraction(one, max_value) == pytest.approx(1 / pixels)
+        assert saturated_fraction(one[:, ::2], max_value) == 0.0  # a view without it (the last column)
+        one_strided = one[:, 1::2]  # a non-contiguous view holding the clipped value
+        assert saturated_fraction(one_strided, max_value) == pytest.approx(2 / pixels)
+
+
 def test_an_opaque_alpha_channel_is_not_saturation():
     rgb = np.full((48, 64, 3), 120, np.uint8)
     rgba = np.dstack([rgb, np.full((48, 64), 255, np.uint8)])

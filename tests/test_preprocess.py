@@ -65,6 +65,18 @@ def test_fast_area_path_equals_the_general_path(shape, dtype):
     assert np.abs(got - expected).max() < 1e-6
 
 
+def test_fast_area_path_on_padded_rows():
+    """A frame whose rows are padded (Image.step > width * channels) is a non-contiguous
+    view: it takes the luma-then-resize route of the fast path, with the same result."""
+    from usn_offline.runtime.preprocess import resize_image, to_gray_float
+
+    padded = np.random.default_rng(1).integers(0, 256, (480, 656, 3), dtype=np.uint8)
+    frame = padded[:, :640]
+    assert not frame.flags.c_contiguous
+    expected = resize_image(to_gray_float(np.ascontiguousarray(frame)), PreprocessConfig(64, 64))
+    assert np.abs(preprocess(frame, PreprocessConfig(64, 64)) - expected).max() < 1e-6
+
+
 def test_the_engine_and_the_runtime_map_outputs_to_the_same_pixels():
     """certify's PixelMap (what a certificate bounds) and runtime's normalised_to_pixels
     (what the node publishes) are one definition: equal to the bit, at any image size."""

@@ -160,8 +160,9 @@ class KeypointPipeline:
         net_px = normalised_to_pixels(out.reshape(-1, 2), h, w)
         keypoints = scale_keypoints(net_px, (h, w), frame.shape[:2])
         clipped = saturated_fraction(frame, max_value)
-        status = self.monitor.assess(image, clipped)
-        outside = self.scene_check.check(frame, image, clipped) if self.scene_check is not None else None
+        spread = float(image.std())
+        status = self.monitor.assess(image, clipped, spread)
+        outside = self.scene_check.check(frame, image, clipped, spread) if self.scene_check is not None else None
         t3 = time.perf_counter()
         index = self.frames_seen
         self.frames_seen += 1

@@ -83,11 +83,14 @@ class SceneContrastCheck:
             return 0.0
         return float(resize_image(mask.astype(np.float32), self.preprocess).mean()) * (1 + 1e-5) + 1e-7
 
-    def check(self, frame: np.ndarray, image: np.ndarray, clipped_fraction: float | None = None) -> str | None:
+    def check(self, frame: np.ndarray, image: np.ndarray, clipped_fraction: float | None = None,
+              std: float | None = None) -> str | None:
         """Why no lighting change of the range explains ``frame`` (whose network input is
         ``image``) for a scene of the assumed contrast, or None when one may
-        (``clipped_fraction``: see :meth:`error_bound`)."""
-        std, slack = float(image.std()), self.error_bound(frame, clipped_fraction)
+        (``clipped_fraction``: see :meth:`error_bound`; ``std``: the image's standard
+        deviation, when already measured)."""
+        std = float(image.std()) if std is None else std
+        slack = self.error_bound(frame, clipped_fraction)
         lowest, highest = self.lighting.a_lo * self.min_std, self.lighting.a_hi * self.max_std
         if std + slack < lowest:
             return (f"frame contrast too low for the lighting range: image std {std:.4f} (+-{slack:.4f}) < "

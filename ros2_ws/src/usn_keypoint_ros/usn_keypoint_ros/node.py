@@ -131,10 +131,14 @@ class KeypointNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.frames = self.flagged = self.bad = self.not_checked = 0
         self._stats_lock = threading.Lock()
-        # Proofs run on one worker thread: a frame arriving while it is busy gets its
-        # keypoints and a NOT_CHECKED status at once, so the node keeps the camera's rate
-        # and proves as many frames as the CPU allows.
-        self._prover = ThreadPoolExecutor(1, "frame_proof") if verifier is not None else None
+        # Proofs run on one low-priority worker thread: a frame arriving while it is busy
+        # gets its keypoints and a NOT_CHECKED status at once, so the node keeps the
+        # camera's rate and proves as many frames as the spare CPU allows.
+        self._prover = None
+        if verifier is not None:
+            from usn_offline.certify.frame import background_thread
+
+            self._prover = ThreadPoolExecutor(1, "frame_proof", initializer=background_thread)
         self._proof_busy = False
         self.latencies: deque[float] = deque(maxlen=200)
         self.arrivals: deque[float] = deque(maxlen=200)
@@ -207,11 +211,12 @@ class KeypointNode(Node):
         self.arrivals.append(time.monotonic())
         was_calibrating = self.stream.calibrating
         prove = "now" if self._prover is None else "busy" if self._proof_busy else "later"
+        # The payload is read in place (no copy of the frame); msg outlives the frame's use.
         if isinstance(msg, CompressedImage):
-            result = self.stream.process_compressed(msg.format, bytes(msg.data), prove)
+            result = self.stream.process_compressed(msg.format, memoryview(msg.data), prove)
         else:
             result = self.stream.process_raw(msg.height, msg.width, msg.encoding, bool(msg.is_bigendian), msg.step,
-                                             bytes(msg.data), prove)
+                                             memoryview(msg.data), prove)
         if was_calibrating and not self.stream.calibrating:
             self.get_logger().info(f"{result.status.detail}: {self.monitor.nominal}")
         if Reason.BAD_INPUT in result.status.reasons:
