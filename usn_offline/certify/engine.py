@@ -97,6 +97,8 @@ class CertificationReport:
     images: list[ImageResult]
     seconds: float
     region_edges: tuple[list[float], list[float]] | None = None
+    network_hw: tuple[int, int] | None = None  # the network input the pixel figures are in
+    image_hw: list[tuple[int, int]] | None = None  # each image's stored size (its own pixels)
 
     def count(self, status: Status) -> int:
         return sum(r.status is status for r in self.images)
@@ -230,8 +232,11 @@ def certify_dataset(model: torch.nn.Module, dataset: KeypointDataset, config: Ce
     if config.region_grid is not None:
         a_edges, b_edges = region_edges(config.box, config.region_grid)
         edges = (a_edges.tolist(), b_edges.tolist())
+    stored = dataset.source_hw if dataset.source_hw is not None else [dataset.image_hw] * len(dataset)
     return CertificationReport(config=config, images=[done[i] for i in range(len(dataset))],
-                               seconds=time.perf_counter() - started, region_edges=edges)
+                               seconds=time.perf_counter() - started, region_edges=edges,
+                               network_hw=tuple(dataset.image_hw),
+                               image_hw=[(int(h), int(w)) for h, w in stored])
 
 
 def _certify_here(model, dataset, refs, config, device, todo):

@@ -67,8 +67,47 @@ def rounding_margin(cfg: CertifyConfig) -> str:
     return f"{cfg.dtype} bounds widened by {margin:g} * (1 + |bound|) px"
 
 
+def _image_scale(report: CertificationReport, index: int) -> tuple[float, float] | None:
+    """(x, y) image pixels per network-input pixel of one image, None when unknown."""
+    if report.network_hw is None or report.image_hw is None:
+        return None
+    (h, w), (net_h, net_w) = report.image_hw[index], report.network_hw
+    return w / net_w, h / net_h
+
+
+def image_pixel_figures(report: CertificationReport) -> tuple[dict, list[dict]]:
+    """delta and each certified image's proven bound in the images' own pixels: the
+    property's per-axis range of delta over the images, and per image its stored size,
+    delta and (when certified) the largest proven deviation per axis. The proof itself is
+    in network-input pixels (``property.delta_px``); these are the same figures scaled."""
+    delta = report.config.delta
+    per_image, xs, ys = [], [], []
+    for i, result in enumerate(report.images):
+        scale = _image_scale(report, i)
+        if scale is None:
+            return {}, []
+        sx, sy = scale
+        entry = {"image_hw": list(report.image_hw[i]), "delta_image_px": [delta * sx, delta * sy]}
+        xs.append(delta * sx)
+        ys.append(delta * sy)
+        if result.status is Status.CERTIFIED:
+            ref, lo, hi = (torch.tensor(v, dtype=torch.float64).reshape(-1, 2)
+                           for v in (result.reference_px, result.lower_px, result.upper_px))
+            bound = torch.maximum(ref - lo, hi - ref).amax(dim=0)
+            entry["bound_image_px"] = [float(bound[0]) * sx, float(bound[1]) * sy]
+        per_image.append(entry)
+    if not per_image:
+        return {}, []
+    return {"network_input_hw": list(report.network_hw),
+            "delta_image_px": {"x": [min(xs), max(xs)], "y": [min(ys), max(ys)]}}, per_image
+
+
 def report_to_dict(report: CertificationReport, checkpoint: Path | str, data: Path | str, split: str) -> dict:
     cfg = report.config
+    units, per_image = image_pixel_figures(report)
+    images = [_plain(r) for r in report.images]
+    for doc, extra in zip(images, per_image, strict=False):
+        doc.update(extra)
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "kind": "usn-certification-report",
@@ -79,7 +118,9 @@ def report_to_dict(report: CertificationReport, checkpoint: Path | str, data: Pa
         "perturbation": {"a_lo": cfg.box.a_lo, "a_hi": cfg.box.a_hi, "b_lo": cfg.box.b_lo,
                          "b_hi": cfg.box.b_hi, "clip": cfg.clip,
                          "formula": "x' = clip(a*x + b, 0, 1)" if cfg.clip else "x' = a*x + b"},
-        "property": {"delta_px": cfg.delta, "norm": cfg.norm.value, "reference": cfg.reference.value},
+        "property": {"delta_px": cfg.delta, "norm": cfg.norm.value, "reference": cfg.reference.value,
+                     "units": "delta_px and every *_px bound: network-input pixels; *_image_px: the images' own",
+                     **units},
         "method": {"bound": cfg.bab.method.value, "dtype": cfg.dtype,
                    "intermediate": cfg.bab.bounds.intermediate, "backend": cfg.bab.bounds.backend,
                    "rounding_margin": rounding_margin(cfg), "bab": _plain(cfg.bab),
@@ -90,7 +131,7 @@ def report_to_dict(report: CertificationReport, checkpoint: Path | str, data: Pa
         "region_edges": ({"a": report.region_edges[0], "b": report.region_edges[1]}
                          if report.region_edges else None),
         "timings": {"total_seconds": report.seconds},
-        "images": [_plain(r) for r in report.images],
+        "images": images,
     }
 
 
@@ -105,8 +146,11 @@ def summary_table(report: CertificationReport) -> str:
     s = summary(report)
     cfg = report.config
     rows = [("box", f"a in [{cfg.box.a_lo:g}, {cfg.box.a_hi:g}], b in [{cfg.box.b_lo:g}, {cfg.box.b_hi:g}]"),
-            ("property", f"{cfg.norm.value} <= {cfg.delta:g} px vs {cfg.reference.value}"),
+            ("property", f"{cfg.norm.value} <= {cfg.delta:g} px vs {cfg.reference.value}"
+                         + ("" if report.network_hw is None else
+                            f" (network input {report.network_hw[1]}x{report.network_hw[0]} px)")),
             ("method", f"{cfg.bab.method.value} + branch and bound ({cfg.dtype})"),
+            *_image_delta_row(report),
             ("images", str(s["num_images"])),
             ("certified", f"{s['certified']} ({100 * s['certified_fraction']:.1f} %)"),
             ("falsified", str(s["falsified"])),
@@ -122,6 +166,17 @@ def summary_table(report: CertificationReport) -> str:
         total = sum(map(len, s["region_cells_at_coverage"]))
         rows.append((f"region cells >= {100 * cfg.coverage:g} %", f"{cells}/{total}"))
     return format_table(rows)
+
+
+def _image_delta_row(report: CertificationReport) -> list[tuple[str, str]]:
+    """delta in the images' own pixels, when they are stored at another size."""
+    units, _ = image_pixel_figures(report)
+    if not units or {tuple(hw) for hw in report.image_hw} == {tuple(report.network_hw)}:
+        return []
+    (x_lo, x_hi), (y_lo, y_hi) = units["delta_image_px"]["x"], units["delta_image_px"]["y"]
+    span = lambda lo, hi: f"{lo:.3g}" if math.isclose(lo, hi) else f"{lo:.3g}-{hi:.3g}"  # noqa: E731
+    sizes = ", ".join(sorted({f"{w}x{h}" for h, w in report.image_hw}))
+    return [("delta in image pixels", f"x {span(x_lo, x_hi)} px, y {span(y_lo, y_hi)} px (stored {sizes})")]
 
 
 # (path, type) of the report fields the export reads; numbers are finite.
