@@ -160,8 +160,9 @@ def _cli_defaults() -> list[tuple[str, list[str], str, object]]:
         ("data", data, "num_test", gen.num_test), ("data", data, "seed", gen.seed),
         ("data", data, "image_size", render.image_size), ("data", data, "target", render.target),
         ("train", train, "epochs", tr.epochs), ("train", train, "batch_size", tr.batch_size),
-        ("train", train, "augment_rotation", tr.augment_rotation_deg),
-        ("train", train, "augment_scale", list(tr.augment_scale)),
+        # None: what the dataset declares (tests/test_augmentation.py), else TrainConfig's identity
+        ("train", train, "augment_rotation", None), ("train", train, "augment_scale", None),
+        ("train", train, "augment_flip", None),
         ("train", train, "lr", tr.lr), ("train", train, "seed", tr.seed), ("train", train, "device", tr.device),
         ("train", train, "model", model.family),
         ("train", train, "input_size", None),  # None: chosen from the data (test_coco.py)

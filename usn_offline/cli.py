@@ -99,9 +99,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
         overrides["hidden"] = args.hidden
     overrides["input_norm"] = args.input_norm
     model_config = init.model if init is not None else model_config_for(args.model, **overrides)
+    geometric = _geometric_augmentation(args)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         device=args.device, augment_rotation_deg=args.augment_rotation,
-                         augment_scale=tuple(args.augment_scale),
+                         device=args.device, augment_rotation_deg=geometric.rotation_deg,
+                         augment_scale=geometric.scale, augment_flip_pairs=geometric.flip_pairs,
                          bound=BoundLossConfig(weight=args.bound_weight, eps=args.bound_eps,
                                                ramp_epochs=args.bound_ramp_epochs,
                                                box=PhotometricBox(*args.bound_box) if args.bound_box else None,
@@ -116,6 +117,27 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(f"trained {result.epochs_run} epoch(s) in {result.seconds:.1f} s: final loss "
               f"{result.final_train_loss:.5f}, val mean pixel error {result.val_mean_px_error:.3f} px")
         print(f"checkpoint written to {result.checkpoint}")
+
+
+def _geometric_augmentation(args: argparse.Namespace):
+    """Geometric augmentation of a training run: the dataset's declaration (its category's
+    ``augmentation``), each part replaced by the option given on the command line."""
+    from usn_offline.data.augmentation import GeometricAugmentation
+    from usn_offline.data.coco import read_augmentation
+
+    declared = read_augmentation(args.data, "train")
+    chosen = GeometricAugmentation(
+        declared.rotation_deg if args.augment_rotation is None else args.augment_rotation,
+        declared.scale if args.augment_scale is None else tuple(args.augment_scale),
+        None if args.augment_flip is False else declared.flip_pairs)
+    if args.augment_flip and chosen.flip_pairs is None:
+        raise ConfigError("--augment-flip needs the dataset to declare which keypoints a mirror image exchanges "
+                          "(category 'augmentation': {'flip_pairs': [...]}, docs/TRAINING.md)")
+    given = [a for a, v in (("--augment-rotation", args.augment_rotation), ("--augment-scale", args.augment_scale),
+                            ("--augment-flip", args.augment_flip)) if v is not None]
+    source = "the dataset's declaration" + (f", {', '.join(given)} from the command line" if given else "")
+    print(f"geometric augmentation: {chosen.describe()} ({source})")
+    return chosen
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -449,10 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=20)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=_positive_float, default=2e-3)
-    p.add_argument("--augment-rotation", type=_finite_float, default=0.0, metavar="DEG",
-                   help="turn each training image by up to +-DEG about its centre, keypoints with it (0: off)")
-    p.add_argument("--augment-scale", type=_positive_float, nargs=2, default=[1.0, 1.0], metavar=("LO", "HI"),
-                   help="scale each training image by a factor in [LO, HI] about its centre (1 1: off)")
+    p.add_argument("--augment-rotation", type=_finite_float, metavar="DEG",
+                   help="turn each training image by up to +-DEG about its centre, keypoints with it (0: off; "
+                   "default: what the dataset declares, else off)")
+    p.add_argument("--augment-scale", type=_positive_float, nargs=2, metavar=("LO", "HI"),
+                   help="scale each training image by a factor in [LO, HI] about its centre (1 1: off; "
+                   "default: what the dataset declares, else off)")
+    p.add_argument("--augment-flip", action=argparse.BooleanOptionalAction,
+                   help="mirror half the training images left-right, exchanging the keypoint pairs the dataset "
+                   "declares (default: on when it declares them)")
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights and architecture "
                    "(fine-tuning, e.g. with --bound-weight)")
     _bound_loss_arguments(p, "training")

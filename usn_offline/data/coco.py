@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import cv2
 import numpy as np
 
+from usn_offline.data.augmentation import GeometricAugmentation, parse_augmentation
 from usn_offline.data.dataset import KeypointDataset
 from usn_offline.errors import DatasetError
 from usn_offline.jsonio import loads_strict, read_json_object
@@ -72,8 +73,10 @@ def write_split(
     keypoint_names: tuple[str, ...],
     skeleton: tuple[tuple[int, int], ...] = (),
     info: dict | None = None,
+    augmentation: dict | None = None,
 ) -> Path:
-    """Write uint8 grayscale images and their (N, K, 2) pixel keypoints as a COCO split."""
+    """Write uint8 grayscale images and their (N, K, 2) pixel keypoints as a COCO split
+    (``augmentation``: the category's declaration, :mod:`usn_offline.data.augmentation`)."""
     root = Path(root)
     image_dir = root / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +103,8 @@ def write_split(
         "annotations": coco_annotations,
         "categories": [{"id": 1, "name": "target", "supercategory": "target",
                         "keypoints": list(keypoint_names),
-                        "skeleton": [list(e) for e in skeleton]}],
+                        "skeleton": [list(e) for e in skeleton],
+                        **({"augmentation": augmentation} if augmentation is not None else {})}],
     }
     path = annotation_path(root, split)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +157,15 @@ def _check_file_name(name: object, path: Path) -> None:
 def read_keypoint_names(root: Path | str, split: str) -> tuple[str, ...]:
     doc = _read_json(annotation_path(root, split))
     return _category(doc, annotation_path(root, split))[1]
+
+
+def read_augmentation(root: Path | str, split: str = "train") -> GeometricAugmentation:
+    """The geometric augmentation the split's category declares (none when it declares none)."""
+    path = annotation_path(root, split)
+    doc = _read_json(path)
+    _, names = _category(doc, path)
+    declared = next(c for c in doc["categories"] if isinstance(c, dict) and c.get("keypoints")).get("augmentation")
+    return GeometricAugmentation() if declared is None else parse_augmentation(declared, names, str(path))
 
 
 def _category(doc: dict, path: Path) -> tuple[int, tuple[str, ...]]:

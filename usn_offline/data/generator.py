@@ -60,5 +60,6 @@ def generate_dataset(root: Path | str, config: GeneratorConfig, progress: bool =
     for split in SPLITS:
         images, keypoints = render_split(config, split, progress)
         target = TARGETS[config.render.target]
-        out[split] = write_split(root, split, images, keypoints, target.keypoint_names, target.skeleton, info)
+        out[split] = write_split(root, split, images, keypoints, target.keypoint_names, target.skeleton, info,
+                                 target.augmentation)
     return out

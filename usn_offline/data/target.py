@@ -106,18 +106,27 @@ def make_hexagon_texture(size: int = 96, dark: float = 0.15, light: float = 0.9)
 
 @dataclass(frozen=True)
 class Target:
-    """A built-in target: its keypoints' names and skeleton, how it is drawn, and the
-    in-plane rotation range its generator uses by default."""
+    """A built-in target: its keypoints' names and skeleton, how it is drawn, the in-plane
+    rotation range its generator uses by default, and the geometric augmentation its
+    datasets declare (:mod:`usn_offline.data.augmentation`; None: none)."""
 
     name: str
     keypoint_names: tuple[str, ...]
     skeleton: tuple[tuple[int, int], ...]
     draw: Callable[[int, float, float], TargetTexture]
     max_rotation_deg: float
+    augmentation: dict | None = None
 
+
+# The hexagon is symmetric about the axis through vertex 0, its mark and the centre: a
+# mirrored view shows it with vertices 1/5 and 2/4 exchanged. The landing pad's mirror
+# image (a transposed "H") is no view of the pad, so it declares nothing (and the demo's
+# training stays as measured).
+HEXAGON_AUGMENTATION = {"rotation_deg": 30.0, "scale": [0.85, 1.0],
+                        "flip_pairs": [["vertex_1", "vertex_5"], ["vertex_2", "vertex_4"]]}
 
 TARGETS: dict[str, Target] = {
     "landing_pad": Target("landing_pad", KEYPOINT_NAMES, SKELETON, make_pad_texture, 40.0),
     "docking_hexagon": Target("docking_hexagon", HEXAGON_KEYPOINT_NAMES, HEXAGON_SKELETON, make_hexagon_texture,
-                              180.0),
+                              180.0, HEXAGON_AUGMENTATION),
 }

@@ -48,6 +48,9 @@ class TrainConfig:
     # the keypoint order remapped.
     augment_rotation_deg: float = 0.0
     augment_scale: tuple[float, float] = (1.0, 1.0)
+    # Horizontal mirroring of half the images, these keypoint index pairs exchanged (None:
+    # off); only for a target whose mirror image is a view of itself (data/augmentation.py).
+    augment_flip_pairs: tuple[tuple[int, int], ...] | None = None
     smooth_l1_beta: float = 0.01
     # Bound-based (certifiable) training: off unless bound.weight > 0 (train/bound_loss.py).
     bound: BoundLossConfig = field(default_factory=BoundLossConfig)
@@ -123,6 +126,8 @@ def geometric_batch(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, gen: 
     keypoints (N, 2K) with it (bilinear resampling, edge pixels repeated outward); images
     whose keypoints would leave the frame stay as they are. Identity, drawing nothing from
     ``gen``, when the config asks for no geometric augmentation."""
+    if config.augment_flip_pairs is not None:
+        x, y = _mirror_half(x, y, config.augment_flip_pairs, gen)
     if config.augment_rotation_deg == 0 and tuple(config.augment_scale) == (1.0, 1.0):
         return x, y
     n, _, h, w = x.shape
@@ -144,6 +149,21 @@ def geometric_batch(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, gen: 
     keep = inside.view(n, 1, 1, 1)
     return (torch.where(keep, turned, x),
             torch.where(inside.view(n, 1), moved.reshape(n, -1).to(y.dtype), y))
+
+
+def _mirror_half(x: torch.Tensor, y: torch.Tensor, pairs: tuple[tuple[int, int], ...], gen: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror each image left-right with probability 1/2: its normalised keypoints' x
+    changes sign (pixel-centre convention: x -> W - 1 - x) and each pair exchanges places."""
+    n = x.shape[0]
+    flip = torch.rand(n, generator=gen) < 0.5
+    order = list(range(y.shape[1] // 2))
+    for i, j in pairs:
+        order[i], order[j] = j, i
+    points = y.reshape(n, -1, 2)
+    mirrored = (points * points.new_tensor([-1.0, 1.0]))[:, order].reshape(n, -1)
+    return (torch.where(flip.view(n, 1, 1, 1), torch.flip(x, dims=(3,)), x),
+            torch.where(flip.view(n, 1), mirrored, y))
 
 
 def normalised_targets(dataset: KeypointDataset) -> torch.Tensor:
