@@ -92,6 +92,12 @@ class Graph:
             cache[i] = node.op.apply(zeros)[0]
         return cache[i]
 
+    @property
+    def has_residual(self) -> bool:
+        """Whether two paths of the network are added (a residual block; the clip's
+        relu(z) - relu(z - 1) aside)."""
+        return any(isinstance(n.op, AddOp) and n.op.coeffs == (1.0, 1.0) for n in self.nodes)
+
     def default_cut(self) -> int | None:
         """Where the backward pass hands over to forward linear bounds by default: the output
         of the first network ReLU whose resolution is at most a quarter of the input's.
