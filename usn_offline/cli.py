@@ -12,10 +12,14 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from usn_offline import __version__
 from usn_offline.errors import CheckpointError, ConfigError, UsnError
 from usn_offline.replay.scenarios import CAMERA, DEFAULT_SCENARIOS, EXTRAS, LIGHTING
+
+if TYPE_CHECKING:  # the CLI imports each command's libraries when it runs
+    from usn_offline.data.augmentation import GeometricAugmentation
 
 SCENARIO_RECIPES = (*LIGHTING, *CAMERA, *EXTRAS)
 
@@ -119,7 +123,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(f"checkpoint written to {result.checkpoint}")
 
 
-def _geometric_augmentation(args: argparse.Namespace):
+def _geometric_augmentation(args: argparse.Namespace) -> GeometricAugmentation:
     """Geometric augmentation of a training run: the dataset's declaration (its category's
     ``augmentation``), each part replaced by the option given on the command line."""
     from usn_offline.data.augmentation import GeometricAugmentation
