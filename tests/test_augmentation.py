@@ -93,6 +93,12 @@ def test_train_uses_the_declaration_unless_told_otherwise(tmp_path, capsys):
     assert main([*common, "--out", str(tmp_path / "n.pt"), "--augment-rotation", "0", "--no-augment-flip"]) == 0
     assert "geometric augmentation: scale 0.85-1 (the dataset's declaration, --augment-rotation, " \
            "--augment-flip from the command line)" in capsys.readouterr().out
+    # Pruning fine-tunes with the same declaration.
+    assert main(["prune", "--checkpoint", str(tmp_path / "m.pt"), "--data", str(data), "--ratio", "0.2",
+                 "--rounds", "1", "--finetune-epochs", "1", "--score-images", "8", "--out", str(tmp_path / "p.pt"),
+                 "--quiet"]) == 0
+    assert "fine-tuning with geometric augmentation: rotation up to +-30 deg, scale 0.85-1, horizontal " \
+           "mirroring" in capsys.readouterr().out
 
 
 def test_mirroring_a_target_that_declares_no_pairs_is_refused(tmp_path, capsys):

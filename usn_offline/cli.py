@@ -20,6 +20,7 @@ from usn_offline.replay.scenarios import CAMERA, DEFAULT_SCENARIOS, EXTRAS, LIGH
 
 if TYPE_CHECKING:  # the CLI imports each command's libraries when it runs
     from usn_offline.data.augmentation import GeometricAugmentation
+    from usn_offline.train import TrainConfig
 
 SCENARIO_RECIPES = (*LIGHTING, *CAMERA, *EXTRAS)
 
@@ -229,12 +230,25 @@ def _cmd_prune(args: argparse.Namespace) -> None:
         print(f"{args.out} is up to date (pruned from this checkpoint and data with these settings)")
         return
     model, info, train_set, val_set, device = _load_for_pruning(args)
-    result = prune_model(model, train_set, val_set, config, device=device, progress=not args.quiet)
+    result = prune_model(model, train_set, val_set, config, device=device, progress=not args.quiet,
+                         train_config=_finetune_augmentation(args.data))
     print(rounds_table(result))
     info = replace(info, model=result.model.config,
                    training={**info.training, "pruning": result.to_dict(source, str(args.data))})
     save_checkpoint(args.out, result.model, info)
     print(f"pruned checkpoint written to {args.out}")
+
+
+def _finetune_augmentation(data: Path) -> TrainConfig:
+    """Pruning's fine-tuning: the training defaults with the geometric augmentation the
+    dataset declares (none for the landing pad, so its pruning is what it was)."""
+    from usn_offline.data.coco import read_augmentation
+    from usn_offline.train import TrainConfig
+
+    declared = read_augmentation(data, "train")
+    print(f"fine-tuning with geometric augmentation: {declared.describe()} (the dataset's declaration)")
+    return TrainConfig(augment_rotation_deg=declared.rotation_deg, augment_scale=declared.scale,
+                       augment_flip_pairs=declared.flip_pairs)
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
