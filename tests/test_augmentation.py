@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from usn_offline.cli import main
-from usn_offline.data import GeneratorConfig, RenderConfig, generate_dataset
+from usn_offline.data import GeneratorConfig, RenderConfig, generate_dataset, load_split
 from usn_offline.data.augmentation import GeometricAugmentation, parse_augmentation
-from usn_offline.data.coco import annotation_path, read_augmentation
+from usn_offline.data.coco import annotation_path
 from usn_offline.data.target import HEXAGON_KEYPOINT_NAMES, TARGETS, make_hexagon_texture
 from usn_offline.errors import DatasetError
 from usn_offline.runtime.preprocess import normalised_to_pixels, pixels_to_normalised
@@ -82,7 +82,8 @@ def _hexagon_data(root):
 
 def test_train_uses_the_declaration_unless_told_otherwise(tmp_path, capsys):
     data = _hexagon_data(tmp_path / "hex")
-    assert read_augmentation(data).flip_pairs == ((1, 5), (2, 4))
+    assert load_split(data, "train").augmentation.flip_pairs == ((1, 5), (2, 4))
+    assert load_split(data, "train").subset(slice(0, 2)).augmentation.rotation_deg == 30.0
     common = ["train", "--data", str(data), "--epochs", "1", "--widths", "4", "4", "4", "4", "4", "--hidden", "8",
               "--quiet"]
     assert main([*common, "--out", str(tmp_path / "m.pt")]) == 0
@@ -104,7 +105,7 @@ def test_train_uses_the_declaration_unless_told_otherwise(tmp_path, capsys):
 def test_mirroring_a_target_that_declares_no_pairs_is_refused(tmp_path, capsys):
     data = tmp_path / "pad"
     generate_dataset(data, GeneratorConfig(num_train=8, num_val=4, num_test=4, seed=1), progress=False)
-    assert read_augmentation(data) == GeometricAugmentation()
+    assert load_split(data, "train").augmentation == GeometricAugmentation()
     code = main(["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--augment-flip"])
     err = capsys.readouterr().err
     assert code != 0 and "--augment-flip needs the dataset to declare" in err and len(err.strip().splitlines()) == 1

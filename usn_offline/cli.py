@@ -104,14 +104,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
         overrides["hidden"] = args.hidden
     overrides["input_norm"] = args.input_norm
     model_config = init.model if init is not None else model_config_for(args.model, **overrides)
-    geometric = _geometric_augmentation(args)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         device=args.device, augment_rotation_deg=geometric.rotation_deg,
-                         augment_scale=geometric.scale, augment_flip_pairs=geometric.flip_pairs,
+                         device=args.device,
                          bound=BoundLossConfig(weight=args.bound_weight, eps=args.bound_eps,
                                                ramp_epochs=args.bound_ramp_epochs,
                                                box=PhotometricBox(*args.bound_box) if args.bound_box else None,
-                                               tiles=args.bound_tiles))
+                                               tiles=args.bound_tiles)
+                         ).with_geometric(_geometric_augmentation(args, train_set.augmentation))
     print(f"model {model_config.family}: {count_parameters(build_model(model_config)):,} parameters; "
           f"{len(train_set)} train / {len(val_set)} val images")
     result = train_model(train_set, val_set, model_config, config, args.out, resume=args.resume,
@@ -124,13 +123,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(f"checkpoint written to {result.checkpoint}")
 
 
-def _geometric_augmentation(args: argparse.Namespace) -> GeometricAugmentation:
-    """Geometric augmentation of a training run: the dataset's declaration (its category's
-    ``augmentation``), each part replaced by the option given on the command line."""
+def _geometric_augmentation(args: argparse.Namespace, declared: GeometricAugmentation) -> GeometricAugmentation:
+    """Geometric augmentation of a training run: the dataset's ``declared`` one (its
+    category's ``augmentation``), each part replaced by the option given on the command line."""
     from usn_offline.data.augmentation import GeometricAugmentation
-    from usn_offline.data.coco import read_augmentation
 
-    declared = read_augmentation(args.data, "train")
     chosen = GeometricAugmentation(
         declared.rotation_deg if args.augment_rotation is None else args.augment_rotation,
         declared.scale if args.augment_scale is None else tuple(args.augment_scale),
@@ -231,7 +228,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
         return
     model, info, train_set, val_set, device = _load_for_pruning(args)
     result = prune_model(model, train_set, val_set, config, device=device, progress=not args.quiet,
-                         train_config=_finetune_augmentation(args.data))
+                         train_config=_finetune_augmentation(train_set.augmentation))
     print(rounds_table(result))
     info = replace(info, model=result.model.config,
                    training={**info.training, "pruning": result.to_dict(source, str(args.data))})
@@ -239,16 +236,13 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     print(f"pruned checkpoint written to {args.out}")
 
 
-def _finetune_augmentation(data: Path) -> TrainConfig:
+def _finetune_augmentation(declared: GeometricAugmentation) -> TrainConfig:
     """Pruning's fine-tuning: the training defaults with the geometric augmentation the
     dataset declares (none for the landing pad, so its pruning is what it was)."""
-    from usn_offline.data.coco import read_augmentation
     from usn_offline.train import TrainConfig
 
-    declared = read_augmentation(data, "train")
     print(f"fine-tuning with geometric augmentation: {declared.describe()} (the dataset's declaration)")
-    return TrainConfig(augment_rotation_deg=declared.rotation_deg, augment_scale=declared.scale,
-                       augment_flip_pairs=declared.flip_pairs)
+    return TrainConfig().with_geometric(declared)
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:

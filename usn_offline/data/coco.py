@@ -159,23 +159,18 @@ def read_keypoint_names(root: Path | str, split: str) -> tuple[str, ...]:
     return _category(doc, annotation_path(root, split))[1]
 
 
-def read_augmentation(root: Path | str, split: str = "train") -> GeometricAugmentation:
-    """The geometric augmentation the split's category declares (none when it declares none)."""
-    path = annotation_path(root, split)
-    doc = _read_json(path)
-    _, names = _category(doc, path)
-    declared = next(c for c in doc["categories"] if isinstance(c, dict) and c.get("keypoints")).get("augmentation")
-    return GeometricAugmentation() if declared is None else parse_augmentation(declared, names, str(path))
-
-
-def _category(doc: dict, path: Path) -> tuple[int, tuple[str, ...]]:
+def _category(doc: dict, path: Path) -> tuple[int, tuple[str, ...], GeometricAugmentation]:
+    """The one keypoint category: its id, keypoint names and declared augmentation."""
     cats = [c for c in doc["categories"] if isinstance(c, dict) and c.get("keypoints")]
     if len(cats) != 1:
         raise DatasetError(f"{path}: expected exactly one category with 'keypoints', found {len(cats)}")
     names = cats[0]["keypoints"]
     if not all(isinstance(n, str) for n in names):
         raise DatasetError(f"{path}: category keypoint names must be strings")
-    return cats[0].get("id", 1), tuple(names)
+    declared = cats[0].get("augmentation")
+    augmentation = GeometricAugmentation() if declared is None else parse_augmentation(declared, tuple(names),
+                                                                                       str(path))
+    return cats[0].get("id", 1), tuple(names), augmentation
 
 
 def load_split(
@@ -199,7 +194,7 @@ def load_split(
         raise DatasetError(f"dataset folder not found: {root}")
     path = annotation_path(root, split)
     doc = _read_json(path)
-    category_id, names = _category(doc, path)
+    category_id, names, augmentation = _category(doc, path)
     k = len(names)
     if expected_keypoints is not None and k != expected_keypoints:
         raise DatasetError(f"{path}: has {k} keypoints per object, the model expects {expected_keypoints}")
@@ -281,4 +276,5 @@ def load_split(
         file_names=tuple(files),
         split=split,
         source_hw=np.asarray(source_hw, dtype=np.int64),
+        augmentation=augmentation,
     )

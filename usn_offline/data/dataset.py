@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from usn_offline.data.augmentation import GeometricAugmentation
 
 
 @dataclass
@@ -20,6 +22,7 @@ class KeypointDataset:
     file_names: tuple[str, ...]
     split: str
     source_hw: np.ndarray | None = None
+    augmentation: GeometricAugmentation = field(default_factory=GeometricAugmentation)
 
     def __post_init__(self) -> None:
         if self.images.ndim != 3:
@@ -52,4 +55,5 @@ class KeypointDataset:
             file_names=tuple(self.file_names[i] for i in idx),
             split=self.split,
             source_hw=None if self.source_hw is None else self.source_hw[idx],
+            augmentation=self.augmentation,
         )

@@ -7,7 +7,7 @@ import logging
 import pickle
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from usn_offline.data.augmentation import GeometricAugmentation
 from usn_offline.data.dataset import KeypointDataset
 from usn_offline.errors import CheckpointError, ConfigError, TrainingError, check_finite_loss, first_line
 from usn_offline.models import KeypointNet, ModelConfig, build_model
@@ -73,6 +74,11 @@ class TrainConfig:
             raise ConfigError(f"augment_rotation_deg must be in [0, 180], got {self.augment_rotation_deg}")
         if not 0 < self.augment_scale[0] <= self.augment_scale[1] < float("inf"):
             raise ConfigError(f"augment_scale must satisfy 0 < lo <= hi, got {self.augment_scale}")
+
+    def with_geometric(self, geometric: GeometricAugmentation) -> TrainConfig:
+        """This config with ``geometric``'s rotation, scale and mirroring."""
+        return replace(self, augment_rotation_deg=geometric.rotation_deg, augment_scale=tuple(geometric.scale),
+                       augment_flip_pairs=geometric.flip_pairs)
 
 
 @dataclass
