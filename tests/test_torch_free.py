@@ -7,6 +7,7 @@ TORCH_FREE_MODULES = ["usn_offline.runtime", "usn_offline.runtime.preprocess", "
                       "usn_offline.runtime.backends", "usn_offline.runtime.hashing", "usn_offline.perturb",
                       "usn_offline.errors", "usn_offline.jsonio", "usn_offline.runtime.monitor",
                       "usn_offline.runtime.pipeline", "usn_offline.runtime.stream", "usn_offline.runtime.dds",
+                      "usn_offline.runtime.proof_process",
                       "usn_offline.replay.bag_reader", "usn_offline.replay.bag_writer", "usn_offline.replay.offline",
                       "usn_offline.replay.live", "usn_offline.replay.report", "usn_offline.replay.plots",
                       "usn_offline.data", "usn_offline.runtime.scene_check", "usn_offline.runtime.signing",

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,14 +232,14 @@ class FrameCertifier:
         return deviation if bool(prop.violates(torch.tensor([deviation]))[0]) else None
 
 
-def background_thread() -> None:
-    """Make the calling thread a background prover beside a serving one: the lowest CPU
-    priority (Linux nices threads one by one) and torch's work on this thread alone (its
-    intra-op pool is the process's, and in the node only proofs use torch). Proofs then
-    take spare CPU and do not slow the frames being served (bench/node_bench.py)."""
+def background_process() -> None:
+    """Make this process a background prover beside a serving one (the node's proof
+    process, runtime/proof_process.py): the lowest CPU priority, and torch's work on one
+    thread. Proofs then take spare CPU only and do not slow the frames being served
+    (bench/node_bench.py)."""
     torch.set_num_threads(1)
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: the priority stays
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
 
 
 def make_verifier(bundle: Bundle, enabled: bool, max_boxes: int, lighting: tuple[float, ...] = (0.0,) * 4

@@ -34,6 +34,7 @@ from usn_offline.runtime.bundle import CERTIFICATE, Bundle
 from usn_offline.runtime.hashing import sha256_file
 from usn_offline.runtime.monitor import MonitorResult, PhotometricMonitor, Reason
 from usn_offline.runtime.pipeline import FrameResult, KeypointPipeline
+from usn_offline.runtime.proof_process import ProofProcess, ProofProcessError, torch_available
 from usn_offline.runtime.scene_check import make_scene_check
 from usn_offline.runtime.stream import FrameStream
 
@@ -94,7 +95,6 @@ class KeypointNode(Node):
                                f"delta {self.bundle.effective_delta_px:.4f} px")
         self.monitor = PhotometricMonitor(self.bundle.region, self.bundle.nominal, p["monitor_z"],
                                           p["monitor_max_saturated_fraction"])
-        verifier = self._verifier(p) if p["frame_proof"] else None
         try:
             box = self.bundle.lighting_range(tuple(float(v) for v in p["frame_proof_lighting"]))
             scene = make_scene_check(self.bundle, p["scene_check"], box,
@@ -105,6 +105,7 @@ class KeypointNode(Node):
             self.get_logger().info(f"scene check: frames whose contrast no lighting a in [{box.a_lo:g}, {box.a_hi:g}], "
                                    f"b in [{box.b_lo:g}, {box.b_hi:g}] can give from a scene of "
                                    f"std [{scene.min_std:.4f}, {scene.max_std:.4f}] are OUT_OF_REGION")
+        verifier = self._verifier(p) if p["frame_proof"] else None
         self.pipeline = KeypointPipeline(self.bundle, self.backend, self.monitor, matches, p["max_image_pixels"],
                                          verifier=verifier, prove_every=p["frame_proof_every"],
                                          monitor_veto=p["monitor_veto"], scene_check=scene,
@@ -131,14 +132,11 @@ class KeypointNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.frames = self.flagged = self.bad = self.not_checked = 0
         self._stats_lock = threading.Lock()
-        # Proofs run on one low-priority worker thread: a frame arriving while it is busy
-        # gets its keypoints and a NOT_CHECKED status at once, so the node keeps the
-        # camera's rate and proves as many frames as the spare CPU allows.
-        self._prover = None
-        if verifier is not None:
-            from usn_offline.certify.frame import background_thread
-
-            self._prover = ThreadPoolExecutor(1, "frame_proof", initializer=background_thread)
+        # Proofs run one at a time in the low-priority proof process; this thread only
+        # waits for its answers. A frame arriving while it is busy gets its keypoints and
+        # a NOT_CHECKED status at once, so the node keeps the camera's rate and proves as
+        # many frames as the spare CPU allows.
+        self._prover = ThreadPoolExecutor(1, "frame_proof") if verifier is not None else None
         self._proof_busy = False
         self.latencies: deque[float] = deque(maxlen=200)
         self.arrivals: deque[float] = deque(maxlen=200)
@@ -174,19 +172,19 @@ class KeypointNode(Node):
         self.get_logger().info(f"bundle signed by trusted key {key[:16]}...")
         return True
 
-    def _verifier(self, p: dict):
-        try:
-            from usn_offline.certify.frame import make_verifier
-        except ImportError as exc:
-            self.get_logger().warning(f"per-frame proofs need torch ({exc}): every frame is NOT_CHECKED")
+    def _verifier(self, p: dict) -> ProofProcess | None:
+        """The per-frame prover: a child process of its own (runtime/proof_process.py), so
+        proofs never hold this process's interpreter lock while a frame is being served."""
+        if not torch_available():
+            self.get_logger().warning("per-frame proofs need torch, which is not installed: every frame is "
+                                      "NOT_CHECKED")
             return None
         try:
-            verifier = make_verifier(self.bundle, True, p["frame_proof_max_boxes"],
-                                     tuple(float(v) for v in p["frame_proof_lighting"]))
-        except (UsnError, ValueError) as exc:
+            verifier = ProofProcess(self.bundle, p["frame_proof_max_boxes"],
+                                    tuple(float(v) for v in p["frame_proof_lighting"]))
+        except ProofProcessError as exc:
             raise StartupError(f"cannot prove frames for this bundle: {exc}") from exc
-        self.get_logger().info(f"per-frame proofs for lighting {verifier.config.lighting}, budget "
-                               f"{p['frame_proof_max_boxes']} boxes")
+        self.get_logger().info(f"per-frame proofs in process {verifier.pid}: {verifier.description}")
         return verifier
 
     def _validate_start(self) -> None:
@@ -257,6 +255,7 @@ class KeypointNode(Node):
         prover = getattr(self, "_prover", None)  # None too when the start-up failed early
         if prover is not None:
             prover.shutdown(wait=True)  # the frame being proved still gets its status
+            self.pipeline.verifier.close()
         super().destroy_node()
 
     def _keypoints_msg(self, image: Image, result: FrameResult) -> KeypointArray:

@@ -1,0 +1,101 @@
+"""The node's per-frame proofs in a child process (usn_offline/runtime/proof_process.py):
+the same decisions as the in-process prover, and a clear failure when the child cannot
+start or stops, without taking serving down."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import cv2
+import numpy as np
+import pytest
+
+from usn_offline.certify.frame import make_verifier
+from usn_offline.data.backgrounds import load_backgrounds
+from usn_offline.data.render import RenderConfig, render_scene
+from usn_offline.runtime.backends import create_backend
+from usn_offline.runtime.bundle import Bundle
+from usn_offline.runtime.monitor import PhotometricMonitor, Reason
+from usn_offline.runtime.pipeline import KeypointPipeline
+from usn_offline.runtime.preprocess import preprocess
+from usn_offline.runtime.proof_process import ProofProcess, ProofProcessError
+
+LIGHTING = (0.97, 1.03, -0.03, 0.03)
+
+
+def _frames() -> list[np.ndarray]:
+    """Camera-size rgb8 scenes relit inside and beyond the range, some with clipped pixels."""
+    frames = []
+    lights = [(1.0, 0.0), (0.98, 0.02), (1.03, -0.03), (1.3, 0.2), (0.6, -0.3)]
+    for seed, (a, b) in zip(range(200, 205), lights, strict=True):
+        image, _ = render_scene(np.random.default_rng(seed), load_backgrounds(), RenderConfig())
+        lit = np.clip(a * image / 255.0 + b, 0.0, 1.0)
+        frame = cv2.resize((255 * lit).round().astype(np.uint8), (640, 480), interpolation=cv2.INTER_LINEAR)
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def served(exported_bundle):
+    bundle = Bundle.load(exported_bundle)
+    prover = ProofProcess(bundle, 8, LIGHTING)
+    yield bundle, prover, create_backend("onnxruntime", bundle)
+    prover.close()
+
+
+def test_the_proof_process_decides_as_the_in_process_prover(served):
+    bundle, prover, backend = served
+    assert "budget 8 boxes" in prover.description
+    local = make_verifier(bundle, True, 8, LIGHTING)
+    outcomes = set()
+    for frame in _frames():
+        out = backend.infer(preprocess(frame, bundle.preprocess)[None, None].astype(np.float32)).reshape(-1)
+        remote, here = prover.prove(frame, out), local.prove(frame, out)
+        assert remote.certified == here.certified
+        assert remote.deviation_px == pytest.approx(here.deviation_px, rel=1e-9, abs=1e-9)
+        assert remote.detail == here.detail
+        outcomes.add(remote.certified)
+    assert outcomes == {True, False}  # both kinds of answer come back
+
+
+def test_a_frame_the_prover_cannot_handle_is_not_proved_and_the_prover_goes_on(served):
+    bundle, prover, _ = served
+    with pytest.raises(ProofProcessError, match="ValueError"):
+        prover.prove(np.zeros((48, 64), np.uint8), np.zeros(3))  # not 2K keypoint coordinates
+    frame = _frames()[0]
+    out = np.zeros(2 * len(bundle.keypoint_names))
+    assert isinstance(prover.prove(frame, out).certified, bool)
+
+
+def test_a_stopped_proof_process_flags_frames_and_serving_goes_on(exported_bundle):
+    bundle = Bundle.load(exported_bundle)
+    prover = ProofProcess(bundle, 4, LIGHTING)
+    pipeline = KeypointPipeline(bundle, create_backend("onnxruntime", bundle),
+                                PhotometricMonitor(bundle.region, bundle.nominal), verifier=prover)
+    frame = _frames()[0]
+    assert "verifier error" not in pipeline.process(frame).status.detail  # a live prover answers
+    os.kill(prover.pid, signal.SIGKILL)
+    prover._process.wait()
+    result = pipeline.process(frame)
+    assert result.keypoints_px is not None and not result.certified
+    assert Reason.NOT_PROVED in result.status.reasons
+    assert f"the proof process has stopped (exit code {-signal.SIGKILL})" in result.status.detail
+    prover.close()
+
+
+def test_the_proof_process_ends_when_closed(exported_bundle):
+    prover = ProofProcess(Bundle.load(exported_bundle), 4, LIGHTING)
+    prover.close()
+    assert prover._process.returncode == 0
+    with pytest.raises(ProofProcessError, match="has stopped"):
+        prover.prove(_frames()[0], np.zeros(8))
+
+
+def test_a_model_the_prover_cannot_read_stops_the_start_with_the_reason(exported_bundle, tmp_path):
+    copy = shutil.copytree(exported_bundle, tmp_path / "bundle")
+    bundle = Bundle.load(copy)  # loaded intact, then the model is damaged under it
+    (copy / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(ProofProcessError, match="model.onnx"):
+        ProofProcess(bundle, 4, LIGHTING)
