@@ -7,6 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -99,3 +103,32 @@ def test_a_model_the_prover_cannot_read_stops_the_start_with_the_reason(exported
     (copy / "model.onnx").write_bytes(b"not an onnx model")
     with pytest.raises(ProofProcessError, match="model.onnx"):
         ProofProcess(bundle, 4, LIGHTING)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_the_proof_process_ends_when_the_node_is_killed(exported_bundle):
+    """A node killed outright (no clean-up) leaves no prover behind: the child ends at the
+    end of its input."""
+    script = ("import sys, time\n"
+              "from usn_offline.runtime.bundle import Bundle\n"
+              "from usn_offline.runtime.proof_process import ProofProcess\n"
+              f"prover = ProofProcess(Bundle.load({str(exported_bundle)!r}), 4)\n"
+              "print(prover.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    node = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(node.stdout.readline())
+    assert _running(child)
+    node.kill()
+    node.wait()
+    deadline = time.monotonic() + 60  # a liveness wait, not a timing assertion
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child)

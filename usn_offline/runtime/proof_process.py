@@ -134,7 +134,10 @@ def _serve(conn: Connection) -> None:
             reply = ("proof", proof.certified, proof.deviation_px, proof.detail)
         except Exception as exc:  # one bad frame never stops the prover
             reply = ("error", f"{type(exc).__name__}: {exc}")
-        conn.send(reply)
+        try:
+            conn.send(reply)
+        except OSError:  # the node has gone (killed mid-proof): nobody is waiting
+            return
 
 
 if __name__ == "__main__":
