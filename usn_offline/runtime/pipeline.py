@@ -152,8 +152,9 @@ class KeypointPipeline:
         if problem is not None:
             return FrameResult(None, bad_input(problem), {"total": time.perf_counter() - t0})
         image = preprocess(frame, self.bundle.preprocess)
-        # Right after the preprocessing, while the frame is still in the CPU's cache (after
-        # inference this second pass over it costs ~3x more at 640x480).
+        # Right after the preprocessing, while the frame is still in the CPU's cache: after
+        # inference, this second pass over it read the frame back from memory (measured
+        # 0.16 -> 0.08 ms for this step and the monitor's at 640x480 rgb8).
         clipped = saturated_fraction(frame, full_scale(frame.dtype))
         t1 = time.perf_counter()
         out = np.asarray(self.backend.infer(image[None, None].astype(np.float32)))
