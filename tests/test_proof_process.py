@@ -4,6 +4,7 @@ start or stops, without taking serving down."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -29,8 +30,10 @@ from usn_offline.runtime.proof_process import ProofProcess, ProofProcessError
 LIGHTING = (0.97, 1.03, -0.03, 0.03)
 
 
-def _frames() -> list[np.ndarray]:
-    """Camera-size rgb8 scenes relit inside and beyond the range, some with clipped pixels."""
+@functools.cache
+def _frames() -> tuple[np.ndarray, ...]:
+    """Camera-size rgb8 scenes relit inside and beyond the range, some with clipped pixels
+    (rendered once for the module)."""
     frames = []
     lights = [(1.0, 0.0), (0.98, 0.02), (1.03, -0.03), (1.3, 0.2), (0.6, -0.3)]
     for seed, (a, b) in zip(range(200, 205), lights, strict=True):
@@ -38,7 +41,8 @@ def _frames() -> list[np.ndarray]:
         lit = np.clip(a * image / 255.0 + b, 0.0, 1.0)
         frame = cv2.resize((255 * lit).round().astype(np.uint8), (640, 480), interpolation=cv2.INTER_LINEAR)
         frames.append(cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB))
-    return frames
+        frames[-1].setflags(write=False)  # shared by the tests
+    return tuple(frames)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ that cannot be processed yields keypoints=None and the BAD_INPUT reason, never a
 exception.
 
 The decision: a frame is certified only when a per-frame proof (a :class:`FrameVerifier`,
-e.g. ``usn_offline.certify.frame.FrameCertifier``, which needs torch) shows that its
+``usn_offline.certify.frame.FrameCertifier``, which needs torch: in-process in the replay,
+in a child process in the node, ``runtime.proof_process.ProofProcess``) shows that its
 keypoints hold for every lighting change of the stated range. A frame whose contrast no
 change of that range can give a scene of the assumed contrast (a :class:`SceneContrastCheck`)
 is flagged OUT_OF_REGION without a proof. The photometric monitor's (a, b) estimate is
