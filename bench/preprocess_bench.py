@@ -1,9 +1,9 @@
 """Per-frame work before inference, as ratios to a baseline timed in this process.
 
-1. ``preprocess`` of 8-bit camera frames (exact integer sums of each horizontal block per
-   channel in one row reduction, then the luma of the sums) against the general path
-   (float luma, then OpenCV's area resize), which gives the same input up to float32
-   rounding.
+1. ``preprocess`` of 8-bit camera frames (the vertical area step first, as exact integer
+   sums of whole rows, then the luma and the horizontal step on 64 rows) against the
+   general path (float luma, then OpenCV's area resize), which gives the same input up to
+   float32 rounding.
 2. The clipped-pixel fraction of a frame that clips nowhere (one min/max pass) against
    counting with ``cv2.inRange`` (what a frame with clipped pixels takes).
 

@@ -5,7 +5,13 @@ import pytest
 
 from usn_offline.data import load_split
 from usn_offline.perturb import PhotometricBox, apply_photometric
-from usn_offline.runtime.monitor import PhotometricMonitor, Reason, nominal_from_images, saturated_fraction
+from usn_offline.runtime.monitor import (
+    PhotometricMonitor,
+    Reason,
+    mean_and_std,
+    nominal_from_images,
+    saturated_fraction,
+)
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +123,10 @@ def test_reason_values_are_the_message_constants():
     text = (Path(__file__).resolve().parents[1] / "msg" / "CertificationStatus.msg").read_text()
     constants = {name: int(value) for name, value in re.findall(r"^uint8 ([A-Z_]+)=(\d+)", text, re.MULTILINE)}
     assert constants == {reason.name: reason.value for reason in Reason}
+
+
+def test_mean_and_std_equal_numpy_in_float64():
+    image = np.random.default_rng(3).random((64, 64), dtype=np.float32)
+    mean, std = mean_and_std(image)
+    exact = image.astype(np.float64)
+    assert mean == pytest.approx(exact.mean(), abs=1e-12) and std == pytest.approx(exact.std(), abs=1e-12)

@@ -52,6 +52,8 @@ def test_unsupported_channel_count():
 @pytest.mark.parametrize("shape,dtype", [
     ((480, 640, 3), np.uint8), ((480, 640), np.uint8), ((480, 640, 4), np.uint8), ((480, 640), np.uint16),
     ((720, 1280, 3), np.uint8), ((64, 640, 1), np.uint8), ((480, 700, 3), np.uint8), ((40, 640), np.uint8),
+    ((1080, 1920, 3), np.uint8), ((720, 1280), np.uint16), ((481, 643, 4), np.uint8), ((65, 64), np.uint8),
+    ((64, 97, 3), np.uint16), ((5000, 70, 3), np.uint8),
 ])
 def test_fast_area_path_equals_the_general_path(shape, dtype):
     from usn_offline.runtime.preprocess import resize_image, to_gray_float
@@ -67,7 +69,7 @@ def test_fast_area_path_equals_the_general_path(shape, dtype):
 
 def test_fast_area_path_on_padded_rows():
     """A frame whose rows are padded (Image.step > width * channels) is a non-contiguous
-    view: it takes the luma-then-resize route of the fast path, with the same result."""
+    view: it takes the general path, with the same result."""
     from usn_offline.runtime.preprocess import resize_image, to_gray_float
 
     padded = np.random.default_rng(1).integers(0, 256, (480, 656, 3), dtype=np.uint8)

@@ -95,6 +95,9 @@ def test_a_stopped_proof_process_flags_frames_and_serving_goes_on(exported_bundl
 
 def test_the_proof_process_ends_when_closed(exported_bundle):
     prover = ProofProcess(Bundle.load(exported_bundle), 4, LIGHTING)
+    if hasattr(os, "SCHED_IDLE"):  # Linux: it takes only CPU time nothing else wants
+        assert os.sched_getscheduler(prover.pid) == os.SCHED_IDLE
+        assert os.getpriority(os.PRIO_PROCESS, prover.pid) == 19
     prover.close()
     assert prover._process.returncode == 0
     with pytest.raises(ProofProcessError, match="has stopped"):

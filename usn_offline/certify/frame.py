@@ -240,6 +240,7 @@ def background_process() -> None:
     torch.set_num_threads(1)
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: the priority stays
         os.setpriority(os.PRIO_PROCESS, 0, 19)
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def make_verifier(bundle: Bundle, enabled: bool, max_boxes: int, lighting: tuple[float, ...] = (0.0,) * 4

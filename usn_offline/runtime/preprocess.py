@@ -13,6 +13,7 @@ Conventions:
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -85,42 +86,80 @@ def _luma(image: np.ndarray) -> np.ndarray:
 
 
 @functools.cache
-def _block_luma_matrix(channels: int, block: int) -> np.ndarray:
-    """cv2.transform matrix (1, channels) float32: the luma of a block of ``block`` 8-bit
-    pixels from its per-channel sums (alpha weighs 0), scaled to [0, 1] and averaged."""
-    return (np.array([_LUMA.get(channels, (1.0,))], np.float64) / (255.0 * block)).astype(np.float32)
+def _sum_luma_matrix(channels: int, scale: float) -> np.ndarray:
+    """cv2.transform matrix (1, channels) float32: the luma of per-channel sums (alpha
+    weighs 0), times ``scale`` (full scale and the number of pixels summed)."""
+    return (np.array([_LUMA[channels]], np.float64) * scale).astype(np.float32)
 
 
-def _area_gray_integer_width(image: np.ndarray, config: PreprocessConfig) -> np.ndarray | None:
-    """Fast path of :func:`preprocess` for integer frames whose width is a multiple of the
-    input width (640, 1280, 1920 px for 64): area averaging is separable, so the horizontal
-    step (whole blocks of pixels) and then the vertical one are each a cheap area resize.
-    Equals the general path up to float32 rounding (tested); None when it does not apply."""
+def _vertical_area_sums(rows: np.ndarray, out_h: int) -> tuple[np.ndarray, int]:
+    """Area-resize the rows of an integer (h, n) array to ``out_h`` rows, h >= out_h, as
+    exact integer sums: returns (sums float32 (out_h, n), divisor) with the area average
+    equal to sums / divisor.
+
+    Over a period of p = h/g input rows and q = out_h/g output rows (g = gcd), output j
+    covers rows [j p/q, (j+1) p/q): whole rows with weight q and at most two split rows
+    with an integer weight in (0, q), so the sums are exact integers and the divisor is p.
+    Every step writes into one buffer of the sums' size: temporaries of a frame's size
+    would cost more in page faults than the arithmetic (measured 0.3 ms at 640x480 rgb8)."""
+    h, n = rows.shape
+    g = math.gcd(h, out_h)
+    p, q = h // g, out_h // g
+    periods = rows.reshape(g, p, n)
+    # In the narrowest integer type that holds the sums exactly (the frame is read once,
+    # in wide vector adds); float32 only at the end.
+    largest = q * p * int(np.iinfo(rows.dtype).max)
+    accumulator = np.uint16 if largest <= 0xFFFF else np.uint32 if largest <= 0xFFFFFFFF else np.uint64
+    sums = np.empty((g, q, n), accumulator)
+    split = np.empty((g, n), accumulator) if q > 2 else None
+    for j in range(q):
+        lo, hi = j * p, (j + 1) * p  # in units of 1/q row
+        first, end = -(-lo // q), hi // q  # the whole rows
+        out = sums[:, j]
+        np.sum(periods[:, first:end], axis=1, dtype=accumulator, out=out)
+        if q > 1:
+            np.multiply(out, q, out=out)
+        for row, weight in ((lo // q, q * (lo // q + 1) - lo), (hi // q, hi - q * (hi // q))):
+            if 0 < weight < q:
+                if weight == 1:
+                    np.add(out, periods[:, row], out=out)
+                else:
+                    np.add(out, np.multiply(periods[:, row], weight, out=split, dtype=accumulator), out=out)
+    return sums.reshape(out_h, n).astype(np.float32), p
+
+
+def _area_gray_integer(image: np.ndarray, config: PreprocessConfig) -> np.ndarray | None:
+    """Fast path of :func:`preprocess` for 8/16-bit frames at least as large as the input:
+    area averaging is linear and separable, so the vertical step runs first, on the integer
+    pixels (exact sums of whole rows, one read of the frame, the fewest values written:
+    ~4x faster than a float luma plane then a resize at 640x480 rgb8), then the luma and
+    the horizontal step on out_h rows. Equals the general path up to float32 rounding
+    (tested); None when it does not apply."""
     if image.dtype not in (np.uint8, np.uint16) or image.ndim not in (2, 3):
         return None
     h, w = image.shape[:2]
     channels = 1 if image.ndim == 2 else image.shape[2]
     out_h, out_w = config.input_height, config.input_width
-    if channels not in (1, 3, 4) or w % out_w or h < out_h or (h, w) == (out_h, out_w):
+    if channels not in (1, 3, 4) or h < out_h or w < out_w or (h, w) == (out_h, out_w):
         return None
-    block = w // out_w
-    if image.dtype == np.uint8 and image.flags.c_contiguous:
-        # The horizontal step first, on the 8-bit pixels: exact integer sums of each block
-        # per channel (one read of the frame, nothing frame-sized written), then the luma
-        # of the block-times fewer sums (~25 % cheaper than a float luma table then the sums).
-        sums = cv2.reduce(image.reshape(h * out_w, block, channels), 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S)
-        rows = cv2.transform(sums.reshape(h, out_w, channels).astype(np.float32), _block_luma_matrix(channels, block))
+    if not image.flags.c_contiguous:  # padded rows: the general path (decode_image packs them)
+        return None
+    rows = image.reshape(h, w * channels)
+    sums, divisor = _vertical_area_sums(rows, out_h)
+    scale = 1.0 / (full_scale(image.dtype) * divisor)
+    if channels == 1:
+        gray = np.multiply(sums, np.float32(scale), out=sums)
     else:
-        rows = cv2.resize(_luma(image), (out_w, h), interpolation=cv2.INTER_AREA)
-    if h != out_h:
-        rows = cv2.resize(rows, (out_w, out_h), interpolation=cv2.INTER_AREA)
-    return np.clip(rows, 0.0, 1.0)
+        gray = cv2.transform(sums.reshape(out_h, w, channels), _sum_luma_matrix(channels, scale))
+    if w != out_w:
+        gray = cv2.resize(gray, (out_w, out_h), interpolation=cv2.INTER_AREA)
+    return np.clip(gray, 0.0, 1.0, out=gray)
 
 
 def preprocess(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """Camera image -> float32 network input of shape (input_height, input_width) in [0, 1]:
     BT.601 luma of the RGB(A) frame (or the mono frame) scaled to [0, 1], area-resized."""
-    fast = _area_gray_integer_width(image, config)
+    fast = _area_gray_integer(image, config)
     return fast if fast is not None else resize_image(to_gray_float(image), config)
 
 
