@@ -17,6 +17,7 @@ import time
 import torch
 from timing import median_seconds  # noqa: E402  (bench/timing.py, beside this script)
 
+from usn_offline.allocator import keep_freed_memory
 from usn_offline.certify import (
     BabConfig,
     Boxes,
@@ -51,7 +52,11 @@ def main() -> None:
     parser.add_argument("--lirpa-images", type=int, default=4)
     parser.add_argument("--only-lirpa", action="store_true", help="stop after the auto_LiRPA comparison")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default of giving freed memory back (the CLI does not)")
     args = parser.parse_args()
+    if not args.default_malloc:
+        keep_freed_memory()  # as the usn-offline CLI and the node's proof process run
 
     use_all_cpu_cores()
     device = resolve_device(args.device)

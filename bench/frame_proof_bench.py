@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from timing import median_seconds  # noqa: E402  (bench/timing.py, beside this script)
 
+from usn_offline.allocator import keep_freed_memory
 from usn_offline.certify.frame import FrameCertifier, FrameProofConfig
 from usn_offline.data import load_split
 from usn_offline.perturb import PhotometricBox
@@ -35,7 +36,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--max-boxes", type=int, default=16)
     parser.add_argument("--rounding", action="store_true", help="also model the camera's rounding")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default of giving freed memory back (the CLI does not)")
     args = parser.parse_args()
+    if not args.default_malloc:
+        keep_freed_memory()  # as the usn-offline CLI and the node's proof process run
     bundle = Bundle.load(args.bundle)
     session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name

@@ -45,12 +45,15 @@ def _results(report) -> list[dict]:
 
 def _assert_same_up_to_rounding(got: list[dict], want: list[dict]) -> None:
     """Equal statuses, counterexamples, budgets and radii; bounds equal up to the float64
-    summation order of another thread count (~1e-15 px)."""
+    summation order of another thread count (~1e-15 px), references (float32 predictions)
+    up to float32 rounding (~1e-6 px)."""
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.keys() == w.keys()
         for key in g:
-            if key in ("reference_px", "lower_px", "upper_px"):
+            if key == "reference_px":
+                np.testing.assert_allclose(g[key], w[key], rtol=0, atol=1e-5)
+            elif key in ("lower_px", "upper_px"):
                 np.testing.assert_allclose(g[key], w[key], rtol=0, atol=1e-9)
             else:
                 assert g[key] == w[key], (g["index"], key)
@@ -65,14 +68,17 @@ def test_ray_workers_give_the_serial_report(trained, tiny_dataset, tmp_path):
     test = load_split(tiny_dataset, "test").subset(slice(0, 6))
     threads = torch.get_num_threads()
     serial_default = certify_dataset(model, test, CONFIG, progress=False)
+    journal = tmp_path / "run.journal.jsonl"
+    # The references (the model's predictions) are computed in this process, batched: with
+    # one thread here too, or they may differ from the serial run's in the last float32 bit
+    # (seen on a CPU where oneDNN splits the batch differently over two threads).
     torch.set_num_threads(1)
     try:
         serial = certify_dataset(model, test, CONFIG, progress=False)
+        parallel = certify_dataset(model, test, CONFIG, progress=False,
+                                   parallel=ParallelConfig(workers=2, journal=journal))
     finally:
         torch.set_num_threads(threads)
-    journal = tmp_path / "run.journal.jsonl"
-    parallel = certify_dataset(model, test, CONFIG, progress=False,
-                               parallel=ParallelConfig(workers=2, journal=journal))
     assert _results(parallel) == _results(serial)
     _assert_same_up_to_rounding(_results(parallel), _results(serial_default))
     assert parallel.config == serial.config and parallel.region_edges == serial.region_edges

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from usn_offline.allocator import keep_freed_memory
 from usn_offline.certify.engine import CertifyConfig, ImageCertifier, ImageResult, ParallelConfig
 from usn_offline.certify.errors import CertificationError
 
@@ -26,6 +27,7 @@ class _Worker:
     def __init__(self, model: torch.nn.Module, image_hw: tuple[int, int], num_keypoints: int,
                  config: CertifyConfig, device: str) -> None:
         self.one_core = torch.device(device).type == "cpu"
+        keep_freed_memory()
         self._pin_threads()
         self.certifier = ImageCertifier(model, image_hw, num_keypoints, config, device)
 

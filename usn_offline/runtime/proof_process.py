@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+from usn_offline.allocator import keep_freed_memory
 from usn_offline.errors import UsnError
 from usn_offline.runtime.bundle import Bundle
 
@@ -144,4 +145,5 @@ if __name__ == "__main__":
     # The node stops it by closing the socket; a Ctrl-C sent to the whole process group
     # (a terminal, ros2 launch) must not kill it mid-proof with a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()  # one proof after another: reuse the memory, no page faults
     _serve(Connection(int(sys.argv[1])))
