@@ -109,6 +109,16 @@ def _masked(win: Window, graph: Graph, node: int, row_group: torch.Tensor) -> Wi
     return Window(win.lam * (inside if inside.shape[0] == 1 else inside[row_group]), win.oy, win.ox)
 
 
+def _conv_transpose(lam: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
+    """W^T lam over the whole window (no padding: the window keeps padding positions), as
+    the convolution's input gradient: conv_transpose2d zero-fills an im2col buffer for the
+    whole batch first (float64 on CPU, as in ops.Conv2dOp.transpose)."""
+    r, _, h, w = lam.shape
+    k_h, k_w = weight.shape[2:]
+    size = (r, weight.shape[1], (h - 1) * stride[0] + k_h, (w - 1) * stride[1] + k_w)
+    return torch.nn.grad.conv2d_input(size, weight, lam, stride)
+
+
 def relaxation_maps(fwd: ForwardBounds) -> dict[int, torch.Tensor]:
     """Per ReLU, its relaxation as one (B, 3, *shape) tensor: lower slope, upper slope,
     upper intercept (so one gather serves all three)."""
@@ -160,7 +170,7 @@ def backward_windows(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, sta
         if isinstance(op, Conv2dOp):
             if op.bias is not None:
                 const += win.lam.sum(dim=(2, 3)) @ op.bias
-            back = F.conv_transpose2d(win.lam, op.weight, None, op.stride)
+            back = _conv_transpose(win.lam, op.weight, op.stride)
             step = Window(back, win.oy * op.stride[0] - op.padding[0], win.ox * op.stride[1] - op.padding[1])
             add_to(node.inputs[0], _masked(step, graph, node.inputs[0], row_group))
         elif isinstance(op, AvgPool2dOp):
