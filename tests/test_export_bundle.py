@@ -2,7 +2,11 @@
 of the deployment bundle."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -52,6 +56,26 @@ def test_onnx_runtime_matches_torch(exported):
         with torch.no_grad():
             expected = model(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
         np.testing.assert_allclose(backend.infer(batch), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread affinities are read from Linux's /proc")
+def test_onnx_runtime_threads_are_not_pinned_to_cores(exported):
+    """ONNX Runtime's default pins each worker thread to one core; the backend sets the
+    thread count itself, so the node's threads may move away from a busy core."""
+    script = ("import glob, sys, numpy as np\n"
+              "from usn_offline.runtime.backends import OnnxRuntimeBackend\n"
+              "backend = OnnxRuntimeBackend(sys.argv[1])\n"
+              "backend.infer(np.zeros((1, 1, 64, 64), np.float32))\n"
+              "for task in glob.glob('/proc/self/task/*/status'):\n"
+              "    print([l.split()[1] for l in open(task) if l.startswith('Cpus_allowed_list')][0])\n")
+    out = subprocess.run([sys.executable, "-c", script, str(exported["bundle"].onnx_path)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    def cores(listed: str) -> set[int]:  # "0-3,6" -> {0, 1, 2, 3, 6}
+        ranges = [part.split("-") for part in listed.split(",")]
+        return {c for r in ranges for c in range(int(r[0]), int(r[-1]) + 1)}
+
+    assert len(out) >= 2  # the main thread and the workers
+    assert all(cores(listed) == os.sched_getaffinity(0) for listed in out), out
 
 
 def test_torch_backend_matches_onnx_runtime(exported, device):
