@@ -5,8 +5,8 @@ layer. By default glibc serves such blocks with ``mmap`` and gives them back to 
 system when freed (and trims its heaps when their top is free), so each new tensor faults
 its pages in again: on the quick demo model, one CROWN box at eps 0.05 cost 1.3 million
 page faults and 2.3 s of system time out of 2.8 s; with the settings below, none and
-0.03 s, 1.6 s in all (``bench/certify_bench.py`` runs its verifiers with them too). The
-same two settings are what ROS 2's real-time guidelines use, for the same reason. The cost:
+0.03 s, 1.6 s in all (``bench/certify_bench.py`` runs its verifiers with them too). They
+are the two settings real-time Linux programs make for the same reason. The cost:
 the process keeps its peak memory until it exits, which suits a command that certifies
 and ends, or a prover that proves one frame after another.
 """
