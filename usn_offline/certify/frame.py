@@ -234,9 +234,10 @@ class FrameCertifier:
 
 def background_process() -> None:
     """Make this process a background prover beside a serving one (the node's proof
-    process, runtime/proof_process.py): the lowest CPU priority, and torch's work on one
-    thread. Proofs then take spare CPU only and do not slow the frames being served
-    (bench/node_bench.py)."""
+    process, runtime/proof_process.py): the lowest CPU priority (nice 19 and Linux's
+    SCHED_IDLE policy, under which any other task that wants the core preempts it), and
+    torch's work on one thread. Proofs then take spare CPU only and do not slow the frames
+    being served (bench/node_bench.py)."""
     torch.set_num_threads(1)
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: the priority stays
         os.setpriority(os.PRIO_PROCESS, 0, 19)
