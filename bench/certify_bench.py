@@ -17,7 +17,6 @@ import time
 import torch
 from timing import median_seconds  # noqa: E402  (bench/timing.py, beside this script)
 
-from usn_offline.allocator import keep_freed_memory
 from usn_offline.certify import (
     BabConfig,
     Boxes,
@@ -32,6 +31,7 @@ from usn_offline.certify import (
 )
 from usn_offline.data import load_split
 from usn_offline.perturb import PhotometricBox
+from usn_offline.resources import keep_freed_memory
 from usn_offline.train import load_checkpoint
 from usn_offline.train.device import resolve_device, use_all_cpu_cores
 

@@ -19,10 +19,10 @@ import numpy as np
 import onnxruntime as ort
 from timing import median_seconds  # noqa: E402  (bench/timing.py, beside this script)
 
-from usn_offline.allocator import keep_freed_memory
 from usn_offline.certify.frame import FrameCertifier, FrameProofConfig
 from usn_offline.data import load_split
 from usn_offline.perturb import PhotometricBox
+from usn_offline.resources import keep_freed_memory
 from usn_offline.runtime.bundle import Bundle
 from usn_offline.runtime.preprocess import preprocess
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from usn_offline import __version__
-from usn_offline.allocator import keep_freed_memory
 from usn_offline.errors import CheckpointError, ConfigError, UsnError
 from usn_offline.replay.scenarios import CAMERA, DEFAULT_SCENARIOS, EXTRAS, LIGHTING
+from usn_offline.resources import keep_freed_memory
 
 if TYPE_CHECKING:  # the CLI imports each command's libraries when it runs
     from usn_offline.data.augmentation import GeometricAugmentation

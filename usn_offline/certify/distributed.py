@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from usn_offline.allocator import keep_freed_memory
 from usn_offline.certify.engine import CertifyConfig, ImageCertifier, ImageResult, ParallelConfig
 from usn_offline.certify.errors import CertificationError
+from usn_offline.resources import keep_freed_memory
 
 
 class _Worker:

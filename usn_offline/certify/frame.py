@@ -241,6 +241,7 @@ def background_process() -> None:
     torch.set_num_threads(1)
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: the priority stays
         os.setpriority(os.PRIO_PROCESS, 0, 19)
+    with contextlib.suppress(AttributeError, OSError):  # each setting on its own: one may fail alone
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from usn_offline.errors import BundleError
+from usn_offline.resources import usable_cores
 from usn_offline.runtime.bundle import Bundle
 from usn_offline.runtime.preprocess import normalised_to_pixels
 
@@ -50,7 +51,7 @@ class OnnxRuntimeBackend:
         # bench/node_bench.py, shipped parameters, rgb8 640x480: pinned, 3 of 8 runs
         # doubled the callback's overhead (0.94-1.18 ms against 0.45-0.55); unpinned,
         # none of 7 (0.44-0.66 ms).
-        options.intra_op_num_threads = _usable_cores()
+        options.intra_op_num_threads = usable_cores()
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=wanted)
         except Exception as exc:  # ORT raises its own exception types for bad models
@@ -72,13 +73,6 @@ class OnnxRuntimeBackend:
         parts = [self.session.run([self.output_name], {self.input_name: batch[i:i + static]})[0]
                  for i in range(0, len(batch), static)]
         return np.concatenate(parts)
-
-
-def _usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class TorchBackend:

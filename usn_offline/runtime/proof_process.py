@@ -28,8 +28,8 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from usn_offline.allocator import keep_freed_memory
 from usn_offline.errors import UsnError
+from usn_offline.resources import keep_freed_memory
 from usn_offline.runtime.bundle import Bundle
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from usn_offline.errors import ConfigError
+from usn_offline.resources import usable_cores
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -23,8 +22,4 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 def use_all_cpu_cores() -> None:
     """Let intra-op parallelism use every core this process may run on."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores))
+    torch.set_num_threads(usable_cores())

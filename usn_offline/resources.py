@@ -1,6 +1,7 @@
-"""Keep freed memory inside the process (glibc's malloc), for the processes that bound.
+"""How a process uses the machine: the cores it may run on, and the memory it frees.
 
-A bound computation allocates and frees tensors of tens to hundreds of megabytes per
+Keeping freed memory (:func:`keep_freed_memory`), for the processes that bound: a bound
+computation allocates and frees tensors of tens to hundreds of megabytes per
 layer. By default glibc serves such blocks with ``mmap`` and gives them back to the
 system when freed (and trims its heaps when their top is free), so each new tensor faults
 its pages in again: on the quick demo model, one CROWN box at eps 0.05 cost 1.3 million
@@ -9,11 +10,14 @@ page faults and 2.3 s of system time out of 2.8 s; with the settings below, none
 are the two settings real-time Linux programs make for the same reason. The cost:
 the process keeps its peak memory until it exits, which suits a command that certifies
 and ends, or a prover that proves one frame after another.
+
+Torch-free: the node's runtime uses it as well as training and certification.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 _M_TRIM_THRESHOLD = -1  # malloc.h: give free heap memory back above this; -1: never
@@ -33,3 +37,11 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # musl's mallopt exists and returns 0: nothing applied
     return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
+
+
+def usable_cores() -> int:
+    """How many cores this process may run on (its CPU affinity; all of them elsewhere)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)

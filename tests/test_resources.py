@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 _FAULTS = """
 import resource, sys
 import numpy as np
-from usn_offline.allocator import keep_freed_memory
+from usn_offline.resources import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 def allocate():
     block = np.empty(64 * 2 ** 20, np.uint8)  # 64 MiB, as large as a bound's tensors get
