@@ -202,6 +202,76 @@ def test_frame_proofs_keep_their_promise(exported_bundle):
     assert sum(status is Status.CERTIFIED for status, _ in outcomes) >= 3, outcomes
 
 
+def test_frames_with_clipped_pixels_get_crown_bounds(exported_bundle):
+    """Clipped pixels are free intervals that splitting (a, b) does not pin, and forward
+    bounds over them leave thousands of neurons unstable: the per-frame proof gives every
+    box the forward bounds leave open CROWN intermediate bounds however many neurons are
+    unstable (the offline default, ``BabConfig()``, caps that and leaves these frames at
+    50-4000 px), and keeps the promise."""
+    import cv2
+    import onnxruntime as ort
+
+    from usn_offline.certify.bab import BabConfig
+    from usn_offline.data import load_split
+    from usn_offline.runtime.bundle import Bundle
+
+    bundle = Bundle.load(exported_bundle)
+    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
+    lighting = PhotometricBox(0.95, 1.05, -0.025, 0.025)
+    delta = 4.0
+    per_frame = FrameCertifier.from_onnx(bundle.onnx_path, bundle.preprocess,
+                                         FrameProofConfig(lighting, delta, max_boxes=1))
+    capped = FrameCertifier(per_frame.graph, bundle.preprocess,
+                            FrameProofConfig(lighting, delta, max_boxes=1, bab=BabConfig()))
+    test = load_split(exported_bundle.parent / "data", "test")
+
+    def infer(frame):
+        return session.run(None, {"image": preprocess(frame, bundle.preprocess)[None, None].astype(np.float32)})[0][0]
+
+    h, w = bundle.preprocess.input_height, bundle.preprocess.input_width
+    rng = np.random.default_rng(11)
+    outcomes = []
+    for i in range(6):
+        nominal = cv2.resize(test.images[i], (640, 480), interpolation=cv2.INTER_LINEAR)
+        top, left = rng.integers(0, 468), rng.integers(0, 624)
+        nominal[top:top + 12, left:left + 16] = 1.0 if i % 2 else 0.0  # a blown or a black patch
+        a0, b0 = (1.05, 0.025) if i % 2 else (0.95, -0.025)  # the lighting clips it: its values are hidden
+        frame = np.clip(a0 * nominal + b0, 0, 1)
+        assert ((frame == 0) | (frame == 1)).mean() >= 0.0006
+        served = infer(frame)
+        proof, forward = per_frame.prove(frame, served), capped.prove(frame, served)
+        outcomes.append((proof.status, round(proof.deviation_px, 3), round(forward.deviation_px, 3)))
+        assert proof.deviation_px <= forward.deviation_px + 1e-9
+        if proof.certified:
+            moved = np.abs(infer(nominal) - served) * np.tile([w / 2, h / 2], len(served) // 2)
+            assert moved.max() <= proof.deviation_px + 1e-3 <= delta + 1e-3
+    assert sum(status is Status.CERTIFIED and 10 * tight < loose for status, tight, loose in outcomes) >= 4, outcomes
+
+
+def test_a_repeated_frame_gets_its_proof_again(exported_bundle):
+    """A still camera sends the same frame again and again: its proof is reused (by
+    content), and a different frame or different keypoints are proved afresh."""
+    from usn_offline.runtime.bundle import Bundle
+
+    bundle = Bundle.load(exported_bundle)
+    certifier = FrameCertifier.for_bundle(bundle, max_boxes=2)
+    rng = np.random.default_rng(12)
+    frames = [rng.integers(30, 220, (48, 64), dtype=np.uint8) for _ in range(FrameCertifier.RECENT_PROOFS + 1)]
+    served = np.full(2 * len(bundle.keypoint_names), 0.1)
+    calls = []
+    prove = certifier._prove
+    certifier._prove = lambda frame, keypoints: calls.append(1) or prove(frame, keypoints)
+    first = certifier.prove(frames[0], served)
+    assert certifier.prove(frames[0].copy(), served) is first and len(calls) == 1
+    assert certifier.prove(frames[0], served + 1e-9) is not first and len(calls) == 2
+    assert certifier.prove(frames[0][:, :32], served) is not first and len(calls) == 3
+    for frame in frames[1:]:  # pushes the first frame out
+        certifier.prove(frame, served)
+    calls.clear()
+    again = certifier.prove(frames[0], served)
+    assert len(calls) == 1 and (again.status, again.deviation_px) == (first.status, first.deviation_px)
+
+
 def test_only_real_nominal_images_falsify(tmp_path):
     """A counterexample of the over-approximating pixel set counts only when the nominal
     image it stands for really gives the frame under the lighting change."""
