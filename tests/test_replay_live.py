@@ -32,7 +32,7 @@ def test_live_replay_through_the_node_matches_offline(tiny_dataset, exported_bun
                        BagConfig(scenarios=scenarios, frames_per_scenario=frames, width=width, height=height),
                        progress=False)
     offline = replay_offline(bag, exported_bundle, PARAMS, progress=False)
-    live = replay_live(bag, exported_bundle, PARAMS, LiveConfig(timeout_s=20, rate=rate), tmp_path, progress=False)
+    live = replay_live(bag, exported_bundle, PARAMS, LiveConfig(rate=rate), tmp_path, progress=False)
     result = compare_runs(offline, live)
     n = summary.frames
     assert result["frames_sent"] == n and result["statuses_received"] == n, live.node_stderr[-2000:]

@@ -677,8 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--live-rate", type=_nonnegative_float, default=0.0, metavar="R",
                    help="live: 0 publishes lock-step, as fast as the node answers (default); R > 0 publishes at "
                         "the bag's recorded timing R times real time, with /clock and the node on use_sim_time")
-    p.add_argument("--frame-timeout", type=_positive_float, default=10.0,
-                   help="live: seconds to wait for a frame's status before counting it missing")
+    p.add_argument("--frame-timeout", type=_positive_float, default=600.0,
+                   help="live: seconds to wait for a frame's status before counting it missing (a liveness "
+                        "bound: a frame's proof budget is counted in boxes and may take minutes on a CPU)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_replay)
