@@ -204,10 +204,10 @@ def test_frame_proofs_keep_their_promise(exported_bundle):
 
 def test_frames_with_clipped_pixels_get_crown_bounds(exported_bundle):
     """Clipped pixels are free intervals that splitting (a, b) does not pin, and forward
-    bounds over them leave thousands of neurons unstable: the per-frame proof gives every
-    box the forward bounds leave open CROWN intermediate bounds however many neurons are
-    unstable (the offline default, ``BabConfig()``, caps that and leaves these frames at
-    50-4000 px), and keeps the promise."""
+    bounds over them leave many neurons unstable: the per-frame proof gives every box the
+    forward bounds leave open CROWN intermediate bounds while at most 8 % of the ReLU
+    neurons are unstable (the offline default, ``BabConfig()``, stops at 3,000 and leaves
+    these frames at 45-200 px), and keeps the promise."""
     import cv2
     import onnxruntime as ort
 
@@ -234,10 +234,12 @@ def test_frames_with_clipped_pixels_get_crown_bounds(exported_bundle):
     for i in range(6):
         nominal = cv2.resize(test.images[i], (640, 480), interpolation=cv2.INTER_LINEAR)
         top, left = rng.integers(0, 468), rng.integers(0, 624)
-        nominal[top:top + 12, left:left + 16] = 1.0 if i % 2 else 0.0  # a blown or a black patch
-        a0, b0 = (1.05, 0.025) if i % 2 else (0.95, -0.025)  # the lighting clips it: its values are hidden
-        frame = np.clip(a0 * nominal + b0, 0, 1)
-        assert ((frame == 0) | (frame == 1)).mean() >= 0.0006
+        # A white patch that the brighter lighting blows out: its nominal values are hidden.
+        # (Darkening these images also clips their black backgrounds, 1-12 % of the frame,
+        # and leaves more neurons unstable than the per-frame share gives CROWN.)
+        nominal[top:top + 12, left:left + 16] = 1.0
+        frame = np.clip(1.05 * nominal + 0.025, 0, 1)
+        assert (frame == 1).mean() >= 0.0006
         served = infer(frame)
         proof, forward = per_frame.prove(frame, served), capped.prove(frame, served)
         outcomes.append((proof.status, round(proof.deviation_px, 3), round(forward.deviation_px, 3)))
@@ -245,7 +247,8 @@ def test_frames_with_clipped_pixels_get_crown_bounds(exported_bundle):
         if proof.certified:
             moved = np.abs(infer(nominal) - served) * np.tile([w / 2, h / 2], len(served) // 2)
             assert moved.max() <= proof.deviation_px + 1e-3 <= delta + 1e-3
-    assert sum(status is Status.CERTIFIED and 10 * tight < loose for status, tight, loose in outcomes) >= 4, outcomes
+    assert all(status is Status.CERTIFIED for status, _, _ in outcomes), outcomes
+    assert sum(10 * tight < loose for _, tight, loose in outcomes) >= 3, outcomes  # the others: forward suffices
 
 
 def test_a_repeated_frame_gets_its_proof_again(exported_bundle):
