@@ -164,29 +164,43 @@ def test_onnx_lowering_refuses_what_it_cannot_represent(tmp_path):
         lower_onnx(tmp_path / "junk.onnx")
 
 
+def _served_and_nominal(exported_bundle):
+    """The bundle, its test split, and ONNX Runtime's keypoints (normalised) of a frame,
+    as the node serves them."""
+    import onnxruntime as ort
+
+    from usn_offline.data import load_split
+    from usn_offline.runtime.bundle import Bundle
+
+    bundle = Bundle.load(exported_bundle)
+    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
+
+    def infer(frame):
+        return session.run(None, {"image": preprocess(frame, bundle.preprocess)[None, None].astype(np.float32)})[0][0]
+
+    return bundle, load_split(exported_bundle.parent / "data", "test"), infer
+
+
+def _check_promise(bundle, infer, nominal, served, proof, delta) -> None:
+    """A certified frame's served keypoints are within the proven bound (<= delta) of
+    those on its nominal image (network-input pixels)."""
+    if proof.certified:
+        h, w = bundle.preprocess.input_height, bundle.preprocess.input_width
+        moved = np.abs(infer(nominal) - served) * np.tile([w / 2, h / 2], len(served) // 2)
+        assert moved.max() <= proof.deviation_px + 1e-3 <= delta + 1e-3
+
+
 def test_frame_proofs_keep_their_promise(exported_bundle):
     """On camera-size frames relit inside the range from the bundle's test images, every
     certified frame's served keypoints are within delta of those on its nominal image
     (both through ONNX Runtime, as the node serves them)."""
     import cv2
-    import onnxruntime as ort
 
-    from usn_offline.runtime.bundle import Bundle
-
-    bundle = Bundle.load(exported_bundle)
-    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
+    bundle, test, infer = _served_and_nominal(exported_bundle)
     lighting = PhotometricBox(0.95, 1.05, -0.04, 0.04)
     delta = 4.0
     certifier = FrameCertifier.from_onnx(bundle.onnx_path, bundle.preprocess,
                                          FrameProofConfig(lighting, delta, max_boxes=8))
-    from usn_offline.data import load_split
-
-    test = load_split(exported_bundle.parent / "data", "test")
-
-    def infer(frame):
-        return session.run(None, {"image": preprocess(frame, bundle.preprocess)[None, None].astype(np.float32)})[0][0]
-
-    h, w = bundle.preprocess.input_height, bundle.preprocess.input_width
     rng = np.random.default_rng(7)
     outcomes = []
     for i in range(6):
@@ -196,9 +210,7 @@ def test_frame_proofs_keep_their_promise(exported_bundle):
         served = infer(frame)
         proof = certifier.prove(frame, served)
         outcomes.append((proof.status, round(proof.deviation_px, 3)))
-        if proof.certified:
-            moved = np.abs(infer(nominal) - served) * np.tile([w / 2, h / 2], len(served) // 2)
-            assert moved.max() <= proof.deviation_px + 1e-3 <= delta + 1e-3
+        _check_promise(bundle, infer, nominal, served, proof, delta)
     assert sum(status is Status.CERTIFIED for status, _ in outcomes) >= 3, outcomes
 
 
@@ -209,26 +221,16 @@ def test_frames_with_clipped_pixels_get_crown_bounds(exported_bundle):
     neurons are unstable (the offline default, ``BabConfig()``, stops at 3,000 and leaves
     these frames at 45-200 px), and keeps the promise."""
     import cv2
-    import onnxruntime as ort
 
     from usn_offline.certify.bab import BabConfig
-    from usn_offline.data import load_split
-    from usn_offline.runtime.bundle import Bundle
 
-    bundle = Bundle.load(exported_bundle)
-    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
+    bundle, test, infer = _served_and_nominal(exported_bundle)
     lighting = PhotometricBox(0.95, 1.05, -0.025, 0.025)
     delta = 4.0
     per_frame = FrameCertifier.from_onnx(bundle.onnx_path, bundle.preprocess,
                                          FrameProofConfig(lighting, delta, max_boxes=1))
     capped = FrameCertifier(per_frame.graph, bundle.preprocess,
                             FrameProofConfig(lighting, delta, max_boxes=1, bab=BabConfig()))
-    test = load_split(exported_bundle.parent / "data", "test")
-
-    def infer(frame):
-        return session.run(None, {"image": preprocess(frame, bundle.preprocess)[None, None].astype(np.float32)})[0][0]
-
-    h, w = bundle.preprocess.input_height, bundle.preprocess.input_width
     rng = np.random.default_rng(11)
     outcomes = []
     for i in range(6):
@@ -244,9 +246,7 @@ def test_frames_with_clipped_pixels_get_crown_bounds(exported_bundle):
         proof, forward = per_frame.prove(frame, served), capped.prove(frame, served)
         outcomes.append((proof.status, round(proof.deviation_px, 3), round(forward.deviation_px, 3)))
         assert proof.deviation_px <= forward.deviation_px + 1e-9
-        if proof.certified:
-            moved = np.abs(infer(nominal) - served) * np.tile([w / 2, h / 2], len(served) // 2)
-            assert moved.max() <= proof.deviation_px + 1e-3 <= delta + 1e-3
+        _check_promise(bundle, infer, nominal, served, proof, delta)
     assert all(status is Status.CERTIFIED for status, _, _ in outcomes), outcomes
     assert sum(10 * tight < loose for _, tight, loose in outcomes) >= 3, outcomes  # the others: forward suffices
 
