@@ -12,7 +12,7 @@ from certify_helpers import random_model, sample_image  # noqa: E402  (tests/cer
 from usn_offline.certify import Boxes, CertificationError, PixelMap, lower, output_bounds
 from usn_offline.certify.bab import Status
 from usn_offline.certify.bounds import BoundOptions
-from usn_offline.certify.frame import FrameCertifier, FrameProofConfig, inverse_box, pixel_set
+from usn_offline.certify.frame import FrameCertifier, FramePixelSets, FrameProofConfig, inverse_box, pixel_set
 from usn_offline.certify.onnx_lowering import lower_onnx
 from usn_offline.perturb import PhotometricBox
 from usn_offline.runtime.preprocess import _LUMA, PreprocessConfig, preprocess, resize_image
@@ -51,13 +51,16 @@ def test_inverse_box_bounds_every_inverse():
 @pytest.mark.parametrize("rounding", [True, False])
 def test_pixel_set_holds_the_nominal_image(kind, rounding):
     """For frames made by the stated model from random nominal images, the nominal image's
-    network input lies in the frame's pixel set at the true inverse (a, b)."""
+    network input lies in the frame's pixel set at the true inverse (a, b); and over any box
+    around that point, shrunk to where the frame can arise, the point stays and the
+    (narrower) set of that box still holds the nominal image."""
     config = PreprocessConfig(input_height=12, input_width=16)
     inv = inverse_box(LIGHTING)
     rng = np.random.default_rng(1)
     channels = {"rgb8": 3, "rgba8": 4}.get(kind)
     max_value = 65535.0 if kind == "gray16" else 1.0 if kind == "float" else 255.0
-    clipped = 0
+    clipped = narrowed = 0
+    inv_area = (inv.a_hi - inv.a_lo) * (inv.b_hi - inv.b_lo)
     for trial in range(12):
         shape = (48, 64) if channels is None else (48, 64, channels)
         nominal = _camera(rng, shape)
@@ -71,6 +74,12 @@ def test_pixel_set_holds_the_nominal_image(kind, rounding):
             frame = np.rint(lit * max_value).astype(np.uint16 if kind == "gray16" else np.uint8)
         else:  # no rounding in the model: a frame whose values are exactly representable
             frame = np.rint(lit * max_value).astype(np.uint16 if kind == "gray16" else np.uint8)
+            # Rounding may put a value just beyond what a nominal image in [0, 1] gives (the
+            # model has no rounding here): such pixels get a mid-grey consistent one.
+            exact = frame.astype(np.float64) / max_value
+            unclipped = (frame > 0) & (frame < max_value)
+            beyond = unclipped & (((exact - b0) / a0 > 1) | ((exact - b0) / a0 < 0))
+            frame[beyond] = np.rint((0.5 * a0 + b0) * max_value)
             exact = frame.astype(np.float64) / max_value
             dark = rng.random(shape) * max(0.0, -b0 / a0)  # a0 x + b0 <= 0
             bright = 1 - rng.random(shape) * (1 - min(1.0, (1 - b0) / a0))  # a0 x + b0 >= 1
@@ -84,7 +93,19 @@ def test_pixel_set_holds_the_nominal_image(kind, rounding):
         x0 = _nominal_input(nominal, config)
         assert (x0 >= tied + c_lo - 1e-9).all() and (x0 <= tied + c_hi + 1e-9).all(), (kind, trial)
         clipped += int((m < 1).any())
+
+        sets = FramePixelSets.of_frame(frame, config, LIGHTING, rounding)
+        a, b = 1 / a0, -b0 / a0
+        around = PhotometricBox(a - rng.uniform(0, 0.1), a + rng.uniform(0, 0.1), b - rng.uniform(0, 0.1),
+                                b + rng.uniform(0, 0.1))
+        shrunk = sets.restrict(Boxes.from_boxes([around]))
+        assert shrunk.a_lo[0] <= a <= shrunk.a_hi[0] and shrunk.b_lo[0] <= b <= shrunk.b_hi[0], (kind, trial)
+        u, m, c_lo, c_hi = sets.for_boxes(shrunk)[0].numpy()
+        assert (x0 >= a * u + b * m + c_lo - 1e-9).all() and (x0 <= a * u + b * m + c_hi + 1e-9).all()
+        whole = sets.restrict(Boxes.from_boxes([inv]))
+        narrowed += int(float((whole.a_hi - whole.a_lo) * (whole.b_hi - whole.b_lo)) < 0.9 * inv_area)
     assert clipped >= 4, "too few test frames clip"
+    assert narrowed >= 6, "the frames' own pixels should rule out much of the inverse range"
 
 
 def _pixel_set_of(image: torch.Tensor, seed: int) -> torch.Tensor:
@@ -249,6 +270,62 @@ def test_frames_with_clipped_pixels_get_crown_bounds(exported_bundle):
         _check_promise(bundle, infer, nominal, served, proof, delta)
     assert all(status is Status.CERTIFIED for status, _, _ in outcomes), outcomes
     assert sum(10 * tight < loose for _, tight, loose in outcomes) >= 3, outcomes  # the others: forward suffices
+
+
+def test_each_box_gets_the_set_of_its_own_lighting(exported_bundle):
+    """A clipped pixel's hidden value depends on the lighting (a dark one lies in [0, b]),
+    and a frame arises only at some lighting (its darkest pixels rule out brightening): each
+    box of the proof is shrunk to where the frame can arise and bounded over its own set.
+    On darkened frames (black backgrounds clipped) this proves frames that one set for the
+    whole range leaves at hundreds of pixels, and the promise holds."""
+    import cv2
+
+    from usn_offline.certify import frame as frame_module
+
+    bundle, test, infer = _served_and_nominal(exported_bundle)
+    lighting = PhotometricBox(0.95, 1.05, -0.05, 0.05)
+    delta = 4.0
+    certifier = FrameCertifier.from_onnx(bundle.onnx_path, bundle.preprocess,
+                                         FrameProofConfig(lighting, delta, max_boxes=8))
+    whole_range = frame_module.certify_boxes
+
+    def one_set(graph, image, prop, pixels, roots, config, sets=None):
+        return whole_range(graph, image, prop, pixels, roots, config)
+
+    outcomes = []
+    for i in range(6):
+        nominal = cv2.resize(test.images[i], (640, 480), interpolation=cv2.INTER_LINEAR)
+        frame = np.clip(0.97 * nominal - 0.03, 0, 1)
+        served = infer(frame)
+        proof = certifier._prove(frame, served)
+        frame_module.certify_boxes = one_set
+        try:
+            before = certifier._prove(frame, served)
+        finally:
+            frame_module.certify_boxes = whole_range
+        outcomes.append((proof.certified, round(proof.deviation_px, 3), before.certified,
+                         round(before.deviation_px, 3), float((frame == 0).mean())))
+        _check_promise(bundle, infer, nominal, served, proof, delta)
+    assert sum(o[0] for o in outcomes) >= sum(o[2] for o in outcomes) + 1, outcomes
+    assert sum(o[0] for o in outcomes) >= 3, outcomes
+
+
+def test_a_frame_that_no_lighting_in_the_range_gives_is_not_certified(tmp_path):
+    """Black pixels need a0 X0 + b0 <= 0, so no brightening gives them: under a range that
+    only brightens, such a frame is outside the model, and says so."""
+    model = random_model("cnn7", 8)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model.float(), (torch.zeros(1, 1, 16, 16),), str(path), dynamo=False, opset_version=17)
+    config = PreprocessConfig(input_height=16, input_width=16)
+    brighter = PhotometricBox(0.9, 1.1, 0.05, 0.1)
+    certifier = FrameCertifier.from_onnx(path, config, FrameProofConfig(brighter, 1e3))
+    frame = np.random.default_rng(3).integers(40, 200, (32, 32), dtype=np.uint8)
+    served = np.full(4, 0.1)
+    assert certifier.prove(frame, served).certified  # delta 1000 px: anything proves
+    frame[:2] = 0
+    proof = certifier.prove(frame, served)
+    assert proof.status is Status.NOT_CERTIFIED and proof.boxes == 0
+    assert "no nominal image in [0, 1] gives this frame" in proof.detail
 
 
 def test_a_repeated_frame_gets_its_proof_again(exported_bundle):

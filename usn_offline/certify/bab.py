@@ -14,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,6 +26,18 @@ from usn_offline.certify.falsify import deviations_at, pgd_attack
 from usn_offline.certify.graph import Graph
 from usn_offline.certify.spec import KeypointProperty
 from usn_offline.perturb import PhotometricBox
+
+
+class InputSets(Protocol):
+    """An input set that depends on the box (a frame's pixel sets,
+    :class:`~usn_offline.certify.frame.FramePixelSets`)."""
+
+    def for_boxes(self, boxes: Boxes) -> torch.Tensor:
+        """The set over each of a batch of boxes, (B, C, H, W) in the boxes' dtype."""
+
+    def restrict(self, boxes: Boxes) -> Boxes:
+        """Each box shrunk to (a box around) its points the input can arise at; a box with
+        no such point comes back empty (a_lo > a_hi or b_lo > b_hi)."""
 
 
 class Status(str, Enum):
@@ -105,6 +118,10 @@ class _Root:
         self.bounded += 1
         self.depth = max(self.depth, depth)
 
+    def empty(self, box: PhotometricBox) -> None:
+        """A leaf where the input cannot arise: the property holds there vacuously."""
+        self.certified_leaves.append(box)
+
     def leaf(self, box: PhotometricBox, lo: torch.Tensor, hi: torch.Tensor, proven: bool) -> None:
         """A leaf of the split tree, whose bounds ``lo``/``hi`` join the root's."""
         self.lower = torch.minimum(self.lower, lo)
@@ -142,12 +159,15 @@ def _excess(prop: KeypointProperty, lo: torch.Tensor, hi: torch.Tensor) -> torch
     return torch.maximum(r - prop.delta - lo, hi - r - prop.delta).max(dim=1).values
 
 
-def _screen(batch: list[_Entry], screen, config: BabConfig) -> tuple[list[_Entry], list[_Entry]]:
+def _screen(batch: list[_Entry], screen, config: BabConfig, sets: InputSets | None
+            ) -> tuple[list[_Entry], list[_Entry]]:
     """Float32 screening: (the entries to bound in float64, the children of those whose
     float32 bounds clearly fail). Children keep the float64 bounds their parent inherited,
     which still cover them."""
     g32, image32, pixels32, prop32 = screen
     boxes = Boxes.from_boxes([e.box for e in batch], torch.float32, g32.device)
+    if sets is not None:
+        image32 = sets.for_boxes(boxes)
     lo, hi = output_bounds(g32, image32, boxes, pixels32, config.method, config.bounds, done=prop32.verified)
     hopeless = _excess(prop32, lo, hi) > config.screen_float32_px
     keep, split = [], []
@@ -160,9 +180,37 @@ def _screen(batch: list[_Entry], screen, config: BabConfig) -> tuple[list[_Entry
     return keep, split
 
 
+def _nonempty(boxes: Boxes) -> torch.Tensor:
+    return (boxes.a_lo <= boxes.a_hi) & (boxes.b_lo <= boxes.b_hi)
+
+
+def _restricted(batch: list[_Entry], sets: InputSets, dtype: torch.dtype, device) -> list[_Entry]:
+    """The entries whose boxes the input can arise in, each box shrunk to where it can;
+    the others become vacuously proven leaves of their roots."""
+    shrunk = sets.restrict(Boxes.from_boxes([e.box for e in batch], dtype, device))
+    keep = _nonempty(shrunk).tolist()
+    rows = torch.stack([shrunk.a_lo, shrunk.a_hi, shrunk.b_lo, shrunk.b_hi], dim=1).tolist()
+    kept = []
+    for e, ok, row in zip(batch, keep, rows, strict=True):
+        if ok:
+            e.box = PhotometricBox(*row)
+            kept.append(e)
+        else:
+            e.root.empty(e.box)
+    return kept
+
+
 def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pixels: PixelMap,
-                  roots: list[PhotometricBox], config: BabConfig = BabConfig()) -> list[BoxOutcome]:
-    """Certify the property on each root box for one image ((1, C, H, W), graph dtype)."""
+                  roots: list[PhotometricBox], config: BabConfig = BabConfig(),
+                  sets: InputSets | None = None) -> list[BoxOutcome]:
+    """Certify the property on each root box for one image ((1, C, H, W), graph dtype).
+
+    ``sets``: an input set that depends on the box (a frame's pixel sets, whose clipped
+    pixels' intervals shrink with the box, and which arise only at some (a, b)). Every box
+    is then first shrunk to where the input can arise (a box with no such point is a
+    vacuously proven leaf) and bounded over its own set; point checks (box centres,
+    attacks) use the set of that point alone, and count only where it can arise. ``image``
+    (the set over the whole root) then only guides the attacks' search."""
     started = time.perf_counter()  # measured for the report; never decides anything
     dtype, device = graph.dtype, graph.device
     batch_size = config.batch_for(device)
@@ -180,6 +228,18 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
     # (most boxes of a radius search) never pay for an attack. The search may run in
     # float32; a counterexample counts only if it violates in float64.
     root_boxes = Boxes.from_boxes(roots, dtype, device)
+    if sets is not None:
+        root_boxes = sets.restrict(root_boxes)
+
+    def at_points(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Deviations at concrete points; with ``sets``, over the set of each point (a real
+        input), -inf where the input cannot arise."""
+        if sets is None:
+            return deviations_at(graph, image, prop, pixels, a, b)
+        points = Boxes(a, a, b, b)
+        inside = _nonempty(sets.restrict(points))
+        dev = deviations_at(graph, sets.for_boxes(points), prop, pixels, a, b)
+        return torch.where(inside, dev, torch.full_like(dev, -float("inf")))
 
     def attack(targets: list[_Root]) -> None:
         sub = root_boxes.select(torch.tensor([t.index for t in targets], device=device))
@@ -189,9 +249,11 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
             a, b, _ = pgd_attack(g32, image32, prop32, pixels32, sub32, config.attack_restarts, config.attack_steps)
             a = torch.minimum(torch.maximum(a.double(), sub.a_lo), sub.a_hi)
             b = torch.minimum(torch.maximum(b.double(), sub.b_lo), sub.b_hi)
-            dev = deviations_at(graph, image, prop, pixels, a, b)
+            dev = at_points(a, b)
         else:
             a, b, dev = pgd_attack(graph, image, prop, pixels, sub, config.attack_restarts, config.attack_steps)
+            if sets is not None:
+                dev = at_points(a, b)
         for k, target in enumerate(targets):
             if prop.violates(dev[k]):
                 target.status = Status.FALSIFIED
@@ -218,15 +280,20 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
         if not batch:
             continue
         first_pass -= len(batch)
+        if sets is not None:
+            batch = _restricted(batch, sets, dtype, device)
+            if not batch:
+                continue
         if screen is not None and all(e.lo is not None for e in batch):
-            kept, split = _screen(batch, screen, config)
+            kept, split = _screen(batch, screen, config, sets)
             queue.extend(split)
             total += len(batch) - len(kept)
             batch = kept
             if not batch:
                 continue
         boxes = Boxes.from_boxes([e.box for e in batch], dtype, device)
-        lo, hi = output_bounds(graph, image, boxes, pixels, config.method, config.bounds, done=prop.verified)
+        images = image if sets is None else sets.for_boxes(boxes)
+        lo, hi = output_bounds(graph, images, boxes, pixels, config.method, config.bounds, done=prop.verified)
         total += len(batch)
         for i, e in enumerate(batch):
             if e.lo is not None:  # a child lies inside its parent: both bounds hold
@@ -240,7 +307,7 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
         dev = None
         if open_idx:
             idx = torch.tensor(open_idx, device=device)
-            dev = deviations_at(graph, image, prop, pixels, ma[idx], mb[idx])
+            dev = at_points(ma[idx], mb[idx])
         for i, e in enumerate(batch):
             root = e.root
             root.counted(e.depth)

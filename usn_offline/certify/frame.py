@@ -22,7 +22,9 @@ input pixel (:func:`~usn_offline.certify.ops.input_terms`), for every (a, b) in 
 R' that bounds the inverse of R. Branch and bound proves over that set that every
 keypoint stays within delta of the keypoints served on the frame, so nothing here rests
 on an estimate of the unknown nominal image, and clipped pixels are covered soundly
-(they only widen the set).
+(they only widen the set). Each box it bounds gets the set of its own (a, b) (the clipped
+pixels' intervals shrink with it), after shrinking it to where the frame can arise at
+all (:class:`FramePixelSets`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 
 from usn_offline.certify.bab import BabConfig, Status, certify_boxes
 from usn_offline.certify.bounds import BoundOptions, PixelMap
+from usn_offline.certify.boxes import Boxes
 from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.graph import Graph
 from usn_offline.certify.spec import KeypointProperty, Norm
@@ -87,28 +90,105 @@ def _network_input(plane: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return resize_image(np.ascontiguousarray(gray), config)
 
 
+@dataclass(frozen=True)
+class FramePixelSets:
+    """The pixel sets of one frame for every sub-box of the inverse range, as network
+    inputs: ``value`` (u), ``inside`` (m) and the preprocessed indicators of the pixels
+    clipped dark and bright, each (1, H, W) float64.
+
+    A clipped pixel's hidden value depends on (a, b): dark ones lie in [0, clip(b + a q/2)],
+    bright ones in [clip(a (1 - q/2) + b), 1]. Over a sub-box the set therefore shrinks with
+    it, so branch and bound recomputes the set per box (:meth:`for_boxes`) instead of
+    keeping the whole range's intervals.
+
+    And the frame can arise only at some (a, b) (:meth:`restrict`): the nominal image's
+    values lie in [0, 1], so its darkest unclipped pixel X needs a (X + q/2) + b >= 0, its
+    brightest a (X - q/2) + b <= 1, a dark clipped pixel b + a q/2 >= 0, a bright one
+    a (1 - q/2) + b <= 1; and (1/a, -b/a) must lie in the lighting range, which bounds b
+    by the range's brightness times a (the inverse of a box is a wedge, not a box).
+    ``constraints`` holds these as (p, r, sense): p a + b >= r (sense 1) or <= r (-1)."""
+
+    value: torch.Tensor
+    inside: torch.Tensor
+    dark: torch.Tensor
+    bright: torch.Tensor
+    half_step: float  # q/2 in [0, 1] units (0: the camera's rounding not modelled)
+    constraints: tuple[tuple[float, float, int], ...] = ()
+
+    @classmethod
+    def of_frame(cls, frame: np.ndarray, config: PreprocessConfig, lighting: PhotometricBox | None = None,
+                 rounding: bool = False) -> FramePixelSets:
+        """The sets of ``frame``; ``lighting`` (the range R of (a0, b0)) adds the constraints
+        of :meth:`restrict`. Without ``rounding`` the camera's rounding is not modelled
+        (q = 0; clipped pixels are still those at 0 and at the maximum)."""
+        step, max_value = camera_step(frame)
+        half = (step if rounding else 0.0) / 2
+        raw = _light_channels(frame)
+        dark, bright = raw <= 0, raw >= max_value
+        inside = ~(dark | bright)
+        planes = [np.where(inside, raw / max_value, 0.0), inside, dark, bright]
+        value, inside_plane, dark_plane, bright_plane = (
+            torch.from_numpy(_network_input(np.asarray(p, np.float64), config))[None] for p in planes)
+        constraints: list[tuple[float, float, int]] = []
+        if lighting is not None:
+            constraints += [(lighting.b_hi, 0.0, 1), (lighting.b_lo, 0.0, -1)]  # -b/a in [b0_lo, b0_hi]
+            # Every pixel must be consistent; the darkest and brightest bind.
+            lows, highs = [half] if dark.any() else [], [1.0 - half] if bright.any() else []
+            if inside.any():
+                lows.append(float(raw[inside].min()) / max_value + half)
+                highs.append(float(raw[inside].max()) / max_value - half)
+            constraints += [(min(lows), 0.0, 1)] if lows else []
+            constraints += [(max(highs), 1.0, -1)] if highs else []
+        return cls(value, inside_plane, dark_plane, bright_plane, half, tuple(constraints))
+
+    # Outward slack of :meth:`restrict` (float64 rounding of its own arithmetic): it may
+    # keep a sliver too much, never drop a point where the frame can arise.
+    SLACK = 1e-9
+
+    def restrict(self, boxes: Boxes) -> Boxes:
+        """Each box shrunk to a box around its points (a, b) where the frame can arise
+        (interval propagation of ``constraints``, a > 0); empty (lo > hi) where none can."""
+        a_lo, a_hi, b_lo, b_hi = boxes.a_lo.clone(), boxes.a_hi.clone(), boxes.b_lo.clone(), boxes.b_hi.clone()
+        eps = self.SLACK
+        for _ in range(3):  # a fixed number of rounds: each one only tightens, soundly
+            for p, r, sense in self.constraints:
+                lo_pa, hi_pa = torch.minimum(p * a_lo, p * a_hi), torch.maximum(p * a_lo, p * a_hi)
+                if sense > 0:  # b >= r - p a
+                    b_lo = torch.maximum(b_lo, r - hi_pa - eps)
+                    if p != 0:  # p a >= r - b_hi
+                        bound = (r - b_hi) / p
+                        a_lo, a_hi = ((torch.maximum(a_lo, bound - eps), a_hi) if p > 0
+                                      else (a_lo, torch.minimum(a_hi, bound + eps)))
+                else:  # b <= r - p a
+                    b_hi = torch.minimum(b_hi, r - lo_pa + eps)
+                    if p != 0:  # p a <= r - b_lo
+                        bound = (r - b_lo) / p
+                        a_lo, a_hi = ((a_lo, torch.minimum(a_hi, bound + eps)) if p > 0
+                                      else (torch.maximum(a_lo, bound - eps), a_hi))
+        return Boxes(a_lo, a_hi, b_lo, b_hi)
+
+    def for_boxes(self, boxes: Boxes) -> torch.Tensor:
+        """The planes (B, 4, H, W) = (u, m, c_lo, c_hi) of the set over each box, in the
+        dtype and on the device of ``boxes``: the network inputs of every nominal image
+        the frame can come from under the model above, for (a, b) in that box."""
+        dtype, device = boxes.a_lo.dtype, boxes.a_lo.device
+        view = (-1, 1, 1, 1)
+        dark_hi = (boxes.b_hi + boxes.a_hi * self.half_step).clamp(0.0, 1.0).view(view)
+        bright_lo = (boxes.a_lo * (1 - self.half_step) + boxes.b_lo).clamp(0.0, 1.0).view(view)
+        error = (boxes.a_hi * self.half_step).view(view)  # the rounding error after inversion
+        u, m, dark, bright = (t.to(device, dtype)[None] for t in (self.value, self.inside, self.dark, self.bright))
+        n = len(boxes)
+        return torch.cat([u.expand(n, -1, -1, -1), m.expand(n, -1, -1, -1),
+                          bright_lo * bright - error * m, dark_hi * dark + bright + error * m], dim=1)
+
+
 def pixel_set(frame: np.ndarray, config: PreprocessConfig, inverse: PhotometricBox,
               rounding: bool = False) -> np.ndarray:
     """The planes (4, H, W) = (u, m, c_lo, c_hi), float64, of the network inputs of every
-    nominal image the frame can come from under the model above, for (a, b) in ``inverse``.
-    Without ``rounding`` the camera's rounding is not modelled (q = 0 for the set; clipped
-    pixels are still those at 0 and at the maximum)."""
-    step, max_value = camera_step(frame)
-    step = step if rounding else 0.0
-    raw = _light_channels(frame)
-    dark, bright = raw <= 0, raw >= max_value
-    inside = ~(dark | bright)
-    half = step / 2
-    dark_hi = float(np.clip(inverse.b_hi + inverse.a_hi * half, 0.0, 1.0))
-    bright_lo = float(np.clip(inverse.a_lo * (1 - half) + inverse.b_lo, 0.0, 1.0))
-    error = inverse.a_hi * half  # the rounding error after inversion (0 without rounding)
-    planes = [
-        np.where(inside, raw / max_value, 0.0),
-        inside.astype(np.float64),
-        np.where(inside, -error, np.where(bright, bright_lo, 0.0)),
-        np.where(inside, error, np.where(bright, 1.0, dark_hi)),
-    ]
-    return np.stack([_network_input(plane, config) for plane in planes])
+    nominal image the frame can come from under the model above, for (a, b) in ``inverse``
+    (:class:`FramePixelSets`)."""
+    sets = FramePixelSets.of_frame(frame, config, rounding=rounding)
+    return sets.for_boxes(Boxes.from_boxes([inverse]))[0].numpy()
 
 
 def frame_bab_config(graph: Graph, crown_share: float = 0.08) -> BabConfig:
@@ -118,8 +198,9 @@ def frame_bab_config(graph: Graph, crown_share: float = 0.08) -> BabConfig:
 
     The offline default (at most 3,000 unstable neurons, else split the box) suits (a, b)
     boxes, whose unstable neurons splitting removes. A frame's clipped pixels are free
-    intervals that splitting (a, b) does not pin, and the forward bounds over them leave
-    thousands of neurons unstable, so that cap kept CROWN from ever running on them. On
+    intervals that splitting (a, b) narrows only partly (a black pixel's stays [0, b] for
+    the boxes of b > 0), and the forward bounds over them leave thousands of neurons
+    unstable, so that cap kept CROWN from ever running on them. On
     the QUICK demo's bag (a network of ~126,000 such neurons: a share of 0.08 is ~10,100),
     the in-range frames left unproved had 3,600-14,400 unstable neurons under forward
     bounds and bounds of 130-5,400 px; with CROWN, 8 of their 9 distinct frames prove (6
@@ -168,6 +249,12 @@ class FrameProof:
     @property
     def certified(self) -> bool:
         return self.status is Status.CERTIFIED
+
+
+# A frame outside the stated model is not certified: the promise would hold vacuously,
+# but its assumption is what fails.
+_IMPOSSIBLE = ("not proved: no nominal image in [0, 1] gives this frame under a lighting change in the range "
+               "(its darkest and brightest pixels rule every one out)")
 
 
 class FrameCertifier:
@@ -236,16 +323,22 @@ class FrameCertifier:
     def _prove(self, frame: np.ndarray, keypoints_normalised: np.ndarray) -> FrameProof:
         h, w = self._size
         graph = self.graph
-        planes = pixel_set(frame, self.preprocess, self.inverse, self.config.camera_rounding)
-        planes = torch.from_numpy(planes).to(graph.device, graph.dtype)
+        sets = FramePixelSets.of_frame(frame, self.preprocess, self.config.lighting, self.config.camera_rounding)
+        inverse = Boxes.from_boxes([self.inverse], graph.dtype, graph.device)
+        possible = sets.restrict(inverse)
+        if not bool((possible.a_lo <= possible.a_hi) & (possible.b_lo <= possible.b_hi)):
+            return FrameProof(Status.NOT_CERTIFIED, math.inf, 0, _IMPOSSIBLE)
+        root = sets.for_boxes(inverse)
         reference = normalised_to_pixels(np.asarray(keypoints_normalised, np.float64).reshape(-1, 2), h, w)
         k = reference.shape[0]
         pixels = PixelMap.for_image(k, h, w, graph.dtype, graph.device)
         prop = KeypointProperty(torch.as_tensor(reference.reshape(-1), dtype=graph.dtype, device=graph.device),
                                 self.config.delta, self.config.norm)
-        outcome = certify_boxes(graph, planes[None], prop, pixels, [self.inverse], self._bab)[0]
+        outcome = certify_boxes(graph, root, prop, pixels, [self.inverse], self._bab, sets)[0]
         ref = reference.reshape(-1)
         dev = float(np.maximum(ref - np.asarray(outcome.lower), np.asarray(outcome.upper) - ref).max())
+        if not dev > -math.inf:  # every box was ruled out: no bound was ever needed
+            return FrameProof(Status.NOT_CERTIFIED, math.inf, outcome.boxes_bounded, _IMPOSSIBLE)
         status, detail = outcome.status, ""
         if status is Status.FALSIFIED:
             moved = self._confirm(frame, outcome.counterexample, prop, pixels)
