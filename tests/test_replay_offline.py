@@ -54,7 +54,7 @@ def test_replay_gives_the_counts_the_generator_implies(offline_run, exported_bun
         assert record.scenario == recipe.scenario
         assert (record.true_contrast, record.true_brightness) == (recipe.contrast, recipe.brightness)
         assert record.malformed == (recipe.malformed is not None)
-        assert record.in_region == bundle.in_region(recipe.contrast, recipe.brightness)
+        assert record.in_region == bundle.region[0].contains(recipe.contrast, recipe.brightness)
         bad = "BAD_INPUT" in record.reasons
         assert bad == record.malformed, (record.index, record.reasons)
         assert (record.keypoints is None) == bad and (record.moved is None) == bad
@@ -74,7 +74,7 @@ def test_replay_gives_the_counts_the_generator_implies(offline_run, exported_bun
     assert malformed == 2
     assert overall["malformed_frames"] == overall["malformed_detected"] == overall["bad_input_frames"] == malformed
     assert overall["unexpected_bad_input"] == 0
-    assert overall["in_region_frames"] == sum(bundle.in_region(r.contrast, r.brightness) for r in recipes)
+    assert overall["in_region_frames"] == sum(bundle.region[0].contains(r.contrast, r.brightness) for r in recipes)
     judged = [r for r in run.records if r.moved is not None]
     certified = [r for r in judged if r.certified]
     moved = [r for r in judged if r.moved]
@@ -105,6 +105,29 @@ def test_report_files_and_keys(offline_run, scenario_bag, exported_bundle, tmp_p
     lines = frames.read_text().splitlines()
     assert len(lines) == 100 and json.loads(lines[0])["scenario"] == "static+malformed"
     assert "| **all** | 100 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_in_range_means_the_range_the_proofs_cover(scenario_bag, exported_bundle, tmp_path):
+    """With ``frame_proof_lighting`` narrower than the certificate's box, a frame is in range
+    when its true lighting lies in what the per-frame decisions cover, and the report says
+    which range that is (it used to count the certificate's region)."""
+    text = PARAMS.read_text()
+    assert "frame_proof_lighting: [0.0, 0.0, 0.0, 0.0]" in text and "frame_proof: true" in text
+    narrow = (0.97, 1.03, -0.01, 0.01)
+    params = tmp_path / "params.yaml"
+    params.write_text(text.replace("frame_proof_lighting: [0.0, 0.0, 0.0, 0.0]",
+                                   f"frame_proof_lighting: {list(narrow)}").replace("frame_proof: true",
+                                                                                   "frame_proof: false"))
+    run = replay_offline(scenario_bag, exported_bundle, params, progress=False)
+    bundle = Bundle.load(exported_bundle)
+    inside = [a <= r.contrast <= b and c <= r.brightness <= d for r in _recipes() for a, b, c, d in [narrow]]
+    assert [r.in_region for r in run.records] == inside
+    wider = [bundle.region[0].contains(r.contrast, r.brightness) for r in _recipes()]
+    assert sum(wider) > sum(inside) > 0
+    report = build_report(run, scenario_bag, bundle, params)
+    assert report["proof_range"] == list(narrow) and report["overall"]["in_region_frames"] == sum(inside)
+    assert "per-frame proofs (and *in range*) cover a ∈ [0.97, 1.03], b ∈ [-0.01, 0.01]" in \
+        write_report(tmp_path / "out", report, run, plots=False)[1].read_text()
 
 
 def test_replay_is_deterministic(offline_run, scenario_bag, exported_bundle):

@@ -14,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from usn_offline.errors import ReplayError
+from usn_offline.perturb import PhotometricBox
 from usn_offline.replay.bag_reader import BagImage, BagReader, BagTruth
 from usn_offline.replay.records import FrameRecord, add_truth, frame_record
 from usn_offline.runtime.bundle import Bundle
@@ -34,6 +35,7 @@ class ReplayRun:
     frames_in_bag: int = 0
     truth_without_image: int = 0
     seconds: float = 0.0
+    covered: PhotometricBox | None = None  # the lighting range the per-frame decisions cover
     extra: dict = field(default_factory=dict)  # more report sections (the live replay's)
     live_latencies_ms: list[float] = field(default_factory=list)
 
@@ -86,7 +88,9 @@ def replay_offline(bag: Path | str, bundle_dir: Path | str, params_file: Path | 
                                                 max_pixels=settings.max_image_pixels))
     started = time.perf_counter()
     with BagReader(bag, image_topic) as reader:
-        run = ReplayRun([], reader.image_topic, reader.has_truth, bundle, frames_in_bag=reader.image_count)
+        covered = bundle.lighting_range(settings.frame_proof_lighting)
+        run = ReplayRun([], reader.image_topic, reader.has_truth, bundle, frames_in_bag=reader.image_count,
+                        covered=covered)
         if reader.truncated:
             run.complete, run.problem = False, reader.problem
         images: dict[int, FrameRecord] = {}  # waiting for their ground truth
@@ -96,7 +100,7 @@ def replay_offline(bag: Path | str, bundle_dir: Path | str, params_file: Path | 
 
         def finish(record: FrameRecord, truth: BagTruth | None) -> None:
             if truth is not None:
-                add_truth(record, truth, nominal(truth) if not truth.malformed else None, bundle)
+                add_truth(record, truth, nominal(truth) if not truth.malformed else None, bundle, covered)
             run.records.append(record)
             if sink:
                 sink.write(json.dumps(record.to_dict()) + "\n")

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from usn_offline.perturb import PhotometricBox
 from usn_offline.replay.bag_reader import BagTruth
 from usn_offline.runtime.bundle import Bundle
 from usn_offline.runtime.monitor import Reason
@@ -95,12 +96,15 @@ def deviation(keypoints: np.ndarray, nominal: np.ndarray, frame_hw: tuple[int, i
     return float(image_px), float(net_px / delta) if delta > 0 else (math.inf if net_px > 0 else 0.0)
 
 
-def add_truth(record: FrameRecord, truth: BagTruth, nominal_keypoints: np.ndarray | None, bundle: Bundle) -> None:
-    """Fill the ground-truth fields of ``record``."""
+def add_truth(record: FrameRecord, truth: BagTruth, nominal_keypoints: np.ndarray | None, bundle: Bundle,
+              covered: PhotometricBox) -> None:
+    """Fill the ground-truth fields of ``record``; ``covered`` is the lighting range the
+    per-frame decisions cover (the node's ``frame_proof_lighting``, by default the
+    certificate's first box), which decides whether the frame is "in range"."""
     record.scenario = truth.scenario
     record.true_contrast, record.true_brightness = truth.contrast, truth.brightness
     record.malformed = truth.malformed
-    record.in_region = bundle.in_region(truth.contrast, truth.brightness)
+    record.in_region = covered.contains(truth.contrast, truth.brightness)
     if record.keypoints is None or truth.malformed:
         return
     keypoints = np.asarray(record.keypoints)

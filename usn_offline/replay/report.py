@@ -82,6 +82,8 @@ def build_report(run: ReplayRun, bag: Path | str, bundle: Bundle, params_file: P
             "delta_px": bundle.delta_px, "effective_delta_px": delta, "norm": bundle.certificate.get("norm"),
             "network_input": [w, h],
         },
+        "proof_range": None if run.covered is None else [run.covered.a_lo, run.covered.a_hi, run.covered.b_lo,
+                                                         run.covered.b_hi],
         "frame_sizes": [list(s) for s in sizes],
         "delta_image_px": [{"frame": [fw, fh], "x": delta * fw / w, "y": delta * fh / h} for fw, fh in sizes],
         "overall": summarise(run.records),
@@ -112,7 +114,11 @@ def summary_markdown(report: dict, pictures: list[str]) -> str:
     lines = [f"# Replay of `{report['bag']}` ({report['mode']})", "",
              f"{report['frames_replayed']} of {report['frames_in_bag']} frames of `{report['image_topic']}` "
              f"through the node's runtime with `{report['params_file']}`; model `{b['model_sha256'][:12]}`, "
-             f"certified region {region}, δ = {b['effective_delta_px']:.4g} px ({b['norm']}) on the "
+             f"certified region {region}"
+             + ("" if not report.get("proof_range") else
+                "; per-frame proofs (and *in range*) cover a ∈ [{:g}, {:g}], b ∈ [{:g}, {:g}]".format(
+                    *report["proof_range"]))
+             + f", δ = {b['effective_delta_px']:.4g} px ({b['norm']}) on the "
              f"{b['network_input'][0]}×{b['network_input'][1]} network input"
              + "".join(f"; at {d['frame'][0]}×{d['frame'][1]} that is {d['x']:.3g} px in x and {d['y']:.3g} px in y"
                        for d in report["delta_image_px"]) + "."]
@@ -126,7 +132,7 @@ def summary_markdown(report: dict, pictures: list[str]) -> str:
     if report["ground_truth"]:
         lines += ["| decision \\ outcome | moved > δ | held ≤ δ |", "|---|---|---|",
                   f"| certified | {c['certified_moved']} (silent failures) | {c['certified_held']} |",
-                  f"| flagged | {c['flagged_moved']} (caught) | {c['flagged_held']} (false alarms when in region) |",
+                  f"| flagged | {c['flagged_moved']} (caught) | {c['flagged_held']} (false alarms when in range) |",
                   ""]
     if "live" in report:
         live = report["live"]
@@ -146,7 +152,7 @@ def summary_markdown(report: dict, pictures: list[str]) -> str:
               "*… outside* the others (its stated assumption violated); *certified in range* = certified among "
               "the frames whose true (a, b) is in that range; *silent-failure rate* = moved among certified frames; "
               "*failure recall* = flagged among moved frames; *false alarms* = flagged among frames whose true "
-              "(a, b) is in the certified region and that did not move. Keys of report.json: docs/REPLAY.md "
+              "(a, b) is in that range and that did not move. Keys of report.json: docs/REPLAY.md "
               "in the repository.", ""]
     lines += [f"![{name}]({name})" for name in pictures]
     return "\n".join(lines) + "\n"
