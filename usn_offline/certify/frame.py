@@ -254,7 +254,7 @@ class FrameProof:
 # A frame outside the stated model is not certified: the promise would hold vacuously,
 # but its assumption is what fails.
 _IMPOSSIBLE = ("not proved: no nominal image in [0, 1] gives this frame under a lighting change in the range "
-               "(its darkest and brightest pixels rule every one out)")
+               "(its darkest and brightest pixels and the range's brightness rule every one out)")
 
 
 class FrameCertifier:
