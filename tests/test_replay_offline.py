@@ -127,7 +127,7 @@ def test_in_range_means_the_range_the_proofs_cover(scenario_bag, exported_bundle
     report = build_report(run, scenario_bag, bundle, params)
     assert report["proof_range"] == list(narrow) and report["overall"]["in_region_frames"] == sum(inside)
     assert "per-frame proofs (and *in range*) cover a ∈ [0.97, 1.03], b ∈ [-0.01, 0.01]" in \
-        write_report(tmp_path / "out", report, run, plots=False)[1].read_text()
+        write_report(tmp_path / "out", report, run)[1].read_text()
 
 
 def test_replay_is_deterministic(offline_run, scenario_bag, exported_bundle):
