@@ -324,11 +324,7 @@ class FrameCertifier:
         h, w = self._size
         graph = self.graph
         sets = FramePixelSets.of_frame(frame, self.preprocess, self.config.lighting, self.config.camera_rounding)
-        inverse = Boxes.from_boxes([self.inverse], graph.dtype, graph.device)
-        possible = sets.restrict(inverse)
-        if not bool((possible.a_lo <= possible.a_hi) & (possible.b_lo <= possible.b_hi)):
-            return FrameProof(Status.NOT_CERTIFIED, math.inf, 0, _IMPOSSIBLE)
-        root = sets.for_boxes(inverse)
+        root = sets.for_boxes(Boxes.from_boxes([self.inverse], graph.dtype, graph.device))
         reference = normalised_to_pixels(np.asarray(keypoints_normalised, np.float64).reshape(-1, 2), h, w)
         k = reference.shape[0]
         pixels = PixelMap.for_image(k, h, w, graph.dtype, graph.device)
@@ -337,7 +333,7 @@ class FrameCertifier:
         outcome = certify_boxes(graph, root, prop, pixels, [self.inverse], self._bab, sets)[0]
         ref = reference.reshape(-1)
         dev = float(np.maximum(ref - np.asarray(outcome.lower), np.asarray(outcome.upper) - ref).max())
-        if not dev > -math.inf:  # every box was ruled out: no bound was ever needed
+        if not dev > -math.inf:  # every box, the root too, was ruled out: nothing was bounded
             return FrameProof(Status.NOT_CERTIFIED, math.inf, outcome.boxes_bounded, _IMPOSSIBLE)
         status, detail = outcome.status, ""
         if status is Status.FALSIFIED:
