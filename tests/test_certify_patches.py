@@ -98,3 +98,67 @@ def _relu_inputs(graph, image, a, b) -> dict[int, torch.Tensor]:
         elif isinstance(op, AddOp):
             values[i] = sum(c * values[j] for c, j in zip(op.coeffs, node.inputs, strict=True))
     return out
+
+
+@pytest.mark.parametrize("family", ["cnn7", "resnet"])
+@pytest.mark.parametrize("clip", [True, False])
+def test_one_side_first_gives_the_relaxations_of_both_sides(family, clip):
+    """A neuron that its first bound makes stable skips the other backward pass: every
+    ReLU relaxation, and so the output bounds, stay those of bounding both sides, while
+    neurons do settle in the first pass (work saved)."""
+    from usn_offline.certify import crown
+    from usn_offline.certify.forward import relu_slopes
+
+    graph = lower(_model(family, 3), (1, SIZE, SIZE), clip=clip)
+    image = _image(3)
+    boxes = Boxes.from_boxes(BOXES)
+    rows = []
+    real = crown.signed_neuron_bounds
+
+    def counting(*args, **kwargs):
+        rows.append(args[5].numel())
+        return real(*args, **kwargs)
+
+    crown.signed_neuron_bounds = counting
+    try:
+        both = crown_intermediate(graph, image, boxes, max_elements=4096, one_side_first=False)
+        rows_both = sum(rows)
+        rows.clear()
+        first = crown_intermediate(graph, image, boxes, max_elements=4096)
+        rows_first = sum(rows)
+    finally:
+        crown.signed_neuron_bounds = real
+    for r, (lo, hi) in both.relu_input.items():
+        for mine, theirs in zip(relu_slopes(*first.relu_input[r])[:3], relu_slopes(lo, hi)[:3], strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+    pixels = PixelMap.for_image(2, SIZE, SIZE)
+    eye = torch.diag(pixels.scale)
+    spec = torch.cat([eye, -eye])
+    torch.testing.assert_close(linear_min(backward_linear(graph, first, image, spec), boxes),
+                               linear_min(backward_linear(graph, both, image, spec), boxes), rtol=1e-12, atol=1e-12)
+    assert rows_first < rows_both, (rows_first, rows_both)
+
+
+@pytest.mark.parametrize("family", ["cnn7", "resnet"])
+def test_a_forward_pass_resumed_at_a_relu_equals_one_from_the_start(family):
+    graph = lower(_model(family, 4), (1, SIZE, SIZE))
+    image = _image(4)
+    boxes = Boxes.from_boxes(BOXES)
+    relus = graph.relu_indices
+    full = propagate(graph, image, boxes, save_at=relus)
+    assert set(full.states) == set(relus)
+    for r in relus[1:]:
+        # Bounds from elsewhere narrow this ReLU's input (the middle half of each interval:
+        # an equality check, not a sound bound); the pass resumes just before it.
+        lo, hi = full.relu_input[r]
+        narrowed = {r: (0.75 * lo + 0.25 * hi, 0.25 * lo + 0.75 * hi)}
+        again = propagate(graph, image, boxes, relu_bounds=narrowed)
+        resumed = propagate(graph, image, boxes, relu_bounds=narrowed, resume=full.states[r])
+        assert set(resumed.relu_input) == set(again.relu_input)
+        for k, (a_lo, a_hi) in again.relu_input.items():
+            torch.testing.assert_close(resumed.relu_input[k][0], a_lo, rtol=0, atol=0)
+            torch.testing.assert_close(resumed.relu_input[k][1], a_hi, rtol=0, atol=0)
+        for mine, theirs in ((resumed.out_lo, again.out_lo), (resumed.out_hi, again.out_hi),
+                             (resumed.out_lower, again.out_lower), (resumed.out_upper, again.out_upper)):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+        assert not torch.equal(again.out_lo, full.out_lo)  # the narrowing reached the output

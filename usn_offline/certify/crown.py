@@ -15,10 +15,10 @@ import math
 import torch
 
 from usn_offline.certify.boxes import Boxes, linear_min
-from usn_offline.certify.forward import ForwardBounds, propagate, relu_slopes
+from usn_offline.certify.forward import ForwardBounds, PassState, propagate, relu_slopes
 from usn_offline.certify.graph import Graph
 from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp, extra_terms, input_terms
-from usn_offline.certify.patches import neuron_bounds
+from usn_offline.certify.patches import signed_neuron_bounds
 
 
 def reached_backward(graph: Graph, start: int, cut: set[int]) -> set[int]:
@@ -165,68 +165,100 @@ def relus_needing_backward(graph: Graph) -> list[int]:
     return out
 
 
-def dense_neuron_bounds(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes, node: int,
-                        box_index: torch.Tensor, neuron: torch.Tensor, max_elements: int = 1 << 24
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`usn_offline.certify.patches.neuron_bounds`, by dense backward passes: for
-    the neurons of a flat layer, whose receptive field is the whole image, the dense
-    pass is about twice as fast (bench/certify_bench.py). Each box's neurons are padded
+def dense_signed_bounds(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes, node: int,
+                        box_index: torch.Tensor, neuron: torch.Tensor, sign: torch.Tensor,
+                        max_elements: int = 1 << 24) -> torch.Tensor:
+    """As :func:`usn_offline.certify.patches.signed_neuron_bounds`, by dense backward
+    passes: for the neurons of a flat layer, whose receptive field is the whole image, the
+    dense pass is about twice as fast (bench/certify_bench.py). Each box's rows are padded
     to the largest count with zero rows."""
     n, numel = len(boxes), graph.nodes[node].shape[0]
     counts = torch.bincount(box_index, minlength=n)
     slot = torch.arange(neuron.numel(), device=neuron.device) - (torch.cumsum(counts, 0) - counts)[box_index]
     s = int(counts.max())
     widest = max(math.prod(nd.shape) for nd in graph.nodes[:node + 1])
-    chunk = max(1, max_elements // (2 * n * widest))
-    lower = torch.empty(neuron.numel(), dtype=graph.dtype, device=neuron.device)
-    upper = torch.empty_like(lower)
+    chunk = max(1, max_elements // (n * widest))
+    bound = torch.empty(neuron.numel(), dtype=graph.dtype, device=neuron.device)
     exact = ForwardBounds(relu_input=fwd.relu_input, out_lo=fwd.out_lo, out_hi=fwd.out_hi, kept_linear={})
     for start in range(0, s, chunk):
         pick = (slot >= start) & (slot < start + chunk)
-        k = min(chunk, s - start)
-        rows = torch.zeros(n, 2 * k, numel, dtype=graph.dtype, device=neuron.device)
-        bi, sl, ne = box_index[pick], slot[pick] - start, neuron[pick]
-        rows[bi, sl, ne] = 1.0
-        rows[bi, sl + k, ne] = -1.0
-        bound = linear_min(backward_linear(graph, exact, images, rows, start=node), boxes)
-        lower[pick] = bound[bi, sl]
-        upper[pick] = -bound[bi, sl + k]
-    return lower, upper
+        rows = torch.zeros(n, min(chunk, s - start), numel, dtype=graph.dtype, device=neuron.device)
+        bi, sl = box_index[pick], slot[pick] - start
+        rows[bi, sl, neuron[pick]] = sign[pick]
+        bound[pick] = linear_min(backward_linear(graph, exact, images, rows, start=node), boxes)[bi, sl]
+    return bound
 
 
-def crown_intermediate(graph: Graph, images: torch.Tensor, boxes: Boxes, max_elements: int = 1 << 24
-                       ) -> ForwardBounds:
+def crown_intermediate(graph: Graph, images: torch.Tensor, boxes: Boxes, max_elements: int = 1 << 24,
+                       one_side_first: bool = True) -> ForwardBounds:
     """Forward bounds whose ReLU input bounds are CROWN's: layer by layer, every neuron the
     bounds so far leave unstable gets a backward pass to the input (each box its own
-    neurons, :func:`usn_offline.certify.patches.neuron_bounds`), and the forward pass is
-    redone with the tightened bounds so that the next layer starts from them (fewer
-    unstable neurons to go back from). Every interval only ever shrinks: each forward
-    pass is intersected with all earlier ones."""
-    relu_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    neurons, :func:`usn_offline.certify.patches.signed_neuron_bounds`), and the forward
+    pass is redone with the tightened bounds so that the next layer starts from them
+    (fewer unstable neurons to go back from). Every interval only ever shrinks: each
+    forward pass is intersected with all earlier ones.
 
-    def forward() -> ForwardBounds:
-        fwd = propagate(graph, images, boxes, linear=True, intersect_ibp=True, relu_bounds=relu_bounds)
+    A neuron's two bounds are two backward passes, and a neuron that one of them makes
+    stable needs no other: its relaxation is exact (zero, or the identity) whatever the
+    other bound. So each neuron first gets the bound on the side its interval leans to
+    (the upper bound when hi < -lo), and the other only if it is still unstable: on the
+    demo models most unstable neurons of the deeper layers settle in the first pass.
+    ``one_side_first=False`` bounds both sides of every unstable neuron (the reference
+    the tests compare with); the relaxations, and so the backward bounds, are the same.
+    """
+    relu_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    needing = relus_needing_backward(graph)
+
+    def forward(resume: PassState | None = None) -> ForwardBounds:
+        # Only the layers from the tightened ReLU on change: the pass resumes there.
+        later = [r for r in needing if resume is None or r > resume.at]
+        fwd = propagate(graph, images, boxes, linear=True, intersect_ibp=True, relu_bounds=relu_bounds,
+                        save_at=later, resume=resume)
         relu_bounds.update(fwd.relu_input)
         return fwd
 
     fwd = forward()
-    for r in relus_needing_backward(graph):
+    for r in needing:
         lo, hi = fwd.relu_input[r]
         flat_lo, flat_hi = lo.flatten(1).clone(), hi.flatten(1).clone()
-        box_index, neuron = ((flat_lo < 0) & (flat_hi > 0)).nonzero(as_tuple=True)
-        if neuron.numel() == 0:
-            continue
-        node = graph.nodes[r].inputs[0]
-        if len(graph.nodes[node].shape) == 1:
-            new_lo, new_hi = dense_neuron_bounds(graph, fwd, images, boxes, node, box_index, neuron,
-                                                 max_elements)
-        else:
-            new_lo, new_hi = neuron_bounds(graph, fwd, images, boxes, node, box_index, neuron, max_elements)
-        flat_lo[box_index, neuron] = torch.maximum(flat_lo[box_index, neuron], new_lo)
-        flat_hi[box_index, neuron] = torch.minimum(flat_hi[box_index, neuron], new_hi)
-        relu_bounds[r] = (flat_lo.view_as(lo), flat_hi.view_as(hi))
-        fwd = forward()
+        if _tighten_unstable(graph, fwd, images, boxes, graph.nodes[r].inputs[0], flat_lo, flat_hi,
+                             one_side_first, max_elements):
+            relu_bounds[r] = (flat_lo.view_as(lo), flat_hi.view_as(hi))
+            fwd = forward(fwd.states[r])
+    fwd.states = {}  # the live tensors of every stop: not needed any more
     return fwd
+
+
+def _tighten_unstable(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes, node: int,
+                      flat_lo: torch.Tensor, flat_hi: torch.Tensor, one_side_first: bool,
+                      max_elements: int) -> bool:
+    """Tighten in place the (B, N) bounds of ``node``'s neurons that they leave unstable,
+    by backward passes (:func:`crown_intermediate`); False when none is unstable."""
+    box_index, neuron = ((flat_lo < 0) & (flat_hi > 0)).nonzero(as_tuple=True)
+    if neuron.numel() == 0:
+        return False
+    signed = dense_signed_bounds if len(graph.nodes[node].shape) == 1 else signed_neuron_bounds
+
+    def tighten(pick: torch.Tensor, sign: torch.Tensor) -> None:
+        """Bound sign * z of the entries ``pick``; keep the tighter of old and new."""
+        bi, ne = box_index[pick], neuron[pick]
+        bound = signed(graph, fwd, images, boxes, node, bi, ne, sign, max_elements)
+        lower, upper = sign > 0, sign < 0
+        flat_lo[bi[lower], ne[lower]] = torch.maximum(flat_lo[bi[lower], ne[lower]], bound[lower])
+        flat_hi[bi[upper], ne[upper]] = torch.minimum(flat_hi[bi[upper], ne[upper]], -bound[upper])
+
+    everyone = torch.arange(neuron.numel(), device=neuron.device)
+    if not one_side_first:
+        tighten(torch.cat([everyone, everyone]),
+                torch.cat([torch.ones_like(everyone), -torch.ones_like(everyone)]).to(graph.dtype))
+        return True
+    leans_low = flat_hi[box_index, neuron] < -flat_lo[box_index, neuron]
+    first = torch.where(leans_low, -1.0, 1.0).to(graph.dtype)
+    tighten(everyone, first)
+    still = (flat_lo[box_index, neuron] < 0) & (flat_hi[box_index, neuron] > 0)
+    if still.any():
+        tighten(everyone[still], -first[still])
+    return True
 
 
 def alpha_crown_lower(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes,

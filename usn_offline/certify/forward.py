@@ -6,7 +6,8 @@ just three numbers per neuron, so forward linear propagation costs a few forward
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +28,7 @@ class ForwardBounds:
     out_lower: torch.Tensor | None = None
     out_upper: torch.Tensor | None = None
     kept_linear: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    states: dict[int, PassState] = field(default_factory=dict)
 
     def select(self, idx: torch.Tensor) -> ForwardBounds:
         """The bounds of a subset of the boxes."""
@@ -37,6 +39,22 @@ class ForwardBounds:
             out_lower=None if self.out_lower is None else self.out_lower[idx],
             out_upper=None if self.out_upper is None else self.out_upper[idx],
             kept_linear={k: pick(v) for k, v in (self.kept_linear or {}).items()})
+
+
+@dataclass
+class PassState:
+    """A forward pass stopped just before node ``at``: everything the rest of it reads (the
+    live bounds of earlier nodes, and what it has collected), so that it can be resumed
+    there after bounds from elsewhere changed at ``at`` or later (``propagate(resume=)``)."""
+
+    at: int
+    lo: list
+    hi: list
+    low: list
+    up: list
+    remaining: list[int]
+    relu_input: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
 def relu_slopes(lo: torch.Tensor, hi: torch.Tensor
@@ -66,30 +84,43 @@ def _batched(op: AffineOp, fn: torch.Tensor, use_abs: bool) -> torch.Tensor:
 
 def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = True,
               intersect_ibp: bool = True, keep_linear: tuple[int, ...] = (),
-              relu_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> ForwardBounds:
+              relu_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+              save_at: Collection[int] = (), resume: PassState | None = None) -> ForwardBounds:
     """Propagate bounds for B boxes; ``images`` is (B, C, H, W) or (1, C, H, W).
 
     The forward linear bounds of the nodes in ``keep_linear`` are returned too, for a
     backward pass that stops there. ``relu_bounds`` holds tighter (sound) interval bounds
     of some ReLUs' inputs, computed elsewhere (backward passes): they are intersected with
     the forward ones before the ReLU is relaxed, so every later layer profits.
+
+    The state of the pass just before each node of ``save_at`` is returned in ``states``;
+    ``resume`` continues a pass from such a state (same graph, images, boxes and options),
+    which gives what a pass from the start gives when nothing before ``resume.at`` changed.
     """
     if graph.standardise is not None:
         raise CertificationError("a graph that standardises its input is bounded through "
                                  "certify.standardise.standardised_sets on its body (output_bounds does this)")
     n = len(boxes)
     images = images.expand(n, *images.shape[1:]) if images.shape[0] == 1 else images
-    lo: list[torch.Tensor | None] = [None] * len(graph.nodes)
-    hi: list[torch.Tensor | None] = [None] * len(graph.nodes)
-    low: list[torch.Tensor | None] = [None] * len(graph.nodes)
-    up: list[torch.Tensor | None] = [None] * len(graph.nodes)
-    remaining = [len(u) for u in graph.users]
-    relu_input = {}
-    kept = {}
+    if resume is None:
+        lo: list[torch.Tensor | None] = [None] * len(graph.nodes)
+        hi: list[torch.Tensor | None] = [None] * len(graph.nodes)
+        low: list[torch.Tensor | None] = [None] * len(graph.nodes)
+        up: list[torch.Tensor | None] = [None] * len(graph.nodes)
+        remaining = [len(u) for u in graph.users]
+        relu_input, kept, first = {}, {}, 0
+    else:  # copies of the lists: the state stays valid for another resumption
+        lo, hi, low, up = list(resume.lo), list(resume.hi), list(resume.low), list(resume.up)
+        remaining, relu_input, kept = list(resume.remaining), dict(resume.relu_input), dict(resume.kept)
+        first = resume.at
+    states = {}
     nd = len(graph.input_shape)
 
-    for i, node in enumerate(graph.nodes):
-        op = node.op
+    for i in range(first, len(graph.nodes)):
+        node, op = graph.nodes[i], graph.nodes[i].op
+        if i in save_at:
+            states[i] = PassState(i, list(lo), list(hi), list(low), list(up), list(remaining), dict(relu_input),
+                                  dict(kept))
         if isinstance(op, SemanticInputOp):
             # A plain image has x >= 0 (and m = 1), so the extremes of a*x + b sit at the
             # corners (a_lo, b_lo) and (a_hi, b_hi).
@@ -167,4 +198,4 @@ def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = T
 
     o = graph.output
     return ForwardBounds(relu_input=relu_input, out_lo=lo[o], out_hi=hi[o], out_lower=low[o], out_upper=up[o],
-                         kept_linear=kept)
+                         kept_linear=kept, states=states)

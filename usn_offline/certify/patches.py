@@ -68,9 +68,12 @@ def gather_window(maps: torch.Tensor, box_index: torch.Tensor, win: Window) -> t
     h, w = win.lam.shape[-2:]
     ys, vy = _positions(win.oy, h, maps.shape[2])
     xs, vx = _positions(win.ox, w, maps.shape[3])
-    out = maps[box_index[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # (P, h, w, C)
-    inside = (vy[:, :, None] & vx[:, None, :]).unsqueeze(3)
-    return (out * inside).permute(0, 3, 1, 2)
+    # Indexing every dimension gives (P, C, h, w) in its own memory order: the products
+    # and sums over the window that follow need no copies of a permuted gather.
+    channels = torch.arange(maps.shape[1], device=maps.device)
+    out = maps[box_index[:, None, None, None], channels[None, :, None, None], ys[:, None, :, None],
+               xs[:, None, None, :]]
+    return out.mul_((vy[:, :, None] & vx[:, None, :]).unsqueeze(1))
 
 
 def _inside(win: Window, shape: tuple[int, ...]) -> torch.Tensor:
@@ -120,12 +123,12 @@ def _conv_transpose(lam: torch.Tensor, weight: torch.Tensor, stride: tuple[int, 
 
 
 def relaxation_maps(fwd: ForwardBounds) -> dict[int, torch.Tensor]:
-    """Per ReLU, its relaxation as one (B, 3, *shape) tensor: lower slope, upper slope,
-    upper intercept (so one gather serves all three)."""
+    """Per ReLU, its relaxation as one (B, 3, *shape) tensor: lower slope, upper minus
+    lower slope, upper intercept (so one gather serves all three)."""
     maps = {}
     for i, (lo, hi) in fwd.relu_input.items():
         sl, su, iu, _ = relu_slopes(lo, hi)
-        maps[i] = torch.stack([sl, su, iu], dim=1)
+        maps[i] = torch.stack([sl, su - sl, iu], dim=1)
     return maps
 
 
@@ -194,10 +197,12 @@ def backward_windows(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, sta
         elif isinstance(op, ReluOp):
             maps = relaxations[i]
             relax = under(maps, win) if win.flat else under(maps.flatten(1, 2), win).unflatten(1, (3, -1))
-            sl, su, iu = relax.unbind(dim=1)
-            negative = win.lam < 0
-            const += (win.lam * iu).masked_fill_(~negative, 0.0).flatten(1).sum(dim=1)
-            add_to(node.inputs[0], Window(win.lam * torch.where(negative, su, sl), win.oy, win.ox))
+            sl, gap, iu = relax.unbind(dim=1)
+            # A negative coefficient takes the upper relaxation (slope sl + gap, intercept
+            # iu), a positive one the lower: four passes over the window instead of seven.
+            negative = win.lam.clamp(max=0.0)
+            const += torch.linalg.vecdot(negative.flatten(1), iu.flatten(1))
+            add_to(node.inputs[0], Window(torch.addcmul(win.lam * sl, negative, gap), win.oy, win.ox))
         elif isinstance(op, SemanticInputOp):
             # The gathered planes are zero outside the map, so m needs no mask there.
             planes = images[row_box] if win.flat else under(images, win)
@@ -221,43 +226,49 @@ def neuron_bounds(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes:
                   box_index: torch.Tensor, neuron: torch.Tensor, max_elements: int = 1 << 24
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """CROWN lower and upper bounds of single neurons of ``node``: entry k is the flat
-    neuron ``neuron[k]`` in box ``box_index[k]``.
+    neuron ``neuron[k]`` in box ``box_index[k]`` (:func:`signed_neuron_bounds`, both signs)."""
+    k = neuron.shape[0]
+    sign = torch.ones(2 * k, dtype=graph.dtype, device=neuron.device)
+    sign[k:] = -1.0
+    bound = signed_neuron_bounds(graph, fwd, images, boxes, node, box_index.repeat(2), neuron.repeat(2), sign,
+                                 max_elements)
+    return bound[:k], -bound[k:]
 
-    The neurons of one position of a feature map share one window (a group); rows go in
+
+def signed_neuron_bounds(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes, node: int,
+                         box_index: torch.Tensor, neuron: torch.Tensor, sign: torch.Tensor,
+                         max_elements: int = 1 << 24) -> torch.Tensor:
+    """CROWN lower bounds of ``sign[k] * z[neuron[k]]`` over box ``box_index[k]``, z the flat
+    values of ``node`` (sign +1: the neuron's lower bound; -1: minus its upper bound).
+
+    The rows of one position of a feature map share one window (a group); rows go in
     chunks whose widest window stays below ``max_elements`` entries.
     """
     shape = graph.nodes[node].shape
     images = images.expand(len(boxes), *images.shape[1:]) if images.shape[0] == 1 else images
     relaxations = relaxation_maps(fwd)
     hw = 1 if len(shape) == 1 else shape[1] * shape[2]
-    channel = neuron // hw
     order = torch.argsort(box_index * hw + neuron % hw, stable=True)  # rows of a group side by side
-    box_index, neuron, channel = box_index[order], neuron[order], channel[order]
-    chunk = max(1, max_elements // max(1, 2 * receptive_elements(graph, node)))
-    lower = torch.empty(neuron.shape[0], dtype=graph.dtype, device=neuron.device)
-    upper = torch.empty_like(lower)
+    box_index, neuron, sign = box_index[order], neuron[order], sign[order]
+    channel = neuron // hw
+    chunk = max(1, max_elements // max(1, receptive_elements(graph, node)))
+    bound = torch.empty(neuron.shape[0], dtype=graph.dtype, device=neuron.device)
     for start in range(0, neuron.shape[0], chunk):
-        bidx, idx, ch = (t[start:start + chunk] for t in (box_index, neuron, channel))
+        bidx, idx, ch, sg = (t[start:start + chunk] for t in (box_index, neuron, channel, sign))
         k = idx.shape[0]
         groups, row_group = torch.unique(bidx * hw + idx % hw, return_inverse=True)
-        group_box = groups // hw
         lam = torch.zeros(k, shape[0], dtype=graph.dtype, device=idx.device)
-        lam[torch.arange(k, device=idx.device), ch] = 1.0
+        lam[torch.arange(k, device=idx.device), ch] = sg
         if len(shape) == 1:
-            win = Window(torch.cat([lam, -lam]))
+            win = Window(lam)
         else:
             pos = groups % hw
-            win = Window(torch.cat([lam, -lam]).view(2 * k, shape[0], 1, 1), pos // shape[2], pos % shape[2])
-        rows = torch.cat([row_group, row_group])
-        coef = backward_windows(graph, fwd, images, node, win, group_box, rows, relaxations)
-        row_box = bidx.repeat(2)
-        sub = boxes.select(row_box)
-        bound = linear_min(coef.unsqueeze(2), sub)[:, 0]
-        lower[start:start + k] = bound[:k]
-        upper[start:start + k] = -bound[k:]
+            win = Window(lam.view(k, shape[0], 1, 1), pos // shape[2], pos % shape[2])
+        coef = backward_windows(graph, fwd, images, node, win, groups // hw, row_group, relaxations)
+        bound[start:start + k] = linear_min(coef.unsqueeze(2), boxes.select(bidx))[:, 0]
     back = torch.empty_like(order)
     back[order] = torch.arange(order.numel(), device=order.device)
-    return lower[back], upper[back]
+    return bound[back]
 
 
 def receptive_elements(graph: Graph, node: int) -> int:
