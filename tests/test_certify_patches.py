@@ -162,3 +162,23 @@ def test_a_forward_pass_resumed_at_a_relu_equals_one_from_the_start(family):
                              (resumed.out_lower, again.out_lower), (resumed.out_upper, again.out_upper)):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
         assert not torch.equal(again.out_lo, full.out_lo)  # the narrowing reached the output
+
+
+@pytest.mark.parametrize("family", ["cnn7", "resnet"])
+def test_crown_intermediate_from_a_pass_already_made_equals_its_own(family):
+    """output_bounds hands its first forward pass (with the stops and a cut's linear bounds
+    kept) to the CROWN intermediate bounds, which start from it instead of a pass of their own."""
+    from usn_offline.certify.crown import relus_needing_backward
+
+    graph = lower(_model(family, 5), (1, SIZE, SIZE))
+    image = _image(5)
+    boxes = Boxes.from_boxes(BOXES)
+    own = crown_intermediate(graph, image, boxes, max_elements=4096)
+    first = propagate(graph, image, boxes, keep_linear=(graph.default_cut(),),
+                      save_at=relus_needing_backward(graph))
+    started = crown_intermediate(graph, image, boxes, max_elements=4096, start=first)
+    assert started is not first and first.states and first.kept_linear  # the pass handed over is untouched
+    assert not started.kept_linear and not started.states  # backward passes from here go to the input
+    for r, (lo, hi) in own.relu_input.items():
+        assert torch.equal(started.relu_input[r][0], lo) and torch.equal(started.relu_input[r][1], hi)
+    assert torch.equal(started.out_lo, own.out_lo) and torch.equal(started.out_hi, own.out_hi)

@@ -122,11 +122,14 @@ def output_bounds(graph: Graph, images: torch.Tensor, boxes: Boxes, pixels: Pixe
     if options.intermediate == "auto" and graph.has_residual:
         options = replace(options, intermediate="crown")
     cut = None if options.intermediate == "crown" else graph.default_cut() if options.cut == "auto" else options.cut
+    # The pass stops are where CROWN intermediate bounds would resume it: that pass then
+    # starts from this one.
+    stops = relus_needing_backward(graph) if method is not Method.IBP and options.intermediate != "forward" else ()
     with torch.no_grad():
         # Intersecting with interval bounds at every layer costs ~10 % and makes the linear
         # methods never looser than IBP.
         fwd = propagate(graph, images, boxes, linear=method is not Method.IBP,
-                        intersect_ibp=True, keep_linear=() if cut is None else (cut,))
+                        intersect_ibp=True, keep_linear=() if cut is None else (cut,), save_at=stops)
     lo, hi = _with_margin(pixels(fwd.out_lo), pixels(fwd.out_hi), margin)
     if method is Method.IBP:
         return lo, hi
@@ -145,7 +148,8 @@ def output_bounds(graph: Graph, images: torch.Tensor, boxes: Boxes, pixels: Pixe
         sub_images = images if images.shape[0] == 1 else images[todo]
         with torch.no_grad():
             if crown:
-                sub_fwd = crown_intermediate(graph, sub_images, sub_boxes, options.max_elements)
+                sub_fwd = crown_intermediate(graph, sub_images, sub_boxes, options.max_elements,
+                                             start=fwd if todo.numel() == len(boxes) else None)
             else:
                 deepest = graph.relu_indices[-1:]
                 tighten_relu_inputs(graph, sub_fwd, sub_images, sub_boxes, deepest, options.tighten_rows)

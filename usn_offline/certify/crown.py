@@ -11,6 +11,7 @@ minimised in closed form over each box. alpha-CROWN optimises the lower ReLU slo
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -18,7 +19,7 @@ from usn_offline.certify.boxes import Boxes, linear_min
 from usn_offline.certify.forward import ForwardBounds, PassState, propagate, relu_slopes
 from usn_offline.certify.graph import Graph
 from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp, extra_terms, input_terms
-from usn_offline.certify.patches import signed_neuron_bounds
+from usn_offline.certify.patches import relaxation_maps, signed_neuron_bounds
 
 
 def reached_backward(graph: Graph, start: int, cut: set[int]) -> set[int]:
@@ -190,7 +191,7 @@ def dense_signed_bounds(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, 
 
 
 def crown_intermediate(graph: Graph, images: torch.Tensor, boxes: Boxes, max_elements: int = 1 << 24,
-                       one_side_first: bool = True) -> ForwardBounds:
+                       one_side_first: bool = True, start: ForwardBounds | None = None) -> ForwardBounds:
     """Forward bounds whose ReLU input bounds are CROWN's: layer by layer, every neuron the
     bounds so far leave unstable gets a backward pass to the input (each box its own
     neurons, :func:`usn_offline.certify.patches.signed_neuron_bounds`), and the forward
@@ -205,6 +206,10 @@ def crown_intermediate(graph: Graph, images: torch.Tensor, boxes: Boxes, max_ele
     demo models most unstable neurons of the deeper layers settle in the first pass.
     ``one_side_first=False`` bounds both sides of every unstable neuron (the reference
     the tests compare with); the relaxations, and so the backward bounds, are the same.
+
+    ``start``: a forward pass of these boxes already made (:func:`propagate` with
+    ``save_at`` the ReLUs of :func:`relus_needing_backward`), which the first layer then
+    starts from instead of a pass of its own.
     """
     relu_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     needing = relus_needing_backward(graph)
@@ -217,7 +222,11 @@ def crown_intermediate(graph: Graph, images: torch.Tensor, boxes: Boxes, max_ele
         relu_bounds.update(fwd.relu_input)
         return fwd
 
-    fwd = forward()
+    if start is not None and all(r in start.states for r in needing):
+        fwd = start
+        relu_bounds.update(start.relu_input)
+    else:
+        fwd = forward()
     for r in needing:
         lo, hi = fwd.relu_input[r]
         flat_lo, flat_hi = lo.flatten(1).clone(), hi.flatten(1).clone()
@@ -225,8 +234,10 @@ def crown_intermediate(graph: Graph, images: torch.Tensor, boxes: Boxes, max_ele
                              one_side_first, max_elements):
             relu_bounds[r] = (flat_lo.view_as(lo), flat_hi.view_as(hi))
             fwd = forward(fwd.states[r])
-    fwd.states = {}  # the live tensors of every stop: not needed any more
-    return fwd
+    # A new object (``start`` stays as it was), without the live tensors of every stop and
+    # without a cut's linear bounds that ``start`` may have kept: backward passes from
+    # these bounds go to the input.
+    return replace(fwd, kept_linear={}, states={})
 
 
 def _tighten_unstable(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes, node: int,
@@ -237,12 +248,16 @@ def _tighten_unstable(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, bo
     box_index, neuron = ((flat_lo < 0) & (flat_hi > 0)).nonzero(as_tuple=True)
     if neuron.numel() == 0:
         return False
-    signed = dense_signed_bounds if len(graph.nodes[node].shape) == 1 else signed_neuron_bounds
+    flat = len(graph.nodes[node].shape) == 1
+    relaxations = None if flat else relaxation_maps(fwd, before=node)  # both passes read them
 
     def tighten(pick: torch.Tensor, sign: torch.Tensor) -> None:
         """Bound sign * z of the entries ``pick``; keep the tighter of old and new."""
         bi, ne = box_index[pick], neuron[pick]
-        bound = signed(graph, fwd, images, boxes, node, bi, ne, sign, max_elements)
+        if flat:
+            bound = dense_signed_bounds(graph, fwd, images, boxes, node, bi, ne, sign, max_elements)
+        else:
+            bound = signed_neuron_bounds(graph, fwd, images, boxes, node, bi, ne, sign, max_elements, relaxations)
         lower, upper = sign > 0, sign < 0
         flat_lo[bi[lower], ne[lower]] = torch.maximum(flat_lo[bi[lower], ne[lower]], bound[lower])
         flat_hi[bi[upper], ne[upper]] = torch.minimum(flat_hi[bi[upper], ne[upper]], -bound[upper])
