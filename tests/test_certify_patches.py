@@ -182,3 +182,41 @@ def test_crown_intermediate_from_a_pass_already_made_equals_its_own(family):
     for r, (lo, hi) in own.relu_input.items():
         assert torch.equal(started.relu_input[r][0], lo) and torch.equal(started.relu_input[r][1], hi)
     assert torch.equal(started.out_lo, own.out_lo) and torch.equal(started.out_hi, own.out_hi)
+
+
+@pytest.mark.parametrize("family", ["cnn7", "resnet"])
+@pytest.mark.parametrize("clip", [True, False])
+def test_a_sub_box_starts_from_the_relu_bounds_of_its_box(family, clip):
+    """Branch and bound hands a box's ReLU-input bounds (``learned``) to its halves
+    (``prior``): they hold over the box (sampled), and the halves' bounds stay sound and
+    are never looser than without them."""
+    graph = lower(_model(family, 6), (1, SIZE, SIZE), clip=clip)
+    image = _image(6)
+    pixels = PixelMap.for_image(2, SIZE, SIZE)
+    parent = PhotometricBox(0.8, 1.2, -0.15, 0.15)
+    options = BoundOptions(intermediate="crown")
+    learned = {}
+    output_bounds(graph, image, Boxes.from_boxes([parent]), pixels, "crown", options, learned=learned)
+    assert learned
+    rng = np.random.default_rng(6)
+    a = torch.tensor(rng.uniform(parent.a_lo, parent.a_hi, 300))
+    b = torch.tensor(rng.uniform(parent.b_lo, parent.b_hi, 300))
+    for r, v in _relu_inputs(graph, image, a, b).items():
+        if r in learned:
+            assert (v >= learned[r][0] - 1e-9).all() and (v <= learned[r][1] + 1e-9).all(), r
+    for half in (PhotometricBox(0.8, 1.0, -0.15, 0.15), PhotometricBox(1.0, 1.2, 0.0, 0.15)):
+        box = Boxes.from_boxes([half])
+        alone = output_bounds(graph, image, box, pixels, "crown", options)
+        started = output_bounds(graph, image, box, pixels, "crown", options, prior=learned)
+        assert ((started[1] - started[0]) <= (alone[1] - alone[0]) + 1e-9).all()
+        a = torch.tensor(rng.uniform(half.a_lo, half.a_hi, 300))
+        b = torch.tensor(rng.uniform(half.b_lo, half.b_hi, 300))
+        out = pixels(graph.evaluate(image, a, b))
+        assert (out >= started[0] - 1e-9).all() and (out <= started[1] + 1e-9).all()
+    # The halves' own ReLU bounds narrowed to their middle half (not sound: a check that
+    # the prior reaches every layer's relaxation) give narrower output bounds.
+    own = {}
+    alone = output_bounds(graph, image, box, pixels, "crown", options, learned=own)
+    narrowed = {r: (0.75 * lo + 0.25 * hi, 0.25 * lo + 0.75 * hi) for r, (lo, hi) in own.items()}
+    started = output_bounds(graph, image, box, pixels, "crown", options, prior=narrowed)
+    assert float((started[1] - started[0]).sum()) < float((alone[1] - alone[0]).sum()) - 1e-6

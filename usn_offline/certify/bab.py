@@ -10,6 +10,7 @@ in batches.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from usn_offline.certify.bounds import BoundOptions, Method, PixelMap, output_bounds
+from usn_offline.certify.bounds import BoundOptions, Method, PixelMap, ReluBounds, output_bounds
 from usn_offline.certify.boxes import Boxes, halves
 from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.falsify import deviations_at, pgd_attack
@@ -128,11 +129,13 @@ class _Root:
         self.upper = torch.maximum(self.upper, hi)
         (self.certified_leaves if proven else self.open_leaves).append(box)
 
-    def children(self, entry: _Entry, lo: torch.Tensor | None, hi: torch.Tensor | None) -> list[_Entry]:
+    def children(self, entry: _Entry, lo: torch.Tensor | None, hi: torch.Tensor | None,
+                 relu: ReluBounds | None = None) -> list[_Entry]:
         """The two halves of ``entry``'s box, across the side widest relative to the root's
-        extent (both axes matter equally to the user); they inherit ``lo``/``hi``."""
+        extent (both axes matter equally to the user); they inherit ``lo``/``hi`` and the
+        ReLU-input bounds ``relu``."""
         scale_a, scale_b = self.box.a_hi - self.box.a_lo, self.box.b_hi - self.box.b_lo
-        return [_Entry(self, half, entry.depth + 1, lo, hi) for half in halves(entry.box, scale_a, scale_b)]
+        return [_Entry(self, half, entry.depth + 1, lo, hi, relu) for half in halves(entry.box, scale_a, scale_b)]
 
     def outcome(self, seconds: float) -> BoxOutcome:
         return BoxOutcome(
@@ -144,13 +147,41 @@ class _Root:
 
 @dataclass
 class _Entry:
-    """A box waiting to be bounded, with the (float64) bounds inherited from its parent."""
+    """A box waiting to be bounded, with the (float64) bounds inherited from its parent:
+    of the output, and of the ReLU inputs (each (1, *shape), for the bounds of the box to
+    start from; None for a root, or where they would take too much memory)."""
 
     root: _Root
     box: PhotometricBox
     depth: int
     lo: torch.Tensor | None
     hi: torch.Tensor | None
+    relu: ReluBounds | None = None
+
+
+# Memory that the ReLU-input bounds inherited by the boxes waiting may take (a breadth-
+# first queue of a large budget can hold thousands of boxes): beyond it, new boxes start
+# without them, which costs time and tightness, never soundness. Counted in bytes of the
+# tensors, so outcomes do not depend on the machine.
+INHERITED_BOUNDS_BYTES = 256 << 20
+
+
+def _inherited(prior: ReluBounds, i: int) -> ReluBounds:
+    """Box ``i``'s ReLU-input bounds of a batch's, copied (a view would keep the batch's)."""
+    return {r: (lo[i:i + 1].clone(), hi[i:i + 1].clone()) for r, (lo, hi) in prior.items()}
+
+
+def _stacked(batch: list[_Entry]) -> ReluBounds | None:
+    """The batch's inherited ReLU-input bounds as (B, *shape) tensors (-inf/inf where a box
+    inherited none), or None when no box did."""
+    known = [e.relu for e in batch if e.relu is not None]
+    if not known:
+        return None
+    out = {}
+    for r, (lo, hi) in known[0].items():
+        out[r] = (torch.cat([e.relu[r][0] if e.relu is not None else torch.full_like(lo, -math.inf) for e in batch]),
+                  torch.cat([e.relu[r][1] if e.relu is not None else torch.full_like(hi, math.inf) for e in batch]))
+    return out
 
 
 def _excess(prop: KeypointProperty, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -174,7 +205,7 @@ def _screen(batch: list[_Entry], screen, config: BabConfig, sets: InputSets | No
     for e, skip in zip(batch, hopeless.tolist(), strict=True):
         if skip and e.depth < config.max_depth:
             e.root.counted(e.depth)
-            split += e.root.children(e, e.lo, e.hi)
+            split += e.root.children(e, e.lo, e.hi, e.relu)
         else:
             keep.append(e)
     return keep, split
@@ -293,7 +324,10 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
                 continue
         boxes = Boxes.from_boxes([e.box for e in batch], dtype, device)
         images = image if sets is None else sets.for_boxes(boxes)
-        lo, hi = output_bounds(graph, images, boxes, pixels, config.method, config.bounds, done=prop.verified)
+        learned: ReluBounds = {}
+        lo, hi = output_bounds(graph, images, boxes, pixels, config.method, config.bounds, done=prop.verified,
+                               prior=_stacked(batch), learned=learned)
+        entry_bytes = sum(2 * t.element_size() * t[0].numel() for t, _ in learned.values())
         total += len(batch)
         for i, e in enumerate(batch):
             if e.lo is not None:  # a child lies inside its parent: both bounds hold
@@ -323,7 +357,10 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
                 root.status = Status.NOT_CERTIFIED
                 root.leaf(e.box, lo[i], hi[i], proven=False)
             else:
-                queue.extend(root.children(e, lo[i].clone(), hi[i].clone()))
+                # A sub-box lies inside this box: the bounds of this box's ReLU inputs hold
+                # there and start its own (fewer unstable neurons, tighter relaxations).
+                keep = bool(learned) and (len(queue) + 2) * entry_bytes <= INHERITED_BOUNDS_BYTES
+                queue.extend(root.children(e, lo[i].clone(), hi[i].clone(), _inherited(learned, i) if keep else None))
     # Boxes left in the queue: their inherited bounds still cover their part of the root.
     for e in queue:
         if e.lo is not None:

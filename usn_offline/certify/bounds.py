@@ -91,14 +91,25 @@ def _with_margin(lo: torch.Tensor, hi: torch.Tensor, margin: float) -> tuple[tor
     return lo - margin * (1 + lo.abs()), hi + margin * (1 + hi.abs())
 
 
+ReluBounds = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
 def output_bounds(graph: Graph, images: torch.Tensor, boxes: Boxes, pixels: PixelMap,
                   method: Method | str = Method.CROWN, options: BoundOptions = BoundOptions(),
-                  done: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                  done: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  prior: ReluBounds | None = None, learned: ReluBounds | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower and upper bounds (B, 2K) of every keypoint coordinate in pixels, over each box.
 
     ``done(lo, hi) -> (B,) bool``, when given, marks boxes whose cheaper forward bounds
     already suffice: the backward pass then only runs for the others.
+
+    ``prior``: sound bounds (B, *shape) of some ReLUs' inputs over each box (a box's
+    parent's in branch and bound: a sub-box lies inside it), intersected with the ones
+    computed here. ``learned``, when given, receives the bounds of the inputs of the
+    ReLUs of :func:`relus_needing_backward` over each box, the tightest this call found
+    (for the boxes' sub-boxes, as their ``prior``). Both refer to the ReLUs of the graph
+    that is bounded (its body, for a network that standardises its input); our engine only.
     """
     method = Method(method)
     if graph.standardise is not None:
@@ -128,8 +139,10 @@ def output_bounds(graph: Graph, images: torch.Tensor, boxes: Boxes, pixels: Pixe
     with torch.no_grad():
         # Intersecting with interval bounds at every layer costs ~10 % and makes the linear
         # methods never looser than IBP.
-        fwd = propagate(graph, images, boxes, linear=method is not Method.IBP,
-                        intersect_ibp=True, keep_linear=() if cut is None else (cut,), save_at=stops)
+        fwd = propagate(graph, images, boxes, linear=method is not Method.IBP, intersect_ibp=True,
+                        keep_linear=() if cut is None else (cut,), relu_bounds=prior, save_at=stops)
+    if learned is not None:
+        learned.update({r: fwd.relu_input[r] for r in relus_needing_backward(graph)})
     lo, hi = _with_margin(pixels(fwd.out_lo), pixels(fwd.out_hi), margin)
     if method is Method.IBP:
         return lo, hi
@@ -148,8 +161,16 @@ def output_bounds(graph: Graph, images: torch.Tensor, boxes: Boxes, pixels: Pixe
         sub_images = images if images.shape[0] == 1 else images[todo]
         with torch.no_grad():
             if crown:
+                every = todo.numel() == len(boxes)
+                sub_prior = None if prior is None or every else {r: (p[0][todo], p[1][todo])
+                                                                  for r, p in prior.items()}
                 sub_fwd = crown_intermediate(graph, sub_images, sub_boxes, options.max_elements,
-                                             start=fwd if todo.numel() == len(boxes) else None)
+                                             start=fwd if every else None, prior=sub_prior)
+                if learned is not None:
+                    for r, (r_lo, r_hi) in list(learned.items()):
+                        r_lo, r_hi = r_lo.clone(), r_hi.clone()
+                        r_lo[todo], r_hi[todo] = sub_fwd.relu_input[r]
+                        learned[r] = (r_lo, r_hi)
             else:
                 deepest = graph.relu_indices[-1:]
                 tighten_relu_inputs(graph, sub_fwd, sub_images, sub_boxes, deepest, options.tighten_rows)

@@ -191,7 +191,8 @@ def dense_signed_bounds(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, 
 
 
 def crown_intermediate(graph: Graph, images: torch.Tensor, boxes: Boxes, max_elements: int = 1 << 24,
-                       one_side_first: bool = True, start: ForwardBounds | None = None) -> ForwardBounds:
+                       one_side_first: bool = True, start: ForwardBounds | None = None,
+                       prior: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> ForwardBounds:
     """Forward bounds whose ReLU input bounds are CROWN's: layer by layer, every neuron the
     bounds so far leave unstable gets a backward pass to the input (each box its own
     neurons, :func:`usn_offline.certify.patches.signed_neuron_bounds`), and the forward
@@ -209,9 +210,11 @@ def crown_intermediate(graph: Graph, images: torch.Tensor, boxes: Boxes, max_ele
 
     ``start``: a forward pass of these boxes already made (:func:`propagate` with
     ``save_at`` the ReLUs of :func:`relus_needing_backward`), which the first layer then
-    starts from instead of a pass of its own.
+    starts from instead of a pass of its own. ``prior``: sound bounds of some ReLUs'
+    inputs over each box, from elsewhere (a box that contains it), which every pass
+    intersects with its own (``start`` already did).
     """
-    relu_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    relu_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = dict(prior or {})
     needing = relus_needing_backward(graph)
 
     def forward(resume: PassState | None = None) -> ForwardBounds:
