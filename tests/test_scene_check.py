@@ -140,3 +140,36 @@ def test_lighting_range_parameter(exported_bundle):
     for bad in ((0.5, 2.0), (0.0, 2.0, -0.1, 0.1), (1.2, 1.1, 0.0, 0.0), (0.9, float("inf"), 0.0, 0.0)):
         with pytest.raises(Exception, match="lighting range"):
             bundle.lighting_range(bad)
+
+
+@pytest.mark.parametrize("shape,dtype", [((480, 640, 3), np.uint8), ((720, 1280, 4), np.uint8),
+                                         ((480, 640), np.uint16), ((100, 90), np.uint8), ((48, 40), np.uint8)])
+def test_clipped_pixel_weights_by_counting_equal_the_resized_masks(shape, dtype):
+    """A frame that the preprocessing area-averages weighs each pixel the same in the
+    input's mean, so the clipped masks' weights are their shares of the pixels (counted,
+    not resized): equal to the resized masks' up to float32 resize rounding, never below
+    the exact share. A frame smaller than the input (bilinear upscale) keeps the resize."""
+    from usn_offline.runtime.scene_check import _clipped_masks
+
+    check = SceneContrastCheck(RANGE, 0.05, 0.3, CONFIG)
+    rng = np.random.default_rng(11)
+    top = int(full_scale(np.dtype(dtype)))
+    for _ in range(4):
+        frame = _relight(_scene(rng, shape), rng.uniform(0.8, 1.3), rng.uniform(-0.2, 0.2), dtype)
+        h, w = shape[:2]
+        frame[rng.integers(0, h, h * w // 20), rng.integers(0, w, h * w // 20)] = 0  # some pixels black
+        blown = (rng.integers(0, h, h * w // 10), rng.integers(0, w, h * w // 10))
+        if frame.ndim == 3:
+            frame[blown + (0,)] = top  # one channel blown
+        else:
+            frame[blown] = top
+        pixels = frame[:, :, :3] if frame.ndim == 3 and frame.shape[2] == 4 else frame
+        low, high = _clipped_masks(pixels, top)
+        assert low.any() and high.any()
+        counted = check._clip_weights(pixels, top)
+        resized = (check._mean_weight(low), check._mean_weight(high))
+        for mine, theirs, mask in zip(counted, resized, (low, high), strict=True):
+            if shape[0] < CONFIG.input_height:
+                assert mine == theirs  # the resize path itself
+            else:
+                assert mine >= float(mask.mean()) and abs(mine - theirs) <= 1e-6

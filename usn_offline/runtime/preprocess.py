@@ -52,12 +52,18 @@ def to_gray_float(image: np.ndarray) -> np.ndarray:
     return np.clip(_luma(image), 0.0, 1.0)
 
 
+def area_averaged(height: int, width: int, config: PreprocessConfig) -> bool:
+    """Whether a frame of this size reaches the network input by area averaging (or as it
+    is): then every frame pixel weighs the same in the input's mean."""
+    return height >= config.input_height and width >= config.input_width
+
+
 def resize_image(gray: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """Resize a float grayscale image to the network input size (area interpolation)."""
     h, w = gray.shape
     if (h, w) == (config.input_height, config.input_width):
         return gray
-    interp = cv2.INTER_AREA if (h >= config.input_height and w >= config.input_width) else cv2.INTER_LINEAR
+    interp = cv2.INTER_AREA if area_averaged(h, w, config) else cv2.INTER_LINEAR
     return cv2.resize(gray, (config.input_width, config.input_height), interpolation=interp)
 
 
