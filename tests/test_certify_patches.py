@@ -12,7 +12,7 @@ from usn_offline.certify.boxes import linear_min
 from usn_offline.certify.crown import backward_linear, crown_intermediate
 from usn_offline.certify.forward import propagate
 from usn_offline.certify.ops import ReluOp
-from usn_offline.certify.patches import neuron_bounds
+from usn_offline.certify.patches import signed_neuron_bounds
 from usn_offline.perturb import PhotometricBox
 
 SIZE = 16
@@ -41,7 +41,10 @@ def test_patches_pass_equals_the_dense_pass(family, clip):
         neurons = torch.as_tensor(rng.choice(numel, size=min(numel, 7), replace=False))
         box_index = torch.arange(len(boxes)).repeat_interleave(len(neurons))
         neuron = neurons.repeat(len(boxes))
-        lo, hi = neuron_bounds(graph, fwd, image, boxes, node, box_index, neuron, max_elements=4096)
+        sign = torch.cat([torch.ones(len(neuron)), -torch.ones(len(neuron))]).double()  # lower, then -upper
+        both = signed_neuron_bounds(graph, fwd, image, boxes, node, box_index.repeat(2), neuron.repeat(2), sign,
+                                    max_elements=4096)
+        lo, hi = both[:len(neuron)], -both[len(neuron):]
         rows = torch.zeros(2 * len(neurons), numel, dtype=torch.float64)
         rows[torch.arange(len(neurons)), neurons] = 1.0
         rows[len(neurons) + torch.arange(len(neurons)), neurons] = -1.0

@@ -166,8 +166,10 @@ def output_bounds(graph: Graph, images: torch.Tensor, boxes: Boxes, pixels: Pixe
                                                                   for r, p in prior.items()}
                 sub_fwd = crown_intermediate(graph, sub_images, sub_boxes, options.max_elements,
                                              start=fwd if every else None, prior=sub_prior)
-                if learned is not None:
-                    for r, (r_lo, r_hi) in list(learned.items()):
+                for r, (r_lo, r_hi) in list((learned or {}).items()):
+                    if every:
+                        learned[r] = sub_fwd.relu_input[r]
+                    else:
                         r_lo, r_hi = r_lo.clone(), r_hi.clone()
                         r_lo[todo], r_hi[todo] = sub_fwd.relu_input[r]
                         learned[r] = (r_lo, r_hi)

@@ -230,19 +230,6 @@ def backward_windows(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, sta
     return coef
 
 
-def neuron_bounds(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes, node: int,
-                  box_index: torch.Tensor, neuron: torch.Tensor, max_elements: int = 1 << 24
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CROWN lower and upper bounds of single neurons of ``node``: entry k is the flat
-    neuron ``neuron[k]`` in box ``box_index[k]`` (:func:`signed_neuron_bounds`, both signs)."""
-    k = neuron.shape[0]
-    sign = torch.ones(2 * k, dtype=graph.dtype, device=neuron.device)
-    sign[k:] = -1.0
-    bound = signed_neuron_bounds(graph, fwd, images, boxes, node, box_index.repeat(2), neuron.repeat(2), sign,
-                                 max_elements)
-    return bound[:k], -bound[k:]
-
-
 def signed_neuron_bounds(graph: Graph, fwd: ForwardBounds, images: torch.Tensor, boxes: Boxes, node: int,
                          box_index: torch.Tensor, neuron: torch.Tensor, sign: torch.Tensor,
                          max_elements: int = 1 << 24, relaxations: dict[int, torch.Tensor] | None = None
