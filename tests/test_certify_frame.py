@@ -102,6 +102,10 @@ def test_pixel_set_holds_the_nominal_image(kind, rounding):
         assert shrunk.a_lo[0] <= a <= shrunk.a_hi[0] and shrunk.b_lo[0] <= b <= shrunk.b_hi[0], (kind, trial)
         u, m, c_lo, c_hi = sets.for_boxes(shrunk)[0].numpy()
         assert (x0 >= a * u + b * m + c_lo - 1e-9).all() and (x0 <= a * u + b * m + c_hi + 1e-9).all()
+        # The same set in the form a standardisation sees, x = a (u + t) + b: t in its bounds.
+        t_lo, t_hi = (t[0, 0].numpy() for t in sets.hidden_offsets(shrunk))
+        t = (x0 - b) / a - sets.value[0].numpy()
+        assert (t >= t_lo - 1e-9).all() and (t <= t_hi + 1e-9).all(), (kind, trial)
         whole = sets.restrict(Boxes.from_boxes([inv]))
         narrowed += int(float((whole.a_hi - whole.a_lo) * (whole.b_hi - whole.b_lo)) < 0.9 * inv_area)
     assert clipped >= 4, "too few test frames clip"
@@ -138,6 +142,125 @@ def test_bounds_over_pixel_sets_are_sound(family, intermediate):
         fill[: n // 3] = fill[: n // 3].round()  # the corners of the free intervals
         out = pixels(graph.evaluate(planes, a, b, fill))
         assert (out >= lo[k] - 1e-9).all() and (out <= hi[k] + 1e-9).all()
+
+
+def _feasible_points(rng: np.random.Generator, box: PhotometricBox, frame: np.ndarray, count: int
+                     ) -> list[tuple[float, float]]:
+    """``count`` random (a, b) of ``box`` (the inverse form X0 = a X + b) at which the frame
+    can arise: its unclipped pixels invert into [0, 1], a dark pixel needs b >= 0 and a
+    bright one a + b <= 1."""
+    x = frame.astype(np.float64) / 255
+    dark, bright = x <= 0, x >= 1
+    inside = x[~(dark | bright)]
+    points = []
+    for _ in range(100 * count):
+        a, b = rng.uniform(box.a_lo, box.a_hi), rng.uniform(box.b_lo, box.b_hi)
+        if (a * inside.min() + b >= 0 and a * inside.max() + b <= 1 and not (dark.any() and b < 0)
+                and not (bright.any() and a + b > 1)):
+            points.append((a, b))
+            if len(points) == count:
+                break
+    return points
+
+
+@pytest.mark.parametrize("family", ["cnn7", "resnet"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_standardised_frame_sets_are_sound_and_tighter(family, channels):
+    """A standardising network over a frame's pixel sets, bounded through
+    FramePixelSets.bound_inputs (t from the set's own dependence on (a, b)): the bounds hold
+    the nominal images the frame can come from, sampled pixel by pixel and attacked by
+    gradient steps on the hidden values, and are narrower than standardising the planes of
+    for_boxes by interval arithmetic."""
+    graph = lower(random_model(family, 21, input_norm="standardise"), (1, 16, 16))
+    config = PreprocessConfig(input_height=16, input_width=16)
+    pixels = PixelMap.for_image(2, 16, 16)
+    options = BoundOptions(intermediate="crown", max_elements=4096)
+    rng = np.random.default_rng(7)
+    shape = (32, 32) if channels == 1 else (32, 32, 3)
+    for a0, b0 in ((1.0, 0.0), (0.85, -0.08), (1.2, 0.1)):
+        frame = np.rint(255 * np.clip(a0 * _camera(rng, shape) + b0, 0, 1)).astype(np.uint8)
+        x = frame.astype(np.float64) / 255
+        dark, bright = x <= 0, x >= 1
+        sets = FramePixelSets.of_frame(frame, config, LIGHTING)
+        a, b = 1 / a0, -b0 / a0
+        root = sets.restrict(Boxes.from_boxes([inverse_box(LIGHTING)]))
+        sub = sets.restrict(Boxes.from_boxes([PhotometricBox(a - 0.03, a + 0.03, b - 0.02, b + 0.02)]))
+        for box in (root, sub):
+            lo, hi = output_bounds(*sets.bound_inputs(graph, box), pixels, options=options)
+            old_lo, old_hi = output_bounds(graph, sets.for_boxes(box), box, pixels, options=options)
+            assert float((hi - lo).mean()) < 0.9 * float((old_hi - old_lo).mean())
+            plain = PhotometricBox(*(float(v[0]) for v in (box.a_lo, box.a_hi, box.b_lo, box.b_hi)))
+            points = _feasible_points(rng, plain, frame, 24)
+            assert len(points) >= 12
+            sampled = []
+            for pa, pb in points:  # every hidden value drawn on its own, a third at its interval's ends
+                pick = rng.random(shape)
+                pick = np.where(rng.random(shape) < 0.3, pick.round(), pick)
+                lowest = min(pa + pb, 1.0)
+                x0 = np.where(dark, pick * max(pb, 0.0), np.where(bright, lowest + pick * (1 - lowest), pa * x + pb))
+                sampled.append(_nominal_input(x0, config))
+            batch = torch.from_numpy(np.stack(sampled))[:, None]
+            one = torch.ones(len(sampled), dtype=torch.float64)
+            with torch.no_grad():
+                out = pixels(graph.evaluate(batch, one, one - 1))
+            assert (out >= lo - 1e-9).all() and (out <= hi + 1e-9).all()
+            # Attack: one hidden value per network pixel (a subset of the set), by signed
+            # gradient steps that push a random direction of the keypoints outwards.
+            pa, pb = (torch.tensor([p[k] for p in points], dtype=torch.float64).view(-1, 1, 1, 1) for k in (0, 1))
+            lowest = torch.clamp(pa + pb, max=1.0)
+            u, m, d, br = (t[None] for t in (sets.value, sets.inside, sets.dark, sets.bright))
+            hidden = torch.rand(len(points), 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+            direction = torch.randn(len(points), 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+            for _ in range(30):
+                hidden.requires_grad_(True)
+                net = pa * u + pb * m + d * hidden * pb.clamp(min=0) + br * (lowest + hidden * (1 - lowest))
+                keypoints = pixels(graph.evaluate(net, one, one - 1))
+                assert (keypoints >= lo - 1e-9).all() and (keypoints <= hi + 1e-9).all()
+                (grad,) = torch.autograd.grad((keypoints * direction).sum(), hidden)
+                hidden = (hidden.detach() + 0.2 * grad.sign()).clamp(0, 1)
+
+
+class _StandardisedPlanes(FramePixelSets):
+    """The sets as before bound_inputs: for_boxes' planes, standardised by interval arithmetic."""
+
+    def bound_inputs(self, graph, boxes):
+        return graph, self.for_boxes(boxes), boxes
+
+
+def test_branch_and_bound_bounds_frames_through_their_sets():
+    """certify_boxes hands each box to the sets' bound_inputs: with a standardising network
+    the proof's bounds come out narrower than over for_boxes' planes, and still sound."""
+    import dataclasses
+
+    from usn_offline.certify.bab import BabConfig, certify_boxes
+    from usn_offline.certify.spec import KeypointProperty
+
+    graph = lower(random_model("cnn7", 22, input_norm="standardise"), (1, 16, 16))
+    config = PreprocessConfig(input_height=16, input_width=16)
+    pixels = PixelMap.for_image(2, 16, 16)
+    frame = np.rint(255 * np.clip(0.9 * _camera(np.random.default_rng(3), (32, 32)) - 0.05, 0, 1)).astype(np.uint8)
+    sets = FramePixelSets.of_frame(frame, config, LIGHTING)
+    planes_only = _StandardisedPlanes(**{f.name: getattr(sets, f.name) for f in dataclasses.fields(sets)})
+    inverse = inverse_box(LIGHTING)
+    image = torch.from_numpy(preprocess(frame, config)).double()[None, None]
+    one = torch.ones(1, dtype=torch.float64)
+    reference = pixels(graph.evaluate(image, one, one - 1))[0].detach()
+    prop = KeypointProperty(reference, 0.01)  # never proved: every box of the budget is bounded
+    bab = BabConfig(max_boxes=7, bounds=BoundOptions(intermediate="crown"))
+    roots = Boxes.from_boxes([inverse])
+    new, old = (certify_boxes(graph, s_.for_boxes(s_.restrict(roots)), prop, pixels, [inverse], bab, s_)[0]
+                for s_ in (sets, planes_only))
+    new_width = np.asarray(new.upper) - np.asarray(new.lower)
+    old_width = np.asarray(old.upper) - np.asarray(old.lower)
+    assert (new_width < old_width).all()
+    points = _feasible_points(np.random.default_rng(4), inverse, frame, 50)
+    x = frame.astype(np.float64) / 255
+    inputs = [_nominal_input(np.where(x <= 0, pb * 0.5, np.where(x >= 1, 1.0, pa * x + pb)), config)
+              for pa, pb in points]
+    one = torch.ones(len(inputs), dtype=torch.float64)
+    with torch.no_grad():
+        out = pixels(graph.evaluate(torch.from_numpy(np.stack(inputs))[:, None], one, one - 1)).numpy()
+    assert (out >= np.asarray(new.lower) - 1e-9).all() and (out <= np.asarray(new.upper) + 1e-9).all()
 
 
 def test_a_tied_pixel_set_bounds_like_its_image():

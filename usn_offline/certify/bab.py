@@ -40,6 +40,17 @@ class InputSets(Protocol):
         """Each box shrunk to (a box around) its points the input can arise at; a box with
         no such point comes back empty (a_lo > a_hi or b_lo > b_hi)."""
 
+    def bound_inputs(self, graph: Graph, boxes: Boxes) -> tuple[Graph, torch.Tensor, Boxes]:
+        """(graph, inputs, boxes) that :func:`output_bounds` bounds the set over each box
+        with: e.g. a standardising network's body over sets standardised with what the
+        set knows of its dependence on (a, b)."""
+
+
+def _bounded(graph: Graph, sets: InputSets | None, image: torch.Tensor, boxes: Boxes
+             ) -> tuple[Graph, torch.Tensor, Boxes]:
+    """What :func:`output_bounds` takes for ``boxes``: the image, or the sets over them."""
+    return (graph, image, boxes) if sets is None else sets.bound_inputs(graph, boxes)
+
 
 class Status(str, Enum):
     CERTIFIED = "certified"
@@ -197,9 +208,8 @@ def _screen(batch: list[_Entry], screen, config: BabConfig, sets: InputSets | No
     which still cover them."""
     g32, image32, pixels32, prop32 = screen
     boxes = Boxes.from_boxes([e.box for e in batch], torch.float32, g32.device)
-    if sets is not None:
-        image32 = sets.for_boxes(boxes)
-    lo, hi = output_bounds(g32, image32, boxes, pixels32, config.method, config.bounds, done=prop32.verified)
+    lo, hi = output_bounds(*_bounded(g32, sets, image32, boxes), pixels32, config.method, config.bounds,
+                           done=prop32.verified)
     hopeless = _excess(prop32, lo, hi) > config.screen_float32_px
     keep, split = [], []
     for e, skip in zip(batch, hopeless.tolist(), strict=True):
@@ -323,10 +333,9 @@ def certify_boxes(graph: Graph, image: torch.Tensor, prop: KeypointProperty, pix
             if not batch:
                 continue
         boxes = Boxes.from_boxes([e.box for e in batch], dtype, device)
-        images = image if sets is None else sets.for_boxes(boxes)
         learned: ReluBounds = {}
-        lo, hi = output_bounds(graph, images, boxes, pixels, config.method, config.bounds, done=prop.verified,
-                               prior=_stacked(batch), learned=learned)
+        lo, hi = output_bounds(*_bounded(graph, sets, image, boxes), pixels, config.method, config.bounds,
+                               done=prop.verified, prior=_stacked(batch), learned=learned)
         entry_bytes = sum(2 * t.element_size() * t[0].numel() for t, _ in learned.values())
         total += len(batch)
         for i, e in enumerate(batch):

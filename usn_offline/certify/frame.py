@@ -46,6 +46,7 @@ from usn_offline.certify.boxes import Boxes
 from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.graph import Graph
 from usn_offline.certify.spec import KeypointProperty, Norm
+from usn_offline.certify.standardise import body_of, standardised_sets_of
 from usn_offline.perturb import PhotometricBox
 from usn_offline.runtime.bundle import Bundle
 from usn_offline.runtime.preprocess import (
@@ -180,6 +181,50 @@ class FramePixelSets:
         n = len(boxes)
         return torch.cat([u.expand(n, -1, -1, -1), m.expand(n, -1, -1, -1),
                           bright_lo * bright - error * m, dark_hi * dark + bright + error * m], dim=1)
+
+
+    def hidden_offsets(self, boxes: Boxes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds (B, 1, H, W) of t in the form x = a (u + t) + b of every network input of
+        the set over each box, u = ``value``: the set as an input standardisation sees it,
+        since it removes a and b (``certify.standardise``).
+
+        Per frame pixel, with h the half step (the module docstring's model):
+        - unclipped: X0 = a (X + e) + b, so t = e in [-h, h];
+        - dark: X0 in [0, clip(b + a h)], which needs b + a h >= 0 (else no X0 >= 0 gives
+          the frame), so t = (X0 - b)/a lies in [-b/a, h];
+        - bright: X0 in [clip(a (1 - h) + b), 1], so t = (X0 - b)/a lies in [1 - h, (1 - b)/a]
+          (X0 >= a (1 - h) + b, and X0 <= 1).
+        -b/a and (1 - b)/a are monotone in a for fixed b and in b for fixed a, so their
+        extremes over a box lie at its corners. Every pixel of a kind has the same interval,
+        so a network pixel's t lies in the sum of the intervals weighted by its shares of
+        the kinds (the ``inside``, ``dark`` and ``bright`` planes: the preprocessing's
+        non-negative weights). Unlike (c - b (1 - m)) / a by interval arithmetic on
+        :meth:`for_boxes`' planes, this keeps the dependence of a clipped pixel's hidden
+        value on (a, b): a bright pixel's t lies in [1, 1.5] over the widest box of the goal
+        range, not anywhere in [0.4, 1.5]."""
+        dtype, device = boxes.a_lo.dtype, boxes.a_hi.device
+        view = (-1, 1, 1, 1)
+        a_c, b_c = boxes.corners()
+        dark_lo = (-b_c / a_c).min(dim=1).values.view(view)
+        bright_hi = ((1 - b_c) / a_c).max(dim=1).values.view(view)
+        h = self.half_step
+        inside, dark, bright = (t.to(device, dtype)[None] for t in (self.inside, self.dark, self.bright))
+        # Outward by the rounding of these few products and sums (values of order 1).
+        slack = 1e-12 if dtype == torch.float64 else 1e-5
+        t_lo = dark * dark_lo + bright * (1 - h) - h * inside - slack
+        t_hi = dark * h + bright * bright_hi + h * inside + slack
+        return t_lo, t_hi
+
+    def bound_inputs(self, graph: Graph, boxes: Boxes) -> tuple[Graph, torch.Tensor, Boxes]:
+        """(graph, inputs, boxes) to bound the set over each box with: for a network that
+        standardises its input, its body over the standardised sets made from
+        :meth:`hidden_offsets` (tighter than standardising :meth:`for_boxes`' sets);
+        otherwise the network over :meth:`for_boxes`."""
+        if graph.standardise is None:
+            return graph, self.for_boxes(boxes), boxes
+        t_lo, t_hi = self.hidden_offsets(boxes)
+        u = self.value.to(boxes.a_lo.device, boxes.a_lo.dtype)[None]
+        return (body_of(graph), *standardised_sets_of(graph.standardise, u, t_lo, t_hi, boxes))
 
 
 def pixel_set(frame: np.ndarray, config: PreprocessConfig, inverse: PhotometricBox,

@@ -182,7 +182,6 @@ def _scale_and_shift(standardise: Standardise, images: torch.Tensor, boxes: Boxe
         raise CertificationError("bounds through input standardisation need contrast a > 0 in every box")
     n_boxes, dtype = len(boxes), images.dtype
     view = (-1, 1, 1, 1)
-    rel = _ROUNDING.get(dtype, 1e-5)
     a_lo, a_hi = boxes.a_lo.view(view), boxes.a_hi.view(view)
     a_m, b_m = (t.view(view) for t in boxes.centres())
     if images.shape[1] == 1:
@@ -199,6 +198,17 @@ def _scale_and_shift(standardise: Standardise, images: torch.Tensor, boxes: Boxe
         num_hi = c_hi - torch.minimum(b_lo * off, b_hi * off)
         t_lo, t_hi = _interval_product(num_lo, num_hi, 1 / a_hi, 1 / a_lo)
         t_mid = ((c_lo + c_hi) / 2 - b_m * off) / a_m
+    return _scale_and_shift_of(standardise, u, t_lo, t_hi, t_mid, boxes)
+
+
+def _scale_and_shift_of(standardise: Standardise, u: torch.Tensor, t_lo: torch.Tensor, t_hi: torch.Tensor,
+                        t_mid: torch.Tensor, boxes: Boxes) -> tuple:
+    """:func:`_scale_and_shift` from the inputs' form x = a (u + t) + b, t in [t_lo, t_hi]
+    per pixel over each box (module docstring); ``t_mid``: any point of that interval."""
+    n_boxes, dtype = len(boxes), u.dtype
+    view = (-1, 1, 1, 1)
+    rel = _ROUNDING.get(dtype, 1e-5)
+    a_lo, a_hi = boxes.a_lo.view(view), boxes.a_hi.view(view)
     u = u.expand(n_boxes, *u.shape[1:])
     t_lo, t_hi, t_mid = (t.expand(n_boxes, *u.shape[1:]) for t in (t_lo, t_hi, t_mid))
     root_n = (u.shape[2] * u.shape[3]) ** 0.5
@@ -230,8 +240,29 @@ def standardised_sets(standardise: Standardise, images: torch.Tensor, boxes: Box
     network: z = A d + B + v, v_i = A t_i in an interval per pixel. ``images``: (N, 1, H, W)
     plain images or (N, 4, H, W) pixel sets, N = 1 or B. For plain images
     :func:`clip_level_sets` is tighter (clipped pixels share their movement)."""
-    n_boxes, rel = len(boxes), _ROUNDING.get(images.dtype, 1e-5)
-    big_a, big_a_hi, (b_set_lo, b_set_hi), (t_lo, t_hi, _), u = _scale_and_shift(standardise, images, boxes)
+    return _sets_of(standardise, *_scale_and_shift(standardise, images, boxes), boxes)
+
+
+def standardised_sets_of(standardise: Standardise, u: torch.Tensor, t_lo: torch.Tensor, t_hi: torch.Tensor,
+                         boxes: Boxes) -> tuple[torch.Tensor, Boxes]:
+    """As :func:`standardised_sets`, for inputs given in the form x = a (u + t) + b with
+    t_i in [t_lo_i, t_hi_i] over each box ((B or 1, 1, H, W) each): a caller that knows
+    how its set depends on (a, b) can give t far tighter than the interval arithmetic on
+    a x + b m + c does (a frame's pixel sets, ``certify.frame.FramePixelSets``)."""
+    if u.shape[1] != 1:
+        raise CertificationError(f"input standardisation is bounded for one-channel networks; the input has "
+                                 f"{u.shape[1]} planes")
+    if not bool((boxes.a_lo > 0).all()):
+        raise CertificationError("bounds through input standardisation need contrast a > 0 in every box")
+    t_mid = (t_lo + t_hi) / 2
+    return _sets_of(standardise, *_scale_and_shift_of(standardise, u, t_lo, t_hi, t_mid, boxes), boxes)
+
+
+def _sets_of(standardise: Standardise, big_a: torch.Tensor, big_a_hi: torch.Tensor, shift: tuple,
+             t: tuple, u: torch.Tensor, boxes: Boxes) -> tuple[torch.Tensor, Boxes]:
+    """The planes and boxes of :func:`standardised_sets` from :func:`_scale_and_shift`'s output."""
+    (b_set_lo, b_set_hi), (t_lo, t_hi, _) = shift, t
+    n_boxes, rel = len(boxes), _ROUNDING.get(u.dtype, 1e-5)
     d = u - u.mean(dim=(2, 3), keepdim=True)
     v_lo, v_hi = _interval_product(t_lo, t_hi, big_a, big_a_hi)
     pad = lambda t: rel * (1 + t.abs())  # noqa: E731
