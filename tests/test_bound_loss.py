@@ -13,7 +13,14 @@ from usn_offline.certify.forward import propagate
 from usn_offline.certify.standardise import bound_inputs
 from usn_offline.errors import ConfigError
 from usn_offline.perturb import PhotometricBox
-from usn_offline.train.bound_loss import BoundLossConfig, bound_loss, keypoint_bounds
+from usn_offline.train.bound_loss import (
+    BoundLossConfig,
+    bound_loss,
+    frame_set_bounds,
+    frame_set_loss,
+    frame_sets_of,
+    keypoint_bounds,
+)
 
 
 def _images(n: int = 3) -> torch.Tensor:
@@ -94,6 +101,95 @@ def test_training_tiles_cover_the_ramped_box_and_are_reproducible():
     assert late == config.training_boxes(5, 64, torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError):
         BoundLossConfig(box=PhotometricBox(1.1, 1.3, -0.1, 0.1))  # must hold (1, 0)
+
+
+GOAL = PhotometricBox(0.75, 1.33, -0.15, 0.15)
+
+
+@pytest.mark.parametrize("input_norm", ["none", "standardise"])
+def test_frame_set_bounds_are_the_proofs_and_sound(input_norm):
+    """The training bounds over frame pixel sets are the engine's forward bounds over the
+    sets the per-frame proof bounds (FramePixelSets.bound_inputs), and hold the nominal
+    images each frame can come from over its tile (sampled, one hidden value per input pixel)."""
+    model = random_model("cnn7", 13, input_norm=input_norm).double()
+    images = _images(4)
+    # Grey levels away from 0 and 1 but for the black and white corners: frames of them
+    # arise at a good share of each tile's points.
+    images = torch.where((images == 0) | (images == 1), images, 0.1 + 0.8 * images)
+    sets, boxes = frame_sets_of(images, GOAL, 4, torch.Generator().manual_seed(0))
+    assert all(float(f.dark.sum() + f.bright.sum()) > 0 for f in sets)  # the sample images clip
+    lo, hi = frame_set_bounds(model, sets, boxes)
+    graph = lower(model, (1, 16, 16))
+    g = torch.Generator().manual_seed(1)
+    for i, frame_sets in enumerate(sets):
+        box = boxes.select(torch.tensor([i]))
+        fwd = propagate(*frame_sets.bound_inputs(graph, box), linear=True, intersect_ibp=True)
+        torch.testing.assert_close(lo[i:i + 1].detach(), fwd.out_lo, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(hi[i:i + 1].detach(), fwd.out_hi, rtol=1e-10, atol=1e-10)
+        n = 200
+        a = box.a_lo + (box.a_hi - box.a_lo) * torch.rand(n, generator=g, dtype=torch.float64)
+        b = box.b_lo + (box.b_hi - box.b_lo) * torch.rand(n, generator=g, dtype=torch.float64)
+        hidden = torch.rand(n, 1, 16, 16, generator=g, dtype=torch.float64)
+        view = (-1, 1, 1, 1)
+        a, b = a.view(view), b.view(view)
+        lowest = torch.clamp(a + b, max=1.0)
+        net = (a * frame_sets.value + b * frame_sets.inside + frame_sets.dark * hidden * b.clamp(min=0)
+               + frame_sets.bright * (lowest + hidden * (1 - lowest)))
+        # Only the points the frame can arise at: its unclipped pixels invert into [0, 1]
+        # (frame and input have the same size here: an input pixel is a frame pixel).
+        inverted = a * frame_sets.value + b * frame_sets.inside
+        ok = ((inverted >= -1e-12) & (inverted <= frame_sets.inside + 1e-12)).flatten(1).all(1)
+        has_dark, has_bright = bool(frame_sets.dark.any()), bool(frame_sets.bright.any())
+        ok &= ((b >= 0) | (not has_dark)).flatten() & ((a + b <= 1) | (not has_bright)).flatten()  # clipped ones
+        with torch.no_grad():
+            out = model(net[ok])
+        assert ok.sum() > 20
+        assert (out >= lo[i].detach() - 1e-9).all() and (out <= hi[i].detach() + 1e-9).all()
+
+
+def test_frame_set_loss_gradient_matches_finite_differences():
+    model = random_model("cnn7", 14, input_norm="standardise").double()
+    sets, boxes = frame_sets_of(_images(2), GOAL, 4, torch.Generator().manual_seed(2))
+    loss = frame_set_loss(model, sets, boxes)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss, list(params.values()))
+    rng = np.random.default_rng(1)
+    checked = 0
+    for (name, param), grad in zip(params.items(), grads, strict=True):
+        flat = param.detach().view(-1)
+        for j in rng.choice(flat.numel(), size=min(2, flat.numel()), replace=False):
+            h = 1e-6
+            with torch.no_grad():
+                old = float(flat[j])
+                flat[j] = old + h
+                up = float(frame_set_loss(model, sets, boxes))
+                flat[j] = old - h
+                down = float(frame_set_loss(model, sets, boxes))
+                flat[j] = old
+            assert float(grad.view(-1)[j]) == pytest.approx((up - down) / (2 * h), rel=1e-4, abs=1e-7), (name, j)
+            checked += 1
+    assert checked >= 10
+
+
+def test_the_loss_term_mixes_frame_sets_and_boxes():
+    model = random_model("cnn7", 15, input_norm="standardise").double()
+    images = _images(4)
+
+    def term(share: float) -> torch.Tensor:
+        config = BoundLossConfig(weight=0.5, ramp_epochs=0, box=GOAL, tiles=4, frame_sets=share)
+        return config.term(model, images, 0, torch.Generator().manual_seed(3))
+
+    boxes_only = BoundLossConfig(weight=0.5, ramp_epochs=0, box=GOAL, tiles=4).training_boxes(
+        0, 4, torch.Generator().manual_seed(3))
+    want = 0.5 * bound_loss(model, images, boxes_only).detach().item()
+    assert term(0.0).detach().item() == pytest.approx(want, rel=1e-12)
+    sets, boxes = frame_sets_of(images, GOAL, 4, torch.Generator().manual_seed(3))
+    want = 0.5 * frame_set_loss(model, sets, boxes).detach().item()
+    assert term(1.0).detach().item() == pytest.approx(want, rel=1e-12)
+    assert term(0.5).detach().item() > 0 and term(0.5).requires_grad
+    for bad in ({"frame_sets": 1.5}, {"frame_sets": -0.1}, {"frame_tiles": 0}):
+        with pytest.raises(ConfigError, match="frame"):
+            BoundLossConfig(**bad)
 
 
 def test_fine_tuning_with_the_bound_loss_narrows_the_bounds(tiny_dataset, tmp_path):

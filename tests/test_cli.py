@@ -68,6 +68,7 @@ def test_unknown_split(capsys, tiny_dataset, tmp_path):
     (["evaluate", "--data", "d"], "the following arguments are required: --checkpoint"),
     (["train", "--data", "d", "--out", "m.pt", "--lr", "inf"], "expected a finite number, got inf"),
     (["train", "--data", "d", "--out", "m.pt", "--bound-weight", "-1"], "expected a number >= 0, got -1.0"),
+    (["train", "--data", "d", "--out", "m.pt", "--bound-frame-sets", "1.5"], "expected a number in [0, 1], got 1.5"),
     (["evaluate", "--checkpoint", "m.pt", "--data", "d", "--pck", "inf"], "expected a finite number, got inf"),
     (["prune", "--checkpoint", "m.pt", "--data", "d", "--out", "p.pt", "--wd-weight", "nan"],
      "expected a finite number, got nan"),
@@ -154,7 +155,8 @@ def _cli_defaults() -> list[tuple[str, list[str], str, object]]:
     assert default_input_side.__defaults__[-1] == model.input_height  # the fallback input side
     bound_loss = [(label, argv, dest, getattr(bound, field)) for label, argv in (("train", train), ("prune", prune))
                   for dest, field in (("bound_weight", "weight"), ("bound_eps", "eps"), ("bound_box", "box"),
-                                      ("bound_tiles", "tiles"))]
+                                      ("bound_tiles", "tiles"), ("bound_frame_sets", "frame_sets"),
+                                      ("bound_frame_tiles", "frame_tiles"))]
     return bound_loss + [("train", train, "bound_ramp_epochs", bound.ramp_epochs),
         ("data", data, "num_train", gen.num_train), ("data", data, "num_val", gen.num_val),
         ("data", data, "num_test", gen.num_test), ("data", data, "seed", gen.seed),

@@ -62,6 +62,13 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
 def _cmd_data(args: argparse.Namespace) -> None:
     from usn_offline.data import GeneratorConfig, RenderConfig, generate_dataset
     from usn_offline.data.target import TARGETS
@@ -110,7 +117,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
                          bound=BoundLossConfig(weight=args.bound_weight, eps=args.bound_eps,
                                                ramp_epochs=args.bound_ramp_epochs,
                                                box=PhotometricBox(*args.bound_box) if args.bound_box else None,
-                                               tiles=args.bound_tiles)
+                                               tiles=args.bound_tiles, frame_sets=args.bound_frame_sets,
+                                               frame_tiles=args.bound_frame_tiles)
                          ).with_geometric(_geometric_augmentation(args, train_set.augmentation))
     print(f"model {model_config.family}: {count_parameters(build_model(model_config)):,} parameters; "
           f"{len(train_set)} train / {len(val_set)} val images")
@@ -180,6 +188,12 @@ def _bound_loss_arguments(p: argparse.ArgumentParser, where: str) -> None:
     p.add_argument("--bound-tiles", type=_positive_int, default=1,
                    help="n > 1: each image's bound is over a random tile of the box's n x n grid (what branch "
                    "and bound certifies)")
+    p.add_argument("--bound-frame-sets", type=_fraction, default=0.0,
+                   help="share of those images whose bound is over the pixel set of the image relit by a random "
+                   "change of the box (what the node's per-frame proof bounds; clipped pixels free one by one)")
+    p.add_argument("--bound-frame-tiles", type=_positive_int, default=4,
+                   help="n: each frame pixel set is over a random tile of the n x n grid of the lighting range "
+                   "it can come from")
 
 
 def _prune_config(args: argparse.Namespace, method: str, ratio: float):
@@ -195,7 +209,8 @@ def _prune_config(args: argparse.Namespace, method: str, ratio: float):
                        seed=args.seed,
                        bound=BoundLossConfig(weight=args.bound_weight, eps=args.bound_eps, ramp_epochs=0,
                                              box=PhotometricBox(*args.bound_box) if args.bound_box else None,
-                                             tiles=args.bound_tiles))
+                                             tiles=args.bound_tiles, frame_sets=args.bound_frame_sets,
+                                             frame_tiles=args.bound_frame_tiles))
 
 
 def _load_for_pruning(args: argparse.Namespace):
