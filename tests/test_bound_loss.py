@@ -56,21 +56,26 @@ def test_bound_loss_gradient_matches_finite_differences(input_norm):
     # The standardising network over tiles of the goal box (how it is trained), the plain one over +-5 %.
     tiles = [PhotometricBox(1.2, 1.33, 0.1, 0.15), PhotometricBox(0.75, 0.8, -0.15, -0.1)]
     boxes = 0.05 if input_norm == "none" else tiles
-    loss = bound_loss(model, images, boxes)
+    _check_gradients(model, lambda: bound_loss(model, images, boxes), per_parameter=3, seed=0)
+
+
+def _check_gradients(model, loss_of, per_parameter: int, seed: int) -> None:
+    """Autograd's gradient of ``loss_of()`` against central finite differences on
+    ``per_parameter`` random entries of every parameter (at least 10 in all)."""
     params = dict(model.named_parameters())
-    grads = torch.autograd.grad(loss, list(params.values()))
-    rng = np.random.default_rng(0)
+    grads = torch.autograd.grad(loss_of(), list(params.values()))
+    rng = np.random.default_rng(seed)
     checked = 0
     for (name, param), grad in zip(params.items(), grads, strict=True):
         flat = param.detach().view(-1)
-        for j in rng.choice(flat.numel(), size=min(3, flat.numel()), replace=False):
+        for j in rng.choice(flat.numel(), size=min(per_parameter, flat.numel()), replace=False):
             h = 1e-6
             with torch.no_grad():
                 old = float(flat[j])
                 flat[j] = old + h
-                up = float(bound_loss(model, images, boxes))
+                up = float(loss_of())
                 flat[j] = old - h
-                down = float(bound_loss(model, images, boxes))
+                down = float(loss_of())
                 flat[j] = old
             numeric = (up - down) / (2 * h)
             assert float(grad.view(-1)[j]) == pytest.approx(numeric, rel=1e-4, abs=1e-7), (name, j)
@@ -150,25 +155,7 @@ def test_frame_set_bounds_are_the_proofs_and_sound(input_norm):
 def test_frame_set_loss_gradient_matches_finite_differences():
     model = random_model("cnn7", 14, input_norm="standardise").double()
     sets, boxes = frame_sets_of(_images(2), GOAL, 4, torch.Generator().manual_seed(2))
-    loss = frame_set_loss(model, sets, boxes)
-    params = dict(model.named_parameters())
-    grads = torch.autograd.grad(loss, list(params.values()))
-    rng = np.random.default_rng(1)
-    checked = 0
-    for (name, param), grad in zip(params.items(), grads, strict=True):
-        flat = param.detach().view(-1)
-        for j in rng.choice(flat.numel(), size=min(2, flat.numel()), replace=False):
-            h = 1e-6
-            with torch.no_grad():
-                old = float(flat[j])
-                flat[j] = old + h
-                up = float(frame_set_loss(model, sets, boxes))
-                flat[j] = old - h
-                down = float(frame_set_loss(model, sets, boxes))
-                flat[j] = old
-            assert float(grad.view(-1)[j]) == pytest.approx((up - down) / (2 * h), rel=1e-4, abs=1e-7), (name, j)
-            checked += 1
-    assert checked >= 10
+    _check_gradients(model, lambda: frame_set_loss(model, sets, boxes), per_parameter=2, seed=1)
 
 
 def test_the_loss_term_mixes_frame_sets_and_boxes():

@@ -182,7 +182,6 @@ class FramePixelSets:
         return torch.cat([u.expand(n, -1, -1, -1), m.expand(n, -1, -1, -1),
                           bright_lo * bright - error * m, dark_hi * dark + bright + error * m], dim=1)
 
-
     def hidden_offsets(self, boxes: Boxes) -> tuple[torch.Tensor, torch.Tensor]:
         """Bounds (B, 1, H, W) of t in the form x = a (u + t) + b of every network input of
         the set over each box, u = ``value``: the set as an input standardisation sees it,
