@@ -338,3 +338,38 @@ def test_trained_standardising_network_with_the_tiled_bound_loss(tiny_dataset, t
                 assert (p >= lo[t]).all() and (p <= hi[t]).all()
         widths[name] = total
     assert widths["tuned"] < widths["plain"], widths
+
+
+def test_the_scale_interval_holds_every_spread_and_beats_the_triangle_bound():
+    """The interval of A = 1 / sqrt(var(u + t) + eps / a^2) that standardised_sets_of gives
+    holds A at sampled t (each t_i in its interval, a third at the ends), and is at least
+    twice as narrow as the triangle-inequality interval alone (|s - s_m| <= ||t - t_m|| /
+    sqrt(n)) for a set like a frame's: a few pixels free by up to half the range."""
+    from usn_offline.certify.standardise import standardised_sets_of
+
+    g = torch.Generator().manual_seed(5)
+    n_side = 32
+    u = 0.2 + 0.6 * torch.rand(1, 1, n_side, n_side, generator=g, dtype=torch.float64)
+    free = torch.rand(1, 1, n_side, n_side, generator=g, dtype=torch.float64) < 0.03
+    t_lo = torch.where(free, torch.rand(u.shape, generator=g, dtype=torch.float64), torch.zeros_like(u))
+    t_hi = t_lo + torch.where(free, 0.5 * torch.rand(u.shape, generator=g, dtype=torch.float64), torch.zeros_like(u))
+    t_lo, t_hi = t_lo - 1e-3, t_hi + 1e-3  # every pixel a little free (rounding)
+    boxes = Boxes.from_boxes([PhotometricBox(0.9, 1.1, -0.05, 0.05)])
+    eps = 1e-5
+    _, set_boxes = standardised_sets_of(Standardise(eps), u, t_lo, t_hi, boxes)
+    big_a_lo, big_a_hi = float(set_boxes.a_lo[0]), float(set_boxes.a_hi[0])
+    pick = torch.rand(500, 1, n_side, n_side, generator=g, dtype=torch.float64)
+    pick[:150] = pick[:150].round()
+    y = u + t_lo + pick * (t_hi - t_lo)
+    var = y.var(dim=(2, 3), unbiased=False)
+    for a in (0.9, 1.0, 1.1):
+        true_a = 1 / torch.sqrt(var + eps / a**2)
+        assert float(true_a.min()) >= big_a_lo and float(true_a.max()) <= big_a_hi
+    n = n_side * n_side
+    t_mid = (t_lo + t_hi) / 2
+    centred = u - u.mean() + t_mid - t_mid.mean()
+    radius = float(((t_hi - t_lo) / 2).pow(2).sum().sqrt())
+    s_mid = float(centred.pow(2).sum().sqrt())
+    triangle = (1 / np.sqrt(((s_mid - radius) / np.sqrt(n)) ** 2 + eps / 1.1**2)
+                - 1 / np.sqrt(((s_mid + radius) / np.sqrt(n)) ** 2 + eps / 0.9**2))
+    assert big_a_hi - big_a_lo < 0.5 * triangle

@@ -219,6 +219,18 @@ def _scale_and_shift_of(standardise: Standardise, u: torch.Tensor, t_lo: torch.T
     radius = torch.maximum(t_hi - t_mid, t_mid - t_lo).clamp(min=0).pow(2).sum(dim=dims, keepdim=True).sqrt()
     s_lo = ((s_mid - radius) * (1 - rel) / root_n).clamp(min=0)
     s_hi = (s_mid + radius) * (1 + rel) / root_n
+    # And per pixel: n s^2 = sum (d_i + t_i)^2 - n mean(t)^2 (sum d = 0), each term over its
+    # own interval; the two bounds are sound, so is their intersection (often far tighter).
+    q_lo, q_hi = (d + t_lo).pow(2), (d + t_hi).pow(2)
+    q_max = torch.maximum(q_lo, q_hi).sum(dim=dims, keepdim=True)
+    straddle = (d + t_lo <= 0) & (d + t_hi >= 0)
+    q_min = torch.where(straddle, torch.zeros_like(q_lo), torch.minimum(q_lo, q_hi)).sum(dim=dims, keepdim=True)
+    m_lo, m_hi = t_lo.mean(dim=dims, keepdim=True), t_hi.mean(dim=dims, keepdim=True)
+    sq_max = torch.maximum(m_lo.pow(2), m_hi.pow(2))
+    sq_min = torch.where((m_lo <= 0) & (m_hi >= 0), torch.zeros_like(m_lo), torch.minimum(m_lo.pow(2), m_hi.pow(2)))
+    n = u.shape[2] * u.shape[3]
+    s_lo = torch.maximum(s_lo, ((q_min / n - sq_max).clamp(min=0)).sqrt() * (1 - rel))
+    s_hi = torch.minimum(s_hi, ((q_max / n - sq_min).clamp(min=0)).sqrt() * (1 + rel))
     eps = standardise.eps
     big_a = (1 / torch.sqrt(s_hi ** 2 + eps / a_lo ** 2)) * (1 - rel)
     small_s = s_lo ** 2 + eps / a_hi ** 2
