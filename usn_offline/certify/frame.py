@@ -201,7 +201,7 @@ class FramePixelSets:
         :meth:`for_boxes`' planes, this keeps the dependence of a clipped pixel's hidden
         value on (a, b): a bright pixel's t lies in [1, 1.5] over the widest box of the goal
         range, not anywhere in [0.4, 1.5]."""
-        dtype, device = boxes.a_lo.dtype, boxes.a_hi.device
+        dtype, device = boxes.a_lo.dtype, boxes.a_lo.device
         view = (-1, 1, 1, 1)
         a_c, b_c = boxes.corners()
         dark_lo = (-b_c / a_c).min(dim=1).values.view(view)

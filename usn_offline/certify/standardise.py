@@ -211,7 +211,8 @@ def _scale_and_shift_of(standardise: Standardise, u: torch.Tensor, t_lo: torch.T
     a_lo, a_hi = boxes.a_lo.view(view), boxes.a_hi.view(view)
     u = u.expand(n_boxes, *u.shape[1:])
     t_lo, t_hi, t_mid = (t.expand(n_boxes, *u.shape[1:]) for t in (t_lo, t_hi, t_mid))
-    root_n = (u.shape[2] * u.shape[3]) ** 0.5
+    n = u.shape[2] * u.shape[3]
+    root_n = n ** 0.5
     dims = (2, 3)
     d = u - u.mean(dim=dims, keepdim=True)
     centred = d + t_mid - t_mid.mean(dim=dims, keepdim=True)
@@ -228,7 +229,6 @@ def _scale_and_shift_of(standardise: Standardise, u: torch.Tensor, t_lo: torch.T
     m_lo, m_hi = t_lo.mean(dim=dims, keepdim=True), t_hi.mean(dim=dims, keepdim=True)
     sq_max = torch.maximum(m_lo.pow(2), m_hi.pow(2))
     sq_min = torch.where((m_lo <= 0) & (m_hi >= 0), torch.zeros_like(m_lo), torch.minimum(m_lo.pow(2), m_hi.pow(2)))
-    n = u.shape[2] * u.shape[3]
     s_lo = torch.maximum(s_lo, ((q_min / n - sq_max).clamp(min=0)).sqrt() * (1 - rel))
     s_hi = torch.minimum(s_hi, ((q_max / n - sq_min).clamp(min=0)).sqrt() * (1 + rel))
     eps = standardise.eps
@@ -238,8 +238,7 @@ def _scale_and_shift_of(standardise: Standardise, u: torch.Tensor, t_lo: torch.T
         raise CertificationError("bounds through input standardisation: the image's spread can reach zero "
                                  "and eps is zero")
     big_a_hi = (1 / torch.sqrt(small_s)) * (1 + rel)
-    mean_lo, mean_hi = t_lo.mean(dim=dims, keepdim=True), t_hi.mean(dim=dims, keepdim=True)
-    p_lo, p_hi = _interval_product(mean_lo, mean_hi, big_a, big_a_hi)
+    p_lo, p_hi = _interval_product(m_lo, m_hi, big_a, big_a_hi)
     pad = lambda t: rel * (1 + t.abs())  # noqa: E731
     shift = (-p_hi - pad(p_hi), -p_lo + pad(p_lo))
     return big_a, big_a_hi, shift, (t_lo, t_hi, t_mid), u
