@@ -223,7 +223,7 @@ def test_standardised_frame_sets_are_sound_and_tighter(family, channels):
 class _StandardisedPlanes(FramePixelSets):
     """The sets as before bound_inputs: for_boxes' planes, standardised by interval arithmetic."""
 
-    def bound_inputs(self, graph, boxes):
+    def bound_inputs(self, graph, boxes, parts=None):
         return graph, self.for_boxes(boxes), boxes
 
 
@@ -511,3 +511,118 @@ def test_the_proof_process_yields_the_cpu():
               "print(os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads())\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["19", "1"]
+
+
+def _hidden_offsets_of(nominal_inputs: np.ndarray, sets: FramePixelSets, a: float, b: float) -> np.ndarray:
+    """t of the form x = a (u + t) + b of the network inputs of nominal images (N, H, W)
+    under the inverse lighting (a, b) (FramePixelSets.hidden_offsets)."""
+    return (nominal_inputs - b) / a - sets.value.numpy()
+
+
+def _sampled_nominals(rng: np.random.Generator, frame: np.ndarray, points, config: PreprocessConfig) -> np.ndarray:
+    """One nominal image's network input per (a, b) of ``points``, every hidden value drawn
+    on its own (a third of them at their interval's ends)."""
+    x = frame.astype(np.float64) / 255
+    dark, bright = x <= 0, x >= 1
+    out = []
+    for pa, pb in points:
+        pick = rng.random(x.shape)
+        pick = np.where(rng.random(x.shape) < 0.3, pick.round(), pick)
+        lowest = min(pa + pb, 1.0)
+        out.append(_nominal_input(np.where(dark, pick * max(pb, 0.0), np.where(bright, lowest + pick * (1 - lowest),
+                                                                               pa * x + pb)), config))
+    return np.stack(out)
+
+
+def test_set_splits_cover_the_set_and_bound_their_part():
+    """FramePixelSets.split halves one pixel's hidden offset: the two parts' intervals
+    together are the whole set's at every pixel; a box where a part leaves a pixel no
+    value is empty; and the bounds over each part hold every sampled nominal image whose
+    offsets lie in it (every sample lies in one of them)."""
+    graph = lower(random_model("cnn7", 23, input_norm="standardise"), (1, 16, 16))
+    config = PreprocessConfig(input_height=16, input_width=16)
+    pixels = PixelMap.for_image(2, 16, 16)
+    rng = np.random.default_rng(11)
+    frame = np.rint(255 * np.clip(1.1 * _camera(rng, (32, 32)) - 0.04, 0, 1)).astype(np.uint8)
+    sets = FramePixelSets.of_frame(frame, config, LIGHTING)
+    box = sets.restrict(Boxes.from_boxes([inverse_box(LIGHTING)]))
+    # Halving the box into itself gains nothing: the split must part the set.
+    pair = sets.split(graph, box, [None], torch.tensor([0]), (box, box))[0]
+    assert pair is not None
+    whole_lo, whole_hi = sets.hidden_offsets(box)
+    (lo_1, hi_1), (lo_2, hi_2) = (sets.hidden_offsets(box, [part]) for part in pair)
+    assert torch.equal(torch.minimum(lo_1, lo_2), whole_lo) and torch.equal(torch.maximum(hi_1, hi_2), whole_hi)
+    assert (lo_2 <= hi_1).all() and ((hi_1 < whole_hi) | (lo_2 > whole_lo)).sum() == 1  # one pixel, halved
+    assert (whole_hi - whole_lo).flatten()[(hi_1 < whole_hi).flatten()].item() > 0
+    # A part that leaves a pixel no value: its box is empty; the parts themselves are not.
+    nowhere = (pair[0][0], pair[0][1].clone())
+    nowhere[1].view(-1)[int((hi_1 < whole_hi).flatten().nonzero())] = -10.0
+    restricted = sets.restrict(box, [pair[0], pair[1], nowhere])
+    assert (restricted.a_lo <= restricted.a_hi).tolist() == [True, True, False]
+    plain = PhotometricBox(*(float(v[0]) for v in (box.a_lo, box.a_hi, box.b_lo, box.b_hi)))
+    points = _feasible_points(rng, plain, frame, 60)
+    nominal = _sampled_nominals(rng, frame, points, config)
+    options = BoundOptions(intermediate="crown", max_elements=4096)
+    one = torch.ones(len(points), dtype=torch.float64)
+    with torch.no_grad():
+        out = pixels(graph.evaluate(torch.from_numpy(nominal)[:, None], one, one - 1))
+    seen = np.zeros(len(points), dtype=bool)
+    for part in pair:
+        lo, hi = output_bounds(*sets.bound_inputs(graph, box, [part]), pixels, options=options)
+        limit_lo, limit_hi = (p.numpy()[0] for p in part)
+        for k, (pa, pb) in enumerate(points):
+            t = _hidden_offsets_of(nominal[k][None], sets, pa, pb)
+            if (t >= limit_lo - 1e-12).all() and (t <= limit_hi + 1e-12).all():
+                seen[k] = True
+                assert (out[k] >= lo[0] - 1e-9).all() and (out[k] <= hi[0] + 1e-9).all()
+    assert seen.all()
+
+
+class _CountingSplits(FramePixelSets):
+    """The sets, counting the splits of the set (not of the box) they hand out."""
+
+    def split(self, graph, boxes, parts, worst, halved):
+        pairs = super().split(graph, boxes, parts, worst, halved)
+        self.__dict__["parted"] = self.__dict__.get("parted", 0) + sum(p is not None for p in pairs)
+        return pairs
+
+
+def test_branch_and_bound_splits_the_set_once_near_and_stays_sound():
+    """certify_boxes splits a frame's set (not only its box) once a box's bounds miss the
+    property by at most split_sets_within deltas, never with 0; its bounds hold sampled
+    nominal images either way."""
+    import dataclasses
+
+    from usn_offline.certify.bab import BabConfig, certify_boxes
+    from usn_offline.certify.spec import KeypointProperty
+
+    graph = lower(random_model("cnn7", 24, input_norm="standardise"), (1, 16, 16))
+    config = PreprocessConfig(input_height=16, input_width=16)
+    pixels = PixelMap.for_image(2, 16, 16)
+    rng = np.random.default_rng(5)
+    frame = np.rint(255 * np.clip(1.1 * _camera(rng, (32, 32)) - 0.04, 0, 1)).astype(np.uint8)
+    inverse = inverse_box(LIGHTING)
+    image = torch.from_numpy(preprocess(frame, config)).double()[None, None]
+    one = torch.ones(1, dtype=torch.float64)
+    reference = pixels(graph.evaluate(image, one, one - 1))[0].detach()
+    fields = {f.name: getattr(FramePixelSets.of_frame(frame, config, LIGHTING), f.name)
+              for f in dataclasses.fields(FramePixelSets)}
+    probe = _CountingSplits(**fields)
+    root = probe.restrict(Boxes.from_boxes([inverse]))
+    lo, hi = output_bounds(*probe.bound_inputs(graph, root), pixels, options=BoundOptions(intermediate="crown"))
+    deviation = float(torch.maximum(reference - lo, hi - reference).max())
+    prop = KeypointProperty(reference, 0.3 * deviation)  # misses at the root by 0.7 deviation = 2.3 deltas
+    outcomes = {}
+    for within in (0.0, 3.0):
+        sets = _CountingSplits(**fields)
+        bab = BabConfig(max_boxes=12, max_depth=8, bounds=BoundOptions(intermediate="crown"),
+                        split_sets_within=within)
+        outcomes[within] = certify_boxes(graph, sets.for_boxes(root), prop, pixels, [inverse], bab, sets)[0]
+        assert sets.__dict__.get("parted", 0) == 0 if within == 0 else sets.__dict__["parted"] > 0
+    points = _feasible_points(rng, inverse, frame, 60)
+    nominal = _sampled_nominals(rng, frame, points, config)
+    many = torch.ones(len(points), dtype=torch.float64)
+    with torch.no_grad():
+        out = pixels(graph.evaluate(torch.from_numpy(nominal)[:, None], many, many - 1)).numpy()
+    for outcome in outcomes.values():
+        assert (out >= np.asarray(outcome.lower) - 1e-9).all() and (out <= np.asarray(outcome.upper) + 1e-9).all()
