@@ -34,7 +34,7 @@ import hashlib
 import math
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -422,10 +422,7 @@ class FrameCertifier:
         self.inverse = inverse_box(config.lighting)
         h, w = preprocess.input_height, preprocess.input_width
         bab = config.bab or frame_bab_config(graph)
-        self._bab = BabConfig(method=bab.method, max_depth=config.max_depth, max_boxes=config.max_boxes,
-                              batch_size=bab.batch_size, attack_restarts=bab.attack_restarts,
-                              attack_steps=bab.attack_steps, bounds=bab.bounds,
-                              screen_float32_px=bab.screen_float32_px, split_sets_within=bab.split_sets_within)
+        self._bab = replace(bab, max_depth=config.max_depth, max_boxes=config.max_boxes)
         self._size = (h, w)
         self._recent: OrderedDict[bytes, FrameProof] = OrderedDict()
 
