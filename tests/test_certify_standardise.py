@@ -373,3 +373,42 @@ def test_the_scale_interval_holds_every_spread_and_beats_the_triangle_bound():
     triangle = (1 / np.sqrt(((s_mid - radius) / np.sqrt(n)) ** 2 + eps / 1.1**2)
                 - 1 / np.sqrt(((s_mid + radius) / np.sqrt(n)) ** 2 + eps / 0.9**2))
     assert big_a_hi - big_a_lo < 0.5 * triangle
+
+
+def test_the_shared_scale_carries_the_hidden_offsets_midpoint():
+    """standardised_sets_of writes z = A (d + t_mid) + B + v with v = A (t - t_mid): every
+    standardised input of the set is a member with its own A and B (checked exactly at
+    sampled t and (a, b)), and v's intervals are never wider than A [t_lo, t_hi]'s,
+    narrower where t keeps a sign (blown pixels: t ~ 1; a black pixel's t straddles 0)."""
+    from usn_offline.certify.standardise import _interval_product, standardised_sets_of
+
+    g = torch.Generator().manual_seed(9)
+    n_side = 24
+    u = 0.2 + 0.6 * torch.rand(1, 1, n_side, n_side, generator=g, dtype=torch.float64)
+    kind = torch.rand(u.shape, generator=g, dtype=torch.float64)
+    width = 0.3 * torch.rand(u.shape, generator=g, dtype=torch.float64)
+    t_lo = torch.where(kind < 0.05, 1.0, torch.where(kind < 0.1, -width, 0.0))  # blown, black, inside
+    t_hi = torch.where(kind < 0.05, 1.0 + width, torch.where(kind < 0.1, 0.0, 0.0))
+    t_lo, t_hi = t_lo - 1e-4, t_hi + 1e-4
+    box = PhotometricBox(0.8, 1.25, -0.1, 0.1)
+    eps = 1e-5
+    planes, set_boxes = standardised_sets_of(Standardise(eps), u, t_lo, t_hi, Boxes.from_boxes([box]))
+    d_plane, v_lo, v_hi = planes[0, 0], planes[0, 2], planes[0, 3]
+    old_lo, old_hi = _interval_product(t_lo, t_hi, set_boxes.a_lo.view(-1, 1, 1, 1), set_boxes.a_hi.view(-1, 1, 1, 1))
+    new_width, old_width = v_hi - v_lo, (old_hi - old_lo)[0, 0]
+    assert (new_width <= old_width + 1e-8).all()
+    blown = kind[0, 0] < 0.05
+    assert blown.sum() > 10 and (new_width[blown] < old_width[blown] - 1e-3).all()
+    pick = torch.rand(300, 1, n_side, n_side, generator=g, dtype=torch.float64)
+    pick[:100] = pick[:100].round()
+    t = t_lo + pick * (t_hi - t_lo)
+    a = box.a_lo + (box.a_hi - box.a_lo) * torch.rand(300, 1, 1, 1, generator=g, dtype=torch.float64)
+    b = box.b_lo + (box.b_hi - box.b_lo) * torch.rand(300, 1, 1, 1, generator=g, dtype=torch.float64)
+    z = Standardise(eps).apply(a * (u + t) + b)
+    y = u + t
+    big_a = 1 / torch.sqrt(y.var(dim=(2, 3), unbiased=False, keepdim=True) + eps / a**2)
+    big_b = -big_a * t.mean(dim=(2, 3), keepdim=True)
+    assert (big_a >= set_boxes.a_lo).all() and (big_a <= set_boxes.a_hi).all()
+    assert (big_b >= set_boxes.b_lo).all() and (big_b <= set_boxes.b_hi).all()
+    free = z - big_a * d_plane - big_b
+    assert (free >= v_lo - 1e-9).all() and (free <= v_hi + 1e-9).all()

@@ -7,7 +7,8 @@ turns a box of (a, b) over an image — or over a frame's pixel set — into a s
 
     z = A d + B + v,   A in [A_lo, A_hi], B in [B_lo, B_hi], v_i in [v_lo_i, v_hi_i],
 
-with d the nominal image minus its mean (signed) — for frames' pixel sets. For plain
+with d the nominal image minus its mean plus a midpoint of t (below; signed) — for
+frames' pixel sets. For plain
 images :func:`clip_level_sets` refines it: the clipped pixels' values are shared
 parameters of the box instead of independent intervals (much tighter). Derivation, with
 n pixels and P the centring projection (P y = y - mean y). Every input before standardisation has the form
@@ -25,7 +26,9 @@ Then x - mean x = a P(u + t), var x = a^2 s^2 with s = ||P(u + t)|| / sqrt(n), a
 
     z = P(u + t) / sqrt(s^2 + eps / a^2) = A (P u + t - mean t),  A = 1 / sqrt(s^2 + eps / a^2),
 
-so B = -A mean(t) and v = A t. s is bounded around the box centre's t_m by the triangle
+so B = -A mean(t), and with t_m a point of t's interval (the box centre's),
+z = A (P u + t_m) + B + v, v = A (t - t_m): the shared scale carries t_m, only t's
+deviation from it is free per pixel. s is bounded around t_m by the triangle
 inequality (||P y|| <= ||y||): |s - s_m| <= ||t - t_m|| / sqrt(n). The intervals of A, B and
 v are taken independently (sound; they are small on the sub-boxes branch and bound makes),
 and widened outward for float rounding.
@@ -272,10 +275,15 @@ def standardised_sets_of(standardise: Standardise, u: torch.Tensor, t_lo: torch.
 def _sets_of(standardise: Standardise, big_a: torch.Tensor, big_a_hi: torch.Tensor, shift: tuple,
              t: tuple, u: torch.Tensor, boxes: Boxes) -> tuple[torch.Tensor, Boxes]:
     """The planes and boxes of :func:`standardised_sets` from :func:`_scale_and_shift`'s output."""
-    (b_set_lo, b_set_hi), (t_lo, t_hi, _) = shift, t
+    (b_set_lo, b_set_hi), (t_lo, t_hi, t_mid) = shift, t
     n_boxes, rel = len(boxes), _ROUNDING.get(u.dtype, 1e-5)
-    d = u - u.mean(dim=(2, 3), keepdim=True)
-    v_lo, v_hi = _interval_product(t_lo, t_hi, big_a, big_a_hi)
+    # z = A (d + t_mid) + B + A (t - t_mid): the scale A, shared by every pixel, carries
+    # t's midpoint, and only t's deviation from it is free per pixel. Its interval
+    # A [t_lo - t_mid, t_hi - t_mid] is never wider than A [t_lo, t_hi] (narrower by
+    # |t| (A_hi - A_lo) where t keeps a sign: on a blown pixel, t ~ 1), and the bounds
+    # keep A's dependence exactly (it is a parameter of the set, not per-pixel noise).
+    d = u - u.mean(dim=(2, 3), keepdim=True) + t_mid
+    v_lo, v_hi = _interval_product(t_lo - t_mid, t_hi - t_mid, big_a, big_a_hi)
     pad = lambda t: rel * (1 + t.abs())  # noqa: E731
     d_abs_err = rel * (1 + d.abs())  # rounding of d itself, times A (<= A_hi) on the way in
     v_lo, v_hi = v_lo - pad(v_lo) - d_abs_err * big_a_hi, v_hi + pad(v_hi) + d_abs_err * big_a_hi
