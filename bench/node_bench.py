@@ -36,13 +36,18 @@ SIZES = ((640, 480), (1280, 720))
 ROUNDS = 5
 
 
-def _scene(data: str, width: int, height: int, channels: int, index: int = 0) -> np.ndarray:
+def _scene(data: str, width: int, height: int, channels: int, index: int = 0, clipped: bool = False) -> np.ndarray:
     """Test image ``index`` of the dataset as a camera frame: upscaled 8-bit, RGB or mono, so
-    that the scene check passes it and the shipped per-frame proof runs as on a real scene."""
+    that the scene check passes it and the shipped per-frame proof runs as on a real scene.
+    ``clipped``: its top twelfth blown (255) and a corner an eighth of each side black (0),
+    as glare and shadow leave a frame (the scene check then weighs the clipped pixels)."""
     from usn_offline.data import load_split
 
     image = load_split(data, "test").images[index]
     frame = cv2.resize((255 * image).round().astype(np.uint8), (width, height), interpolation=cv2.INTER_LINEAR)
+    if clipped:
+        frame[: height // 12] = 255
+        frame[-(height // 8):, : width // 8] = 0
     return cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB) if channels == 3 else frame
 
 
@@ -80,7 +85,7 @@ def _heavy_backend(input_hw: tuple[int, int], outputs: int, target_ms: float, wo
     return backend, width
 
 
-def callback_costs(bundle_dir: str, data: str, repeat: int, heavy_ms: float) -> None:
+def callback_costs(bundle_dir: str, data: str, repeat: int, heavy_ms: float, clipped: bool = False) -> None:
     import rclpy
     from rclpy.parameter import Parameter
     from usn_keypoint_ros.node import KeypointNode
@@ -92,24 +97,27 @@ def callback_costs(bundle_dir: str, data: str, repeat: int, heavy_ms: float) -> 
     for proofs in (True, False):
         overrides = [Parameter(k, value=v) for k, v in {**shipped, "frame_proof": proofs}.items()]
         node = KeypointNode(parameter_overrides=overrides + [Parameter("bundle_dir", value=bundle_dir)])
-        _measure_node(node, cases, data, repeat, heavy_ms, "shipped" if proofs else "shipped, proofs off", rows)
+        _measure_node(node, cases, data, repeat, heavy_ms, "shipped" if proofs else "shipped, proofs off", rows,
+                      clipped)
         node.destroy_node()
     rclpy.try_shutdown()
     print(f"1. node callback vs raw inference, parameters of {SHIPPED_PARAMS.name} (frame proofs in their own "
           f"process; also with frame_proof off), in this process: {ROUNDS} rounds of {repeat // ROUNDS} calls "
-          "of each, medians over the rounds; overhead = callback - inference")
+          "of each, medians over the rounds; overhead = callback - inference"
+          + ("; scenes with blown and black pixels" if clipped else ""))
     print(f"{'parameters':>19} | {'network':>22} | {'frame':>13} | {'inference':>9} | {'overhead':>8} | overhead %")
     for params, label, frame, raw, overhead in rows:
         print(f"{params:>19} | {label:>22} | {frame:>13} | {raw * 1e3:6.3f} ms | {overhead * 1e3:5.3f} ms | "
               f"{100 * overhead / raw:8.1f} %")
 
 
-def _measure_node(node, cases, data: str, repeat: int, heavy_ms: float, params: str, rows: list) -> None:
+def _measure_node(node, cases, data: str, repeat: int, heavy_ms: float, params: str, rows: list,
+                  clipped: bool = False) -> None:
     from usn_offline.runtime.preprocess import preprocess
 
     def measure(label: str) -> None:
         for encoding, channels, width, height in cases:
-            frame = _scene(data, width, height, channels)
+            frame = _scene(data, width, height, channels, clipped=clipped)
             msg = _image(frame, encoding)
             net_input = preprocess(frame, node.bundle.preprocess)[None, None].astype(np.float32)
             # Each call gets a message made just before it (untimed), as rclpy's take
@@ -209,14 +217,18 @@ def main() -> None:
     parser.add_argument("--heavy-ms", type=float, default=5.0, help="inference time of the heavier network")
     parser.add_argument("--seconds", type=float, default=5.0, help="camera run per frame size")
     parser.add_argument("--rate", type=float, default=30.0, help="camera rate (Hz)")
+    parser.add_argument("--clipped", action="store_true",
+                        help="part 1 on scenes with blown and black pixels (the scene check weighs them)")
+    parser.add_argument("--callback-only", action="store_true", help="part 1 only (no camera run)")
     args = parser.parse_args()
     # DDS on loopback, the shipped large-frame profile, a domain of its own.
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", "91")
     for name, value in large_frame_environment().items():
         os.environ.setdefault(name, value)
-    callback_costs(args.bundle, args.data, args.repeat, args.heavy_ms)
-    camera_rate(args.bundle, args.data, args.seconds, args.rate)
+    callback_costs(args.bundle, args.data, args.repeat, args.heavy_ms, args.clipped)
+    if not args.callback_only:
+        camera_rate(args.bundle, args.data, args.seconds, args.rate)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from usn_offline.perturb import PhotometricBox, apply_photometric
 from usn_offline.runtime.monitor import (
     PhotometricMonitor,
     Reason,
+    clipped_shares,
     mean_and_std,
     nominal_from_images,
     saturated_fraction,
@@ -86,6 +87,10 @@ def test_saturation_fast_path_matches_the_definition(shape, dtype, max_value):
     clipped = (colour <= 0) | (colour >= max_value)
     expected = (clipped.any(axis=2) if clipped.ndim == 3 else clipped).mean()
     assert saturated_fraction(frame, max_value) == pytest.approx(expected)
+    black, blown = colour <= 0, colour >= max_value
+    if black.ndim == 3:
+        black, blown = black.any(axis=2), blown.any(axis=2)
+    assert clipped_shares(frame, max_value) == pytest.approx((expected, black.mean(), blown.mean()))
 
 
 @pytest.mark.parametrize("shape,dtype,max_value", [

@@ -12,7 +12,7 @@ import pytest
 from usn_offline.errors import ConfigError
 from usn_offline.perturb import PhotometricBox
 from usn_offline.runtime.bundle import Bundle
-from usn_offline.runtime.monitor import saturated_fraction
+from usn_offline.runtime.monitor import clipped_shares, saturated_fraction
 from usn_offline.runtime.preprocess import PreprocessConfig, full_scale, preprocess
 from usn_offline.runtime.scene_check import SceneContrastCheck, make_scene_check
 
@@ -167,6 +167,11 @@ def test_clipped_pixel_weights_by_counting_equal_the_resized_masks(shape, dtype)
         low, high = _clipped_masks(pixels, top)
         assert low.any() and high.any()
         counted = check._clip_weights(pixels, top)
+        # The node counts the shares once, before inference (monitor.clipped_shares): the
+        # same weights, and the same bound.
+        _, black, blown_share = clipped_shares(frame, top)
+        assert check._clip_weights(pixels, top, (black, blown_share)) == counted
+        assert check.error_bound(frame, None, (black, blown_share)) == check.error_bound(frame)
         resized = (check._mean_weight(low), check._mean_weight(high))
         for mine, theirs, mask in zip(counted, resized, (low, high), strict=True):
             if shape[0] < CONFIG.input_height:

@@ -152,8 +152,18 @@ def mean_and_std(image: np.ndarray) -> tuple[float, float]:
 def saturated_fraction(frame: np.ndarray, max_value: float) -> float:
     """Fraction of pixels at 0 or at ``max_value`` in any colour channel of a raw frame
     (an RGBA frame's alpha is not light: an opaque frame is not a saturated one)."""
+    return clipped_shares(frame, max_value)[0]
+
+
+def clipped_shares(frame: np.ndarray, max_value: float) -> tuple[float, float, float]:
+    """Fractions of a raw frame's pixels with some colour channel at 0 or at ``max_value``
+    (:func:`saturated_fraction`), with one at 0, and with one at ``max_value`` (alpha is
+    not light). The node measures all three in one place, right after the preprocessing
+    while the frame is still in the CPU's cache: the scene check weighs the last two
+    (``SceneContrastCheck.error_bound``), and counting them after inference read the
+    frame back from memory twice more."""
     if frame.size == 0:
-        return 0.0
+        return 0.0, 0.0, 0.0
     if frame.ndim == 3 and frame.shape[2] == 4:
         frame = frame[:, :, :3]
     pixels = frame.shape[0] * frame.shape[1]
@@ -163,14 +173,18 @@ def saturated_fraction(frame: np.ndarray, max_value: float) -> float:
         # counting) settles them.
         low, high, _, _ = cv2.minMaxLoc(frame.reshape(frame.shape[0], -1))
         if low > 0 and high < max_value:
-            return 0.0
+            return 0.0, 0.0, 0.0
     if frame.dtype in (np.uint8, np.uint16) and channels <= 4:
-        # cv2.inRange marks pixels whose every channel is strictly inside (0, max): ~20x
-        # faster than the numpy expression on a 640x480 frame.
-        lo, hi = (1,) * channels, (int(max_value) - 1,) * channels
-        inside = cv2.countNonZero(cv2.inRange(frame, lo, hi))
-        return (pixels - inside) / pixels
-    clipped = (frame <= 0) | (frame >= max_value)
-    if clipped.ndim == 3:
-        clipped = clipped.any(axis=2)
-    return float(np.count_nonzero(clipped)) / pixels
+        # cv2.inRange marks the pixels whose every channel is in range: ~20x faster than
+        # the numpy expression on a 640x480 frame; the two masks' AND gives the third.
+        top = int(max_value)
+        no_black = cv2.inRange(frame, (1,) * channels, (top,) * channels)
+        no_blown = cv2.inRange(frame, (0,) * channels, (top - 1,) * channels)
+        inside = cv2.countNonZero(cv2.bitwise_and(no_black, no_blown))
+        return ((pixels - inside) / pixels, (pixels - cv2.countNonZero(no_black)) / pixels,
+                (pixels - cv2.countNonZero(no_blown)) / pixels)
+    black, blown = frame <= 0, frame >= max_value
+    if black.ndim == 3:
+        black, blown = black.any(axis=2), blown.any(axis=2)
+    return (float(np.count_nonzero(black | blown)) / pixels, float(np.count_nonzero(black)) / pixels,
+            float(np.count_nonzero(blown)) / pixels)

@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from usn_offline.runtime.bundle import Bundle
-from usn_offline.runtime.monitor import MonitorResult, PhotometricMonitor, Reason, mean_and_std, saturated_fraction
+from usn_offline.runtime.monitor import MonitorResult, PhotometricMonitor, Reason, clipped_shares, mean_and_std
 from usn_offline.runtime.preprocess import full_scale, normalised_to_pixels, preprocess
 from usn_offline.runtime.scene_check import SceneContrastCheck
 
@@ -155,8 +155,9 @@ class KeypointPipeline:
         image = preprocess(frame, self.bundle.preprocess)
         # Right after the preprocessing, while the frame is still in the CPU's cache: after
         # inference, this second pass over it read the frame back from memory (measured
-        # 0.16 -> 0.08 ms for this step and the monitor's at 640x480 rgb8).
-        clipped = saturated_fraction(frame, full_scale(frame.dtype))
+        # 0.16 -> 0.08 ms for this step and the monitor's at 640x480 rgb8). The scene check
+        # weighs the black and blown shares counted here too.
+        clipped, black, blown = clipped_shares(frame, full_scale(frame.dtype))
         t1 = time.perf_counter()
         out = np.asarray(self.backend.infer(np.ascontiguousarray(image[None, None], dtype=np.float32)))
         t2 = time.perf_counter()
@@ -164,7 +165,8 @@ class KeypointPipeline:
         keypoints = normalised_to_pixels(out.reshape(-1, 2), *frame.shape[:2])
         mean, spread = mean_and_std(image)
         status = self.monitor.assess(image, clipped, spread, mean)
-        outside = self.scene_check.check(frame, image, clipped, spread) if self.scene_check is not None else None
+        outside = (self.scene_check.check(frame, image, clipped, spread, (black, blown))
+                   if self.scene_check is not None else None)
         t3 = time.perf_counter()
         index = self.frames_seen
         self.frames_seen += 1

@@ -59,33 +59,40 @@ class SceneContrastCheck:
         if not self.lighting.a_lo > 0:
             raise ValueError(f"the lighting range needs contrast > 0, got {self.lighting.a_lo}")
 
-    def error_bound(self, frame: np.ndarray, clipped_fraction: float | None = None) -> float:
+    def error_bound(self, frame: np.ndarray, clipped_fraction: float | None = None,
+                    clipped: tuple[float, float] | None = None) -> float:
         """Largest possible |std(L frame) - std(L Y)| for (a0, b0) in the range (see the
         module docstring). ``clipped_fraction``: the frame's fraction of pixels with a
         channel at 0 or full scale (monitor.saturated_fraction) when already measured; at
-        0 the clipping terms vanish and the masks are not built."""
+        0 the clipping terms vanish and the masks are not built. ``clipped``: the fractions
+        of its pixels with a channel at 0 and at full scale (monitor.clipped_shares), when
+        already measured."""
         scale = full_scale(frame.dtype)
         bound = 0.0
         if clipped_fraction is None or clipped_fraction > 0:
             pixels = frame[:, :, :3] if frame.ndim == 3 and frame.shape[2] == 4 else frame  # alpha is not light
-            low, high = self._clip_weights(pixels, scale)
+            low, high = self._clip_weights(pixels, scale, clipped)
             box = self.lighting
             below, above = max(0.0, -box.b_lo), max(0.0, box.a_hi + box.b_hi - 1.0)
             bound = below * _spread(low) + above * _spread(high)
         rounding = 0.5 / scale if frame.dtype.kind in "ui" else 0.0
         return bound + rounding + _FLOAT_SLACK
 
-    def _clip_weights(self, pixels: np.ndarray, scale: float) -> tuple[float, float]:
+    def _clip_weights(self, pixels: np.ndarray, scale: float, shares: tuple[float, float] | None = None
+                      ) -> tuple[float, float]:
         """mean(L m) of the masks of pixels with some channel at 0 and at full scale.
 
         When the preprocessing area-averages the frame, each frame pixel weighs the same
-        in the input's mean, so mean(L m) is the mask's share of the pixels: two OpenCV
-        counts for an 8/16-bit frame (0.5 ms at rgb8 640x480 against 1.9 ms for the masks
-        and their resizes, which a frame with clipped pixels used to cost every time)."""
+        in the input's mean, so mean(L m) is the mask's share of the pixels: ``shares``
+        when measured already, else two OpenCV counts for an 8/16-bit frame (0.5 ms at
+        rgb8 640x480 against 1.9 ms for the masks and their resizes, which a frame with
+        clipped pixels used to cost every time)."""
         h, w = pixels.shape[:2]
         channels = 1 if pixels.ndim == 2 else pixels.shape[2]
         if (area_averaged(h, w, self.preprocess) and pixels.dtype in (np.uint8, np.uint16) and channels <= 4
                 and h * w > 0):
+            if shares is not None:
+                return _rounded_up(shares[0]), _rounded_up(shares[1])
             return tuple(_rounded_up((h * w - cv2.countNonZero(none)) / (h * w))
                          for none in _unclipped_masks(pixels, int(scale)))
         low, high = _clipped_masks(pixels, scale)
@@ -100,13 +107,13 @@ class SceneContrastCheck:
         return _rounded_up(float(resize_image(mask.astype(np.float32), self.preprocess).mean()))
 
     def check(self, frame: np.ndarray, image: np.ndarray, clipped_fraction: float | None = None,
-              std: float | None = None) -> str | None:
+              std: float | None = None, clipped: tuple[float, float] | None = None) -> str | None:
         """Why no lighting change of the range explains ``frame`` (whose network input is
         ``image``) for a scene of the assumed contrast, or None when one may
-        (``clipped_fraction``: see :meth:`error_bound`; ``std``: the image's standard
-        deviation, when already measured)."""
+        (``clipped_fraction``, ``clipped``: see :meth:`error_bound`; ``std``: the image's
+        standard deviation, when already measured)."""
         std = float(image.std()) if std is None else std
-        slack = self.error_bound(frame, clipped_fraction)
+        slack = self.error_bound(frame, clipped_fraction, clipped)
         lowest, highest = self.lighting.a_lo * self.min_std, self.lighting.a_hi * self.max_std
         if std + slack < lowest:
             return (f"frame contrast too low for the lighting range: image std {std:.4f} (+-{slack:.4f}) < "
