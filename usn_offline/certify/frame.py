@@ -177,7 +177,7 @@ class FramePixelSets:
                         a_lo, a_hi = ((a_lo, torch.minimum(a_hi, bound + eps)) if p > 0
                                       else (torch.maximum(a_lo, bound - eps), a_hi))
         shrunk = Boxes(a_lo, a_hi, b_lo, b_hi)
-        if self._limits(parts, shrunk) is not None:
+        if parts is not None and any(p is not None for p in parts):
             t_lo, t_hi = self.hidden_offsets(shrunk, parts)
             outside = (t_lo > t_hi).flatten(1).any(dim=1)
             shrunk = Boxes(torch.where(outside, a_hi + 1, a_lo), a_hi, b_lo, b_hi)

@@ -181,8 +181,6 @@ def _scale_and_shift(standardise: Standardise, images: torch.Tensor, boxes: Boxe
     if images.shape[1] not in (1, 4):
         raise CertificationError(f"input standardisation is bounded for one-channel networks; the input has "
                                  f"{images.shape[1]} planes")
-    if not bool((boxes.a_lo > 0).all()):
-        raise CertificationError("bounds through input standardisation need contrast a > 0 in every box")
     n_boxes, dtype = len(boxes), images.dtype
     view = (-1, 1, 1, 1)
     a_lo, a_hi = boxes.a_lo.view(view), boxes.a_hi.view(view)
@@ -208,6 +206,9 @@ def _scale_and_shift_of(standardise: Standardise, u: torch.Tensor, t_lo: torch.T
                         t_mid: torch.Tensor, boxes: Boxes) -> tuple:
     """:func:`_scale_and_shift` from the inputs' form x = a (u + t) + b, t in [t_lo, t_hi]
     per pixel over each box (module docstring); ``t_mid``: any point of that interval."""
+    # Both entry points come here (t itself divides by a on the plain-image path).
+    if not bool((boxes.a_lo > 0).all()):
+        raise CertificationError("bounds through input standardisation need contrast a > 0 in every box")
     n_boxes, dtype = len(boxes), u.dtype
     view = (-1, 1, 1, 1)
     rel = _ROUNDING.get(dtype, 1e-5)
@@ -266,8 +267,6 @@ def standardised_sets_of(standardise: Standardise, u: torch.Tensor, t_lo: torch.
     if u.shape[1] != 1:
         raise CertificationError(f"input standardisation is bounded for one-channel networks; the input has "
                                  f"{u.shape[1]} planes")
-    if not bool((boxes.a_lo > 0).all()):
-        raise CertificationError("bounds through input standardisation need contrast a > 0 in every box")
     t_mid = (t_lo + t_hi) / 2
     return _sets_of(standardise, *_scale_and_shift_of(standardise, u, t_lo, t_hi, t_mid, boxes), boxes)
 
