@@ -433,6 +433,36 @@ def test_each_box_gets_the_set_of_its_own_lighting(exported_bundle):
     assert sum(o[0] for o in outcomes) >= 3, outcomes
 
 
+def test_attacks_on_a_frames_hidden_values_stay_within_its_proof(exported_bundle):
+    """Gradient steps on the hidden values of clipped frames (a black corner and a blown
+    patch, lit inside the range): what they find is a lower bound on what the proof bounds
+    from above (the proof's bound holds against them), and the steps find more than the
+    intervals' middles alone."""
+    import cv2
+
+    bundle, test, infer = _served_and_nominal(exported_bundle)
+    lighting = PhotometricBox(0.9, 1.1, -0.05, 0.05)
+    certifier = FrameCertifier.from_onnx(bundle.onnx_path, bundle.preprocess,
+                                         FrameProofConfig(lighting, 4.0, max_boxes=8))
+    rng = np.random.default_rng(5)
+    outcomes = []
+    for i in range(4):
+        nominal = cv2.resize(test.images[i], (640, 480), interpolation=cv2.INTER_LINEAR)
+        nominal[:30, :40] = 0.02  # darkened below 0: its texture is hidden
+        top, left = rng.integers(100, 400), rng.integers(100, 560)
+        nominal[top:top + 24, left:left + 32] = 0.98  # blown by the brighter lights
+        a0, b0 = rng.uniform(1.0, 1.1), (-0.04, 0.04)[i % 2]  # darker: the corner clips; brighter: the patch
+        frame = np.clip(a0 * nominal + b0, 0, 1)
+        assert (frame == 0).any() if b0 < 0 else (frame == 1).any()
+        served = infer(frame)
+        proof = certifier.prove(frame, served)
+        attacked = certifier.attack(frame, served, grid=3, restarts=2, steps=10)
+        middle = certifier.attack(frame, served, grid=3, restarts=1, steps=0)
+        outcomes.append((round(proof.deviation_px, 4), round(attacked, 4), round(middle, 4)))
+        assert 0 <= middle <= attacked <= proof.deviation_px + 1e-6, outcomes
+    assert any(attacked > middle + 1e-4 for _, attacked, middle in outcomes), outcomes
+
+
 def test_a_frame_that_no_lighting_in_the_range_gives_is_not_certified(tmp_path):
     """Black pixels need a0 X0 + b0 <= 0, so no brightening gives them: under a range that
     only brightens, such a frame is outside the model, and says so."""

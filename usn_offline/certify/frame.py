@@ -499,6 +499,54 @@ class FrameCertifier:
                       f"{outcome.boxes_bounded} of {self.config.max_boxes} boxes")
         return FrameProof(status, dev, outcome.boxes_bounded, detail)
 
+    def attack(self, frame: np.ndarray, keypoints_normalised: np.ndarray, grid: int = 5, restarts: int = 4,
+               steps: int = 40) -> float:
+        """The largest deviation (network px) from the served ``keypoints_normalised`` that
+        signed gradient steps on the frame's hidden values find: at a ``grid`` x ``grid``
+        lattice of points (a, b) of the inverse range where the frame arises, each network
+        pixel's value moves within its interval of the set (from the intervals' middles,
+        then from random points). A lower bound on what the proof bounds from above, so
+        never above a proof's ``deviation_px``; -inf where the frame arises nowhere.
+
+        Above delta it says that the frame is breakable by a member of its set, if the set
+        is exact there: it treats network pixels as independent, while the resize couples
+        neighbours through shared frame pixels (bench/frame_gap.py; docs/METHOD.md)."""
+        graph, (h, w) = self.graph, self._size
+        sets = FramePixelSets.of_frame(frame, self.preprocess, self.config.lighting, self.config.camera_rounding)
+        root = sets.restrict(Boxes.from_boxes([self.inverse], graph.dtype, graph.device))
+        reference = normalised_to_pixels(np.asarray(keypoints_normalised, np.float64).reshape(-1, 2), h, w)
+        pixels = PixelMap.for_image(reference.shape[0], h, w, graph.dtype, graph.device)
+        prop = KeypointProperty(torch.as_tensor(reference.reshape(-1), dtype=graph.dtype, device=graph.device),
+                                self.config.delta, self.config.norm)
+        axes = [torch.linspace(float(lo[0]), float(hi[0]), grid, dtype=graph.dtype, device=graph.device)
+                for lo, hi in ((root.a_lo, root.a_hi), (root.b_lo, root.b_hi))]
+        a, b = axes[0].repeat_interleave(grid), axes[1].repeat(grid)
+        arising = sets.restrict(Boxes(a, a, b, b))
+        keep = ((arising.a_lo <= arising.a_hi) & (arising.b_lo <= arising.b_hi)).nonzero().flatten()
+        if not keep.numel():
+            return -math.inf
+        points = Boxes(a[keep], a[keep], b[keep], b[keep])
+        planes = sets.for_boxes(points)
+        shape = (len(points), 1, *planes.shape[2:])
+        best = -math.inf
+        for start in range(restarts):
+            generator = torch.Generator().manual_seed(start)
+            # Where each hidden value sits in its interval (Graph.evaluate's ``fill``).
+            fill = (torch.rand(shape, generator=generator, dtype=graph.dtype).to(graph.device) if start
+                    else torch.full(shape, 0.5, dtype=graph.dtype, device=graph.device))
+            step = 0.25
+            for k in range(steps + 1):
+                fill.requires_grad_(k < steps)
+                with torch.enable_grad():
+                    deviation = prop.deviation(pixels(graph.evaluate(planes, points.a_lo, points.b_lo, fill)))
+                best = max(best, float(deviation.detach().max()))
+                if k == steps:
+                    break
+                (grad,) = torch.autograd.grad(deviation.sum(), fill)
+                fill = (fill.detach() + step * grad.sign()).clamp(0.0, 1.0)
+                step = step * 0.93
+        return best
+
     def _confirm(self, frame: np.ndarray, point: tuple[float, float] | None, prop: KeypointProperty,
                  pixels: PixelMap) -> float | None:
         """The keypoint deviation of the explicit nominal image X0 = clip(a X + b) at a
