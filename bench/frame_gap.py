@@ -28,7 +28,7 @@ from tqdm import tqdm
 from usn_offline.certify.frame import FrameCertifier
 from usn_offline.replay.bag_reader import BagImage, BagReader
 from usn_offline.runtime.bundle import Bundle
-from usn_offline.runtime.image_decode import decode_image
+from usn_offline.runtime.image_decode import decode_compressed, decode_image
 from usn_offline.runtime.preprocess import preprocess
 
 
@@ -53,8 +53,9 @@ def main() -> None:
         for message in reader.messages():
             if isinstance(message, BagImage):
                 if index in open_rows:
-                    frames[index] = decode_image(message.height, message.width, message.encoding,
-                                                 message.is_bigendian, message.step, message.data, 1 << 30)
+                    frames[index] = (decode_compressed(message.format, message.data) if message.compressed else
+                                     decode_image(message.height, message.width, message.encoding,
+                                                  message.is_bigendian, message.step, message.data, 1 << 30))
                 index += 1
     print(f"{len(rows)} frames, {sum(bool(r.get('in_region')) and not r.get('malformed') for r in rows)} in range, "
           f"{len(open_rows)} of them uncertified; delta {bundle.delta_px} px (network input)")
@@ -80,6 +81,7 @@ def main() -> None:
         print(f"{scenario:>18} | {len(attacks):6d} | {int((attacks > bundle.delta_px).sum()):14d} | "
               f"{np.median(attacks):10.3f} px | {attacks.max():7.3f} px | "
               + (f"{np.median(bounds):.3g} px ({bounds.min():.3g}-{bounds.max():.3g})" if args.prove else "-"))
+
 
 if __name__ == "__main__":
     main()

@@ -470,18 +470,24 @@ class FrameCertifier:
             self._recent.popitem(last=False)
         return proof
 
-    def _prove(self, frame: np.ndarray, keypoints_normalised: np.ndarray) -> FrameProof:
+    def _property(self, keypoints_normalised: np.ndarray) -> tuple[np.ndarray, PixelMap, KeypointProperty]:
+        """The served keypoints in network-input pixels ((2K,) float64), the network outputs'
+        map to those pixels, and the property a proof (or an attack) is about: every
+        keypoint within delta of the served ones."""
         h, w = self._size
+        graph = self.graph
+        reference = normalised_to_pixels(np.asarray(keypoints_normalised, np.float64).reshape(-1, 2), h, w)
+        pixels = PixelMap.for_image(reference.shape[0], h, w, graph.dtype, graph.device)
+        prop = KeypointProperty(torch.as_tensor(reference.reshape(-1), dtype=graph.dtype, device=graph.device),
+                                self.config.delta, self.config.norm)
+        return reference.reshape(-1), pixels, prop
+
+    def _prove(self, frame: np.ndarray, keypoints_normalised: np.ndarray) -> FrameProof:
         graph = self.graph
         sets = FramePixelSets.of_frame(frame, self.preprocess, self.config.lighting, self.config.camera_rounding)
         root = sets.for_boxes(Boxes.from_boxes([self.inverse], graph.dtype, graph.device))
-        reference = normalised_to_pixels(np.asarray(keypoints_normalised, np.float64).reshape(-1, 2), h, w)
-        k = reference.shape[0]
-        pixels = PixelMap.for_image(k, h, w, graph.dtype, graph.device)
-        prop = KeypointProperty(torch.as_tensor(reference.reshape(-1), dtype=graph.dtype, device=graph.device),
-                                self.config.delta, self.config.norm)
+        ref, pixels, prop = self._property(keypoints_normalised)
         outcome = certify_boxes(graph, root, prop, pixels, [self.inverse], self._bab, sets)[0]
-        ref = reference.reshape(-1)
         dev = float(np.maximum(ref - np.asarray(outcome.lower), np.asarray(outcome.upper) - ref).max())
         if not dev > -math.inf:  # every box, the root too, was ruled out: nothing was bounded
             return FrameProof(Status.NOT_CERTIFIED, math.inf, outcome.boxes_bounded, _IMPOSSIBLE)
@@ -511,13 +517,10 @@ class FrameCertifier:
         Above delta it says that the frame is breakable by a member of its set, if the set
         is exact there: it treats network pixels as independent, while the resize couples
         neighbours through shared frame pixels (bench/frame_gap.py; docs/METHOD.md)."""
-        graph, (h, w) = self.graph, self._size
+        graph = self.graph
         sets = FramePixelSets.of_frame(frame, self.preprocess, self.config.lighting, self.config.camera_rounding)
         root = sets.restrict(Boxes.from_boxes([self.inverse], graph.dtype, graph.device))
-        reference = normalised_to_pixels(np.asarray(keypoints_normalised, np.float64).reshape(-1, 2), h, w)
-        pixels = PixelMap.for_image(reference.shape[0], h, w, graph.dtype, graph.device)
-        prop = KeypointProperty(torch.as_tensor(reference.reshape(-1), dtype=graph.dtype, device=graph.device),
-                                self.config.delta, self.config.norm)
+        _, pixels, prop = self._property(keypoints_normalised)
         axes = [torch.linspace(float(lo[0]), float(hi[0]), grid, dtype=graph.dtype, device=graph.device)
                 for lo, hi in ((root.a_lo, root.a_hi), (root.b_lo, root.b_hi))]
         a, b = axes[0].repeat_interleave(grid), axes[1].repeat(grid)
