@@ -26,7 +26,7 @@ BOUND_EPOCHS ?= 3
 PRUNE_ARGS ?=
 CERT_IMAGES ?= 20
 BAG_FRAMES ?= 30
-FRAME_FT_STAGES ?= 0.02:3 0.02:6 0.02:9 0.03:6 0.03:6
+FRAME_FT_STAGES ?= 0.02:3 0.02:6 0.02:9 0.03:6 0.03:6 0.025:6 0.025:6
 endif
 # The goal box of the lighting a robot meets: contrast 0.75-1.33, brightness +-0.15,
 # proved for at least CERT_COVERAGE of the test images (else the largest CERT_EPS box that is).
