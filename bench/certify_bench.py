@@ -4,7 +4,7 @@ equivalents, certified fraction at a few eps, and the radius-search time.
 All timings come from this one process on this machine, and costs are reported as ratios
 to a forward pass of the same model on the same device measured in the same run.
 
-    python bench/certify_bench.py --checkpoint runs/demo/pruned.pt --data runs/demo/data
+    python bench/certify_bench.py --checkpoint runs/demo/final.pt --data runs/demo/data   # the deployed demo network
     python bench/certify_bench.py --only-lirpa   # the single-box comparison with auto_LiRPA only
 """
 
@@ -38,7 +38,7 @@ from usn_offline.train.device import resolve_device, use_all_cpu_cores
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="runs/demo/pruned.pt")
+    parser.add_argument("--checkpoint", default="runs/demo/final.pt")
     parser.add_argument("--data", default="runs/demo/data")
     parser.add_argument("--images", type=int, default=10)
     parser.add_argument("--eps", type=float, nargs="+", default=[0.005, 0.01, 0.02])
