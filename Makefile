@@ -38,7 +38,7 @@ CERT_COVERAGE ?= 0.9
 # deep on some images (measured: one test image, 0.5 px from δ by sampling, stays open at
 # the default depth 10 and is proved at depth 14 with 645 boxes).
 CERT_BAB_ARGS ?= --bab-budget 1024 --bab-depth 14
-# The best configuration (docs/METHOD.md, "Input standardisation" and "What keeps the last
+# The best configuration (docs/METHOD.md, "Input standardisation" and "What keeps the last 59
 # frames open"): a network that standardises its input, fine-tuned with the bound loss over
 # tiles of the goal box (half its images on the sets a frame's proof covers), USN-WD pruning
 # that keeps that loss in its fine-tuning rounds, then short fine-tunes with every bound-loss
