@@ -22,11 +22,11 @@ import json
 from collections import defaultdict
 
 import numpy as np
-import onnxruntime as ort
 from tqdm import tqdm
 
 from usn_offline.certify.frame import FrameCertifier
 from usn_offline.replay.bag_reader import BagImage, BagReader
+from usn_offline.runtime.backends import OnnxRuntimeBackend
 from usn_offline.runtime.bundle import Bundle
 from usn_offline.runtime.image_decode import decode_compressed, decode_image
 from usn_offline.runtime.preprocess import preprocess
@@ -44,8 +44,7 @@ def main() -> None:
         rows = [json.loads(line) for line in lines]
     open_rows = {r["index"]: r for r in rows if r.get("in_region") and not r["certified"] and not r.get("malformed")}
     bundle = Bundle.load(args.bundle)
-    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    backend = OnnxRuntimeBackend(bundle.onnx_path)  # the node's CPU backend, as it serves
     certifier = FrameCertifier.for_bundle(bundle, args.max_boxes)
     frames: dict[int, np.ndarray] = {}
     with BagReader(args.bag) as reader:
@@ -63,7 +62,7 @@ def main() -> None:
     seen: dict[bytes, tuple[float, float]] = {}
     for index in tqdm(sorted(frames), desc="frames", unit="frame"):
         frame = frames[index]
-        served = session.run(None, {name: preprocess(frame, bundle.preprocess)[None, None].astype(np.float32)})[0][0]
+        served = backend.infer(preprocess(frame, bundle.preprocess)[None, None])[0]
         key = frame.tobytes()
         if key not in seen:  # a still camera sends the same frame many times
             bound = certifier.prove(frame, served).deviation_px if args.prove else float("nan")
