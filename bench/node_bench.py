@@ -85,7 +85,8 @@ def _heavy_backend(input_hw: tuple[int, int], outputs: int, target_ms: float, wo
     return backend, width
 
 
-def callback_costs(bundle_dir: str, data: str, repeat: int, heavy_ms: float, clipped: bool = False) -> None:
+def callback_costs(bundle_dir: str, data: str, repeat: int, heavy_ms: float, clipped: bool = False,
+                   pace_hz: float = 0.0) -> None:
     import rclpy
     from rclpy.parameter import Parameter
     from usn_keypoint_ros.node import KeypointNode
@@ -98,13 +99,15 @@ def callback_costs(bundle_dir: str, data: str, repeat: int, heavy_ms: float, cli
         overrides = [Parameter(k, value=v) for k, v in {**shipped, "frame_proof": proofs}.items()]
         node = KeypointNode(parameter_overrides=overrides + [Parameter("bundle_dir", value=bundle_dir)])
         _measure_node(node, cases, data, repeat, heavy_ms, "shipped" if proofs else "shipped, proofs off", rows,
-                      clipped)
+                      clipped, pace_hz)
         node.destroy_node()
     rclpy.try_shutdown()
     print(f"1. node callback vs raw inference, parameters of {SHIPPED_PARAMS.name} (frame proofs in their own "
           f"process; also with frame_proof off), in this process: {ROUNDS} rounds of {repeat // ROUNDS} calls "
           "of each, medians over the rounds; overhead = callback - inference"
-          + ("; scenes with blown and black pixels" if clipped else ""))
+          + ("; scenes with blown and black pixels" if clipped else "")
+          + (f"; each call {1e3 / pace_hz:.1f} ms after the previous one began, as at a {pace_hz:g} Hz camera"
+             if pace_hz else "; calls back to back"))
     print(f"{'parameters':>19} | {'network':>22} | {'frame':>13} | {'inference':>9} | {'overhead':>8} | overhead %")
     for params, label, frame, raw, overhead in rows:
         print(f"{params:>19} | {label:>22} | {frame:>13} | {raw * 1e3:6.3f} ms | {overhead * 1e3:5.3f} ms | "
@@ -112,8 +115,21 @@ def callback_costs(bundle_dir: str, data: str, repeat: int, heavy_ms: float, cli
 
 
 def _measure_node(node, cases, data: str, repeat: int, heavy_ms: float, params: str, rows: list,
-                  clipped: bool = False) -> None:
+                  clipped: bool = False, pace_hz: float = 0.0) -> None:
     from usn_offline.runtime.preprocess import preprocess
+
+    last_start = [0.0]
+
+    def paced(prepare=None):
+        """Untimed, before each call: wait until 1/pace_hz after the previous call began
+        (a camera's frame interval: the node idles between frames, and what the machine ran
+        meanwhile leaves the caches cold), then ``prepare``."""
+        if pace_hz:
+            while time.perf_counter() < last_start[0] + 1.0 / pace_hz:
+                time.sleep(max(0.0, min(0.002, last_start[0] + 1.0 / pace_hz - time.perf_counter())))
+            last_start[0] = time.perf_counter()
+        if prepare is not None:
+            prepare()
 
     def measure(label: str) -> None:
         for encoding, channels, width, height in cases:
@@ -128,9 +144,11 @@ def _measure_node(node, cases, data: str, repeat: int, heavy_ms: float, params: 
             # this shared machine weighs on both; the medians over the rounds are reported.
             raws, fulls = [], []
             for _ in range(ROUNDS):
-                raws.append(median_seconds(lambda x=net_input: node.pipeline.backend.infer(x), repeat // ROUNDS))
+                raws.append(median_seconds(lambda x=net_input: node.pipeline.backend.infer(x), repeat // ROUNDS,
+                                           setup=paced))
                 fulls.append(median_seconds(lambda a=arriving: node.on_image(a[0]), repeat // ROUNDS, setup=lambda
-                                            a=arriving, f=frame, e=encoding: a.__setitem__(0, _image(f, e))))
+                                            a=arriving, f=frame, e=encoding: paced(
+                                                lambda: a.__setitem__(0, _image(f, e)))))
             overhead = float(np.median(np.subtract(fulls, raws)))
             rows.append((params, label, f"{encoding} {width}x{height}", float(np.median(raws)), overhead))
 
@@ -220,13 +238,18 @@ def main() -> None:
     parser.add_argument("--clipped", action="store_true",
                         help="part 1 on scenes with blown and black pixels (the scene check weighs them)")
     parser.add_argument("--callback-only", action="store_true", help="part 1 only (no camera run)")
+    parser.add_argument("--pace", type=float, default=0.0, metavar="HZ",
+                        help="part 1 at a camera's rate: each call (raw inference and callback alike) begins "
+                             "1/HZ after the previous one; 0: back to back")
     args = parser.parse_args()
     # DDS on loopback, the shipped large-frame profile, a domain of its own.
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", "91")
     for name, value in large_frame_environment().items():
         os.environ.setdefault(name, value)
-    callback_costs(args.bundle, args.data, args.repeat, args.heavy_ms, args.clipped)
+    if args.pace < 0:
+        parser.error(f"--pace must be >= 0, got {args.pace}")
+    callback_costs(args.bundle, args.data, args.repeat, args.heavy_ms, args.clipped, args.pace)
     if not args.callback_only:
         camera_rate(args.bundle, args.data, args.seconds, args.rate)
 

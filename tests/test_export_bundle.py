@@ -1,6 +1,7 @@
 """Export round trip (ONNX Runtime equals torch), tamper detection and schema validation
 of the deployment bundle."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -435,6 +436,26 @@ def test_export_out_never_deletes_anything_but_a_bundle(exported, tmp_path, caps
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_a_failed_export_keeps_the_previous_bundle_and_every_other_folder(exported, tmp_path, capsys):
+    """The new bundle is checked before it replaces an earlier one; the work folder is the
+    export's own (a folder named like '<out>.partial' is someone else's)."""
+    out = tmp_path / "bundle"
+    assert main(["export", "--checkpoint", str(exported["ckpt"]), "--certificate", str(exported["cert"]),
+                 "--out", str(out), "--no-engine"]) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    theirs = tmp_path / "bundle.partial"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    # images whose statistics are NaN: the export fails after everything is written
+    model, info = load_checkpoint(exported["ckpt"])
+    nan_train = dataclasses.replace(exported["test"], images=np.full_like(exported["test"].images, np.nan))
+    with pytest.raises(BundleError, match="certificate.json would hold NaN or infinite values"):
+        write_bundle(out, model, info, exported["ckpt"], load_report(exported["cert"]), exported["test"], nan_train)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert (theirs / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == ["bundle.partial"]
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda r: r["summary"].pop("certified_fraction"), "no field 'summary.certified_fraction'"),
     (lambda r: r.pop("model"), "no field 'model'"),
@@ -445,6 +466,16 @@ def test_export_out_never_deletes_anything_but_a_bundle(exported, tmp_path, caps
     (lambda r: r.update(kind="other"), "not a usn-offline certification report"),
     (lambda r: r.pop("data"), "no field 'data'"),
     (lambda r: r["data"].update(split=3), "'data.split' must be a string"),
+    # claims certify cannot make, or that its per-image results do not back
+    (lambda r: r["summary"].update(certified_fraction=5.0), "disagrees with its per-image results"),
+    (lambda r: r["images"][0].update(status="falsified"), "disagrees with its per-image results"),
+    (lambda r: r["summary"].update(num_images=0), "counts 0 images"),
+    (lambda r: r["property"].update(norm="foo"), "norm 'foo' is not linf or l2"),
+    (lambda r: r["property"].update(reference="foo"), "reference 'foo' is not prediction"),
+    (lambda r: r["property"].update(delta_px=-1.0), "delta_px -1.0 is negative"),
+    (lambda r: r["perturbation"].update(a_lo=1.5), "is empty or has a contrast <= 0"),
+    (lambda r: r["perturbation"].update(clip="yes"), "not for clipped images"),
+    (lambda r: r["perturbation"].update(clip=False), "not for clipped images"),
 ])
 def test_export_refuses_an_incomplete_certificate(exported, tmp_path, capsys, edit, message):
     report = json.loads(exported["cert"].read_text())

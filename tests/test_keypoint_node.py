@@ -243,11 +243,12 @@ def _declared_parameters(bundle_dir) -> set[str]:
 
 
 def test_the_node_declares_exactly_its_parameter_table(exported_bundle):
-    """The declarative table (usn_keypoint_ros/parameters.py) is what the node declares:
+    """The declarative table (usn_offline/runtime/node_parameters.py) is what the node declares:
     names, defaults and read-only flags; besides it only the bundle's keypoint_names and
     rclpy's own."""
     from usn_keypoint_ros.node import KeypointNode
-    from usn_keypoint_ros.parameters import PARAMETERS
+
+    from usn_offline.runtime.node_parameters import PARAMETERS
 
     table = {spec.name: spec for spec in PARAMETERS}
     rclpy.init()
@@ -309,6 +310,23 @@ def test_node_refuses_to_start_without_a_valid_bundle(tmp_path):
                            f"bundle_dir:={tmp_path}"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "usn_keypoint_node: error: bundle is missing manifest.json" in proc.stderr
+
+
+@pytest.mark.parametrize("param, message", [
+    ("max_image_pixels:=0", "parameter max_image_pixels:"),
+    ("monitor_z:=abc", "parameter monitor_z:"),
+    ("frame_proof_lighting:=[1,2,3,4]", "floating-point parameters take 1.0, not 1"),
+    ("model_file_path:=/nonexistent/model.onnx", "model_file_path /nonexistent/model.onnx: no such file"),
+    # an unset variable in a launch file must not read as "no keys": that would skip the check
+    ("trusted_keys:=['']", "has an empty entry"),
+])
+def test_node_refuses_bad_parameters_in_one_line(exported_bundle, param, message):
+    proc = subprocess.run([sys.executable, "-m", "usn_keypoint_ros.node", "--ros-args", "-p",
+                           f"bundle_dir:={exported_bundle}", "-p", "frame_proof:=false", "-p", param],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("usn_keypoint_node: error: ")
 
 
 def test_compressed_transport(exported_bundle):

@@ -34,6 +34,21 @@ def test_shipped_parameters_file_is_read():
     ("usn_keypoint_node: [unclosed\n", "not valid YAML"),
     ("usn_keypoint_node:\n  ros__parameters:\n    frame_proof_lighting: [0.9, 1.1]\n",
      "frame_proof_lighting must be a list of 4 numbers"),
+    # the node's ranges and choices apply to a replay's parameter file too
+    ("usn_keypoint_node:\n  ros__parameters:\n    frame_proof_every: 0\n",
+     r"frame_proof_every=0 must be in \[1, 1000\]"),
+    ("usn_keypoint_node:\n  ros__parameters:\n    max_image_pixels: -5\n", "max_image_pixels=-5 must be in"),
+    ("usn_keypoint_node:\n  ros__parameters:\n    frame_proof_max_boxes: 0\n", "frame_proof_max_boxes=0 must be in"),
+    ("usn_keypoint_node:\n  ros__parameters:\n    monitor_z: -1.0\n", "monitor_z=-1.0 must be in"),
+    ("usn_keypoint_node:\n  ros__parameters:\n    monitor_max_saturated_fraction: 2\n",
+     "monitor_max_saturated_fraction=2 must be in"),
+    ("usn_keypoint_node:\n  ros__parameters:\n    monitor_calibration_frames: -3\n",
+     "monitor_calibration_frames=-3 must be in"),
+    ("usn_keypoint_node:\n  ros__parameters:\n    backend: tensorflow\n", "backend='tensorflow' must be one of"),
+    ("usn_keypoint_node:\n  ros__parameters:\n    input_qos: BEST\n", "input_qos='BEST' must be one of"),
+    ("usn_keypoint_node:\n  ros__parameters:\n    input_qos_depth: five\n", "input_qos_depth must be a number"),
+    ("usn_keypoint_node:\n  ros__parameters:\n    trusted_key: [k.pub]\n",
+     r"unknown parameter trusted_key \(did you mean trusted_keys\?\)"),
 ])
 def test_bad_parameters_files(tmp_path, text, message):
     path = tmp_path / "p.yaml"

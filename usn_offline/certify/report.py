@@ -205,6 +205,35 @@ def _field(doc: dict, path: str, kind: type) -> object:
     return value
 
 
+def _check_claims(doc: dict, values: dict) -> None:
+    """The report's claims must be ones ``certify`` can make, and agree with its per-image
+    results: a hand-edited report claims no more than was proved (BundleError naming it)."""
+    box = doc["perturbation"]
+    a_lo, a_hi, b_lo, b_hi = (values[f"perturbation.{k}"] for k in ("a_lo", "a_hi", "b_lo", "b_hi"))
+    if not 0 < a_lo <= a_hi or not b_lo <= b_hi:
+        raise BundleError(f"the certificate's box a in [{a_lo}, {a_hi}], b in [{b_lo}, {b_hi}] is empty or has "
+                          "a contrast <= 0")
+    if box.get("clip") is not True:
+        raise BundleError("the certificate is not for clipped images (perturbation.clip is not true): camera "
+                          "frames are clip(a*x + b, 0, 1), certify without --no-clip for a bundle")
+    if values["property.delta_px"] < 0:
+        raise BundleError(f"the certificate's delta_px {values['property.delta_px']} is negative")
+    if values["property.norm"] not in ("linf", "l2"):
+        raise BundleError(f"the certificate's norm {values['property.norm']!r} is not linf or l2")
+    if values["property.reference"] not in ("prediction", "ground_truth"):
+        raise BundleError(f"the certificate's reference {values['property.reference']!r} is not prediction or "
+                          "ground_truth")
+    n, fraction = values["summary.num_images"], values["summary.certified_fraction"]
+    images = doc.get("images")
+    if n < 1 or not isinstance(images, list) or len(images) != n:
+        raise BundleError(f"the certificate's summary counts {n} images, its per-image results "
+                          f"{len(images) if isinstance(images, list) else 'none'}")
+    certified = sum(isinstance(r, dict) and r.get("status") == Status.CERTIFIED.value for r in images)
+    if abs(fraction - certified / n) > 1e-9:
+        raise BundleError(f"the certificate's certified_fraction {fraction} disagrees with its per-image results "
+                          f"({certified} of {n} certified)")
+
+
 @dataclass(frozen=True)
 class CertificateReport:
     """A certification report as ``usn-offline certify`` wrote it, validated for the
@@ -227,6 +256,7 @@ class CertificateReport:
         if not isinstance(doc, dict) or doc.get("kind") != "usn-certification-report":
             raise BundleError("the --certificate file is not a usn-offline certification report")
         values = {path: _field(doc, path, kind) for path, kind in _REPORT_FIELDS}
+        _check_claims(doc, values)
         return cls(document=doc, model_sha256=values["model.sha256"], delta_px=float(values["property.delta_px"]),
                    norm=values["property.norm"], reference=values["property.reference"],
                    certified_fraction=float(values["summary.certified_fraction"]),

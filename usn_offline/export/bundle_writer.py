@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,11 +89,12 @@ def write_bundle(out: Path | str, model: KeypointNet, info: CheckpointInfo, chec
     region = certified_region(report.document)
     if "reason" in region:
         log.warning("%s", region["reason"])
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A folder of our own beside ``out`` (a fixed name could be someone's folder).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         _write_into(tmp, out, model, info, ck_sha, report, region, gap_data, nominal_data, config)
+        Bundle.load(tmp)  # checked as the node will check it, before an earlier bundle is replaced
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written bundle is left behind
         raise
@@ -100,6 +102,15 @@ def write_bundle(out: Path | str, model: KeypointNet, info: CheckpointInfo, chec
         shutil.rmtree(out)  # an earlier bundle of ours (check_bundle_target)
     tmp.rename(out)
     return Bundle.load(out)
+
+
+def _json(document: dict, name: str) -> str:
+    """``document`` as strict JSON: NaN or infinity (e.g. statistics of images with NaN
+    pixels) refuse the export, naming the file, instead of writing a bundle no loader accepts."""
+    try:
+        return json.dumps(document, indent=1, allow_nan=False)
+    except ValueError as exc:
+        raise BundleError(f"{name} would hold NaN or infinite values ({exc}): export refused") from exc
 
 
 BUNDLE_FILES = frozenset({MANIFEST, CERTIFICATE, ONNX_MODEL, ENGINE, SIGNATURE})
@@ -181,7 +192,7 @@ def _write_into(tmp: Path, out: Path, model: KeypointNet, info: CheckpointInfo, 
         "nominal_statistics": dataclasses.asdict(nominal_from_images(nominal_data.images)),
         "engine": None if engine is None else engine_record(engine, onnx_sha),
     }
-    (tmp / CERTIFICATE).write_text(json.dumps(certificate, indent=1))
+    (tmp / CERTIFICATE).write_text(_json(certificate, CERTIFICATE))
     files = [ONNX_MODEL, CERTIFICATE] + ([ENGINE] if engine else [])
     manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
@@ -199,7 +210,7 @@ def _write_into(tmp: Path, out: Path, model: KeypointNet, info: CheckpointInfo, 
         "deployment_gap_px": gaps,
         "engine_status": "built" if engine else "not built: build on the target (usn-offline build-engine)",
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (tmp / MANIFEST).write_text(_json(manifest, MANIFEST))
     if config.sign_key is not None:
         sign_manifest(tmp, config.sign_key)
 

@@ -7,6 +7,7 @@ keypoint coordinates, exactly like the torch model it was exported from.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import logging
 import os
@@ -27,7 +28,12 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path | str, providers: list[str] | None = None) -> None:
+    def __init__(self, model_path: Path | str, providers: list[str] | None = None,
+                 expected_sha256: str | None = None) -> None:
+        """``expected_sha256``: the model's hash as the bundle records it. The session is made
+        from the bytes that were hashed, so the model served is the model checked (the file
+        cannot change in between), and a model whose weights sit in external data files
+        (which no hash covers) does not load."""
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -53,12 +59,24 @@ class OnnxRuntimeBackend:
         # none of 7 (0.44-0.66 ms).
         options.intra_op_num_threads = usable_cores()
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=wanted)
+            model = Path(model_path).read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{model_path}: cannot read the model ({exc.strerror or exc})") from exc
+        self.model_sha256 = hashlib.sha256(model).hexdigest()
+        if expected_sha256 is not None and self.model_sha256 != expected_sha256:
+            raise BundleError(f"{model_path}: SHA-256 {self.model_sha256[:12]}... is not the bundle's "
+                              f"{expected_sha256[:12]}... (the file changed after the bundle was checked)")
+        try:
+            self.session = ort.InferenceSession(model, options, providers=wanted)
         except Exception as exc:  # ORT raises its own exception types for bad models
-            raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({exc})") from exc
+            detail = " ".join(str(exc).split())[:300]
+            raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({detail})") from exc
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise BundleError(f"{model_path}: expected one input and one output")
+        if inputs[0].type != "tensor(float)" or outputs[0].type != "tensor(float)":
+            raise BundleError(f"{model_path}: input {inputs[0].type} and output {outputs[0].type}, expected "
+                              "tensor(float) for both")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         self.input_shape = tuple(inputs[0].shape)
         self.output_shape = tuple(outputs[0].shape)
@@ -182,10 +200,13 @@ def check_model_shapes(bundle: Bundle, input_shape: tuple, output_shape: tuple, 
     """The manifest's runtime fields must describe the model: input (N, 1, H, W) with the
     manifest's H and W, output (N, 2K) for its K keypoint names."""
     h, w, k = bundle.preprocess.input_height, bundle.preprocess.input_width, len(bundle.keypoint_names)
-    dims = [d if isinstance(d, int) else None for d in input_shape]
+    # A dimension that is not a fixed size (a name in ONNX, -1 in TensorRT) is dynamic.
+    dims = [d if isinstance(d, int) and d >= 0 else None for d in input_shape]
     if len(dims) != 4 or dims[1] not in (1, None) or dims[2:] != [h, w]:
         raise BundleError(f"{model}: input shape {list(input_shape)} does not match the manifest's preprocessing "
                           f"(N, 1, {h}, {w})")
+    if dims[0] not in (1, None):  # the node serves one frame at a time
+        raise BundleError(f"{model}: input batch size {dims[0]}, expected 1 or dynamic")
     out = output_shape[-1] if output_shape else None
     if len(output_shape) != 2 or (isinstance(out, int) and out != 2 * k):
         raise BundleError(f"{model}: output shape {list(output_shape)} does not match the manifest's {k} keypoint "
@@ -194,10 +215,13 @@ def check_model_shapes(bundle: Bundle, input_shape: tuple, output_shape: tuple, 
 
 def create_backend(kind: str, bundle, model_path: Path | str | None = None, engine_path: Path | str | None = None,
                    force_engine_update: bool = False, fp16: bool = False,
-                   checkpoint_path: Path | str | None = None):
+                   checkpoint_path: Path | str | None = None, expected_sha256: str | None = None):
     """``auto``: TensorRT when it and a GPU are present, else ONNX Runtime (CUDA provider
-    when available, else CPU)."""
+    when available, else CPU). ``expected_sha256``: the hash the served ONNX model must have
+    (default: the bundle's, when ``model_path`` is the bundle's model)."""
     model_path = model_path or bundle.onnx_path
+    if expected_sha256 is None and Path(model_path) == Path(bundle.onnx_path):
+        expected_sha256 = bundle.model_sha256
     if kind == "torch":
         if not checkpoint_path:
             raise BundleError("backend torch needs checkpoint_path (the bundle holds no torch model)")
@@ -228,6 +252,6 @@ def create_backend(kind: str, bundle, model_path: Path | str | None = None, engi
             if "CUDAExecutionProvider" in ort.get_available_providers() else ["CPUExecutionProvider"]
     except ImportError:
         providers = None
-    backend = OnnxRuntimeBackend(model_path, providers)
+    backend = OnnxRuntimeBackend(model_path, providers, expected_sha256=expected_sha256)
     check_model_shapes(bundle, backend.input_shape, backend.output_shape, str(model_path))
     return backend

@@ -2,8 +2,8 @@
 
 The ROS node and the rosbag replay share this pipeline, so preprocessing, inference and
 the decision exist once. Every frame yields exactly one :class:`FrameResult`; a frame
-that cannot be processed yields keypoints=None and the BAD_INPUT reason, never an
-exception.
+that cannot be processed, or whose network output cannot be keypoints (the wrong size,
+not finite), yields keypoints=None and the BAD_INPUT reason, never an exception.
 
 The decision: a frame is certified only when a per-frame proof (a :class:`FrameVerifier`,
 ``usn_offline.certify.frame.FrameCertifier``, which needs torch: in-process in the replay,
@@ -58,6 +58,11 @@ class FrameResult:
     @property
     def certified(self) -> bool:
         return self.keypoints_px is not None and self.pending is None and self.status.certified
+
+
+# Normalised keypoint coordinates span the image as [-1, 1]: beyond this, an output is no
+# position at all (it would not even fit a float32 message field in pixels).
+MAX_ABS_NORMALISED = 1e4
 
 
 def bad_input(detail: str) -> MonitorResult:
@@ -141,6 +146,20 @@ class KeypointPipeline:
         status.detail = "; ".join(filter(None, details))
         return status
 
+    def _check_output(self, out: np.ndarray) -> str | None:
+        """Why the network's output cannot be served (nothing is published from it), or None:
+        its size must be 2 per keypoint name, its values finite and no farther than
+        ``MAX_ABS_NORMALISED`` image sizes off the image (a model that disagrees with its
+        manifest, or a broken engine)."""
+        expected = 2 * len(self.bundle.keypoint_names)
+        if out.size != expected:
+            return f"the network gave {out.size} values, not {expected} (2 per keypoint name of the manifest)"
+        if not np.isfinite(out).all():
+            return "the network's output is not finite (NaN or infinite keypoints)"
+        if np.abs(out).max() > MAX_ABS_NORMALISED:
+            return f"the network's output {np.abs(out).max():.3g} is far off the image (normalised coordinates)"
+        return None
+
     def process(self, frame: np.ndarray, prove: str = "now") -> FrameResult:
         """Keypoints and the decision for one frame. ``prove``: "now" (prove before
         returning), "busy" (a prover is occupied: NOT_CHECKED) or "later" (return at once
@@ -161,6 +180,10 @@ class KeypointPipeline:
         t1 = time.perf_counter()
         out = np.asarray(self.backend.infer(np.ascontiguousarray(image[None, None], dtype=np.float32)))
         t2 = time.perf_counter()
+        problem = self._check_output(out)
+        if problem is not None:
+            return FrameResult(None, bad_input(problem), {"preprocess": t1 - t0, "inference": t2 - t1,
+                                                          "total": time.perf_counter() - t0})
         # Normalised coordinates span any image's edges: straight to the frame's pixels.
         keypoints = normalised_to_pixels(out.reshape(-1, 2), *frame.shape[:2])
         mean, spread = mean_and_std(image)

@@ -119,6 +119,8 @@ def verify_manifest(bundle_dir: Path | str, trusted_keys: list[Path | str]) -> s
         kid, algorithm = doc["key_id"], doc["algorithm"]
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise BundleError(f"{sig_path}: not a valid signature file ({type(exc).__name__})") from exc
+    if not isinstance(kid, str) or not isinstance(algorithm, str):
+        raise BundleError(f"{sig_path}: not a valid signature file (key_id and algorithm must be strings)")
     if algorithm != ALGORITHM:
         raise BundleError(f"{sig_path}: algorithm {algorithm!r} is not {ALGORITHM}")
     if kid not in keys:

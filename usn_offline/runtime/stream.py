@@ -145,6 +145,11 @@ class StreamSettings:
         params = section.get("ros__parameters") if section else None
         if not isinstance(params, dict):
             raise ConfigError(f"{path}: no '{node_name}: ros__parameters:' section")
+        from usn_offline.runtime.node_parameters import PARAMETERS, check_value, unknown_parameters
+
+        unknown = unknown_parameters(params)
+        if unknown:
+            raise ConfigError(f"{path}: unknown parameter {', '.join(unknown)}")
         values = {}
         for f in fields(cls):
             if f.name not in params:
@@ -161,6 +166,11 @@ class StreamSettings:
             if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
                 raise ConfigError(f"{path}: parameter {f.name} must be a {kind.__name__}, got {value!r}")
             values[f.name] = kind(value)
+        for spec in PARAMETERS:  # the node's ranges and choices, for every parameter the file sets
+            problem = check_value(spec, params[spec.name]) if spec.name in params and (
+                spec.choices is not None or spec.value_range is not None) else None
+            if problem is not None:
+                raise ConfigError(f"{path}: {problem}")
         return cls(**values)
 
     def open(self, bundle: Bundle, backend=None, verifier: FrameVerifier | None = None) -> FrameStream:

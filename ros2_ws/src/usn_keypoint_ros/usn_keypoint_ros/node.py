@@ -14,26 +14,27 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
-from rclpy.exceptions import ParameterUninitializedException
+from rclpy.exceptions import ParameterException, ParameterUninitializedException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data, qos_profile_system_default
 from sensor_msgs.msg import CompressedImage, Image
 from usn_keypoint_msgs.msg import CertificationStatus, Keypoint2D, KeypointArray
 
-from usn_keypoint_ros.parameters import PARAMETERS, NodeParameter
 from usn_offline.errors import BundleError, UsnError
 from usn_offline.runtime.backends import create_backend, deployed_bundle
 from usn_offline.runtime.bundle import CERTIFICATE, Bundle
 from usn_offline.runtime.hashing import sha256_file
 from usn_offline.runtime.monitor import MonitorResult, PhotometricMonitor, Reason
-from usn_offline.runtime.pipeline import FrameResult, KeypointPipeline
+from usn_offline.runtime.node_parameters import PARAMETERS, NodeParameter, unknown_parameters
+from usn_offline.runtime.pipeline import FrameResult, KeypointPipeline, bad_input
 from usn_offline.runtime.proof_process import ProofProcess, ProofProcessError, torch_available
 from usn_offline.runtime.scene_check import make_scene_check
 from usn_offline.runtime.stream import FrameStream
@@ -58,10 +59,17 @@ class KeypointNode(Node):
     def __init__(self, **kwargs) -> None:
         super().__init__("usn_keypoint_node", **kwargs)
         for spec in PARAMETERS:
-            if spec.default is None:  # typed and unset unless given
-                self.declare_parameter(spec.name, Parameter.Type.STRING_ARRAY, _descriptor(spec))
-            else:
-                self.declare_parameter(spec.name, spec.default, _descriptor(spec))
+            try:
+                if spec.default is None:  # typed and unset unless given
+                    self.declare_parameter(spec.name, Parameter.Type.STRING_ARRAY, _descriptor(spec))
+                else:
+                    self.declare_parameter(spec.name, spec.default, _descriptor(spec))
+            except ParameterException as exc:  # a value of the wrong type or outside its range
+                hint = " (floating-point parameters take 1.0, not 1)" if "DOUBLE" in str(exc) else ""
+                raise StartupError(f"parameter {spec.name}: {exc}{hint}") from None
+        unknown = unknown_parameters(getattr(self, "_parameter_overrides", {}))
+        if unknown:  # ROS nodes ignore them; say so, since a misspelt trusted_keys would go unnoticed
+            self.get_logger().warning(f"unknown parameter(s) ignored: {', '.join(unknown)}")
         self._validate_start()
 
         p = self._params()
@@ -73,20 +81,23 @@ class KeypointNode(Node):
         matches, mismatch = True, "certificate does not match the model"
         if not self._signature_trusted(p):
             matches, mismatch = False, "the bundle's signature is not from a trusted key"
-        model_path = self.bundle.onnx_path
+        model_path, expected_sha256 = self.bundle.onnx_path, self.bundle.model_sha256
         if p["model_file_path"]:
             model_path = p["model_file_path"]
-            matches = matches and sha256_file(model_path) == self.bundle.model_sha256
-            if not matches and p["on_certificate_mismatch"] == "fail":
-                raise StartupError(f"{model_path} is not the model the certificate was issued for (SHA-256 "
-                                   "mismatch); set on_certificate_mismatch:=flag to serve uncertified")
-            if not matches:
+            if not Path(model_path).is_file():
+                raise StartupError(f"model_file_path {model_path}: no such file")
+            if sha256_file(model_path) != self.bundle.model_sha256:
+                if p["on_certificate_mismatch"] == "fail":
+                    raise StartupError(f"{model_path} is not the model the certificate was issued for (SHA-256 "
+                                       "mismatch); set on_certificate_mismatch:=flag to serve uncertified")
                 self.get_logger().error("model does not match the certificate: every frame is flagged")
+                matches, mismatch, expected_sha256 = False, "certificate does not match the model", None
         try:
             self.backend = create_backend(p["backend"], self.bundle, model_path=model_path,
                                           engine_path=p["engine_file_path"] or None,
                                           force_engine_update=p["force_engine_update"], fp16=p["enable_fp16"],
-                                          checkpoint_path=p["checkpoint_path"] or None)
+                                          checkpoint_path=p["checkpoint_path"] or None,
+                                          expected_sha256=expected_sha256)
         except UsnError as exc:
             raise StartupError(str(exc)) from exc
         self.bundle = deployed_bundle(self.bundle, self.backend)  # an engine built here: its own gap
@@ -154,7 +165,10 @@ class KeypointNode(Node):
 
     def _signature_trusted(self, p: dict) -> bool:
         """With trusted_keys: is the bundle signed by one of them? (fail policy: refuse)."""
-        keys = [k for k in (p["trusted_keys"] or []) if k]
+        keys = p["trusted_keys"] or []
+        if any(not k.strip() for k in keys):
+            # e.g. an unset variable substituted into a launch file: never read as "no keys"
+            raise StartupError(f"trusted_keys {keys!r} has an empty entry")
         if not keys:
             self.get_logger().warning("bundle signature not checked: no trusted_keys configured")
             return True
@@ -206,6 +220,17 @@ class KeypointNode(Node):
     # -- per frame ----------------------------------------------------------------------------
     def on_image(self, msg: Image | CompressedImage) -> None:
         started = time.perf_counter()
+        try:
+            self._on_image(msg, started)
+        except Exception as exc:  # a bug must not stop the node: the frame still gets a status
+            self.get_logger().error(f"frame not served: {type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
+            result = FrameResult(None, bad_input(f"internal error: {type(exc).__name__}: {exc}"))
+            try:
+                self._publish_decision(msg, result, started)
+            except Exception as again:
+                self.get_logger().error(f"no status for the frame: {type(again).__name__}: {again}")
+
+    def _on_image(self, msg: Image | CompressedImage, started: float) -> None:
         self.arrivals.append(time.monotonic())
         was_calibrating = self.stream.calibrating
         prove = "now" if self._prover is None else "busy" if self._proof_busy else "later"
@@ -247,9 +272,12 @@ class KeypointNode(Node):
             self.bad += Reason.BAD_INPUT in result.status.reasons
             self.not_checked += Reason.NOT_CHECKED in result.status.reasons
         self.status_pub.publish(self._status_msg(msg, result))
-        if self.get_parameter("publish_debug_image").value and result.keypoints_px is not None:
-            self.debug_pub.publish(self._debug_msg(msg, result.frame, result))
         self.latencies.append(time.perf_counter() - started)
+        if self.get_parameter("publish_debug_image").value and result.keypoints_px is not None:
+            try:
+                self.debug_pub.publish(self._debug_msg(msg, result.frame, result))
+            except Exception as exc:  # a picture for people: never at the cost of the node
+                self.get_logger().warning(f"no debug image: {type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
 
     def destroy_node(self) -> None:
         prover = getattr(self, "_prover", None)  # None too when the start-up failed early
@@ -283,8 +311,10 @@ class KeypointNode(Node):
     def _debug_msg(self, image: Image, frame: np.ndarray, result: FrameResult) -> Image:
         vis = frame if frame.ndim == 3 else cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)
         vis = cv2.normalize(vis[:, :, :3], None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+        height, width = vis.shape[:2]
         for x, y in result.keypoints_px:
-            cv2.circle(vis, (int(round(x)), int(round(y))), 4, (0, 255, 0), -1)
+            if -0.5 <= x < width and -0.5 <= y < height:  # keypoints off the image are not drawn
+                cv2.circle(vis, (int(round(x)), int(round(y))), 4, (0, 255, 0), -1)
         if not result.certified:
             cv2.rectangle(vis, (0, 0), (vis.shape[1] - 1, vis.shape[0] - 1), (255, 0, 0), 6)
         return Image(header=image.header, height=vis.shape[0], width=vis.shape[1], encoding="rgb8",

@@ -1,7 +1,8 @@
 """The node's parameters, one declarative table: name, default, description, range,
 choices and whether it is read-only. The node declares, reads and validates its
 parameters from it; the shipped parameter file and docs/ROS.md are checked against the
-node's declared parameters in the tests. Pure Python (no rclpy), so tools can read it.
+node's declared parameters in the tests. Pure Python (no rclpy), so the replay checks a
+parameter file against the same ranges and choices (``StreamSettings.from_params_file``).
 """
 
 from __future__ import annotations
@@ -75,3 +76,35 @@ PARAMETERS: tuple[NodeParameter, ...] = (
                   "when a frame is not certified", read_only=False),
     NodeParameter("diagnostics_period", 1.0, "seconds between /diagnostics messages", value_range=(0.1, 60.0)),
 )
+
+# rclpy's own parameters, which a parameter file may set for any node.
+RCLPY_PARAMETERS = ("use_sim_time", "start_type_description_service")
+
+
+def check_value(spec: NodeParameter, value) -> str | None:
+    """Why ``value`` is not acceptable for ``spec`` (its range or choices), or None. The
+    type is rclpy's to check in the node; here numbers and strings only."""
+    if spec.choices is not None and value not in spec.choices:
+        return f"parameter {spec.name}={value!r} must be one of {', '.join(spec.choices)}"
+    if spec.value_range is not None:
+        lo, hi = spec.value_range
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"parameter {spec.name} must be a number, got {value!r}"
+        if not lo <= value <= hi:  # NaN too
+            return f"parameter {spec.name}={value!r} must be in [{lo:g}, {hi:g}]"
+    return None
+
+
+def unknown_parameters(names) -> list[str]:
+    """The names that are neither the node's parameters nor rclpy's, each with the closest
+    known name when there is one ("trusted_key (did you mean trusted_keys?)")."""
+    import difflib
+
+    known = [spec.name for spec in PARAMETERS]
+    unknown = []
+    for name in names:
+        if name in known or name in RCLPY_PARAMETERS or name.startswith("qos_overrides."):
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        unknown.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return unknown
