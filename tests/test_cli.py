@@ -213,3 +213,30 @@ def test_cli_defaults_equal_the_library_configs():
         if value != expected:
             drift.append(f"{label} --{dest.replace('_', '-')}: CLI {value!r} != config {expected!r}")
     assert not drift, "\n".join(drift)
+
+
+def test_an_out_path_that_is_a_folder_or_under_a_file_is_one_line(capsys, tmp_path):
+    """OSErrors of the user's paths (a folder where a file goes, a path under a file) end
+    in one line naming the path, not a traceback."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    code = main(["keygen", "--out", str(a_file / "release")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(a_file) in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("command", ["train", "prune", "certify", "evaluate"])
+def test_an_unwritable_out_is_refused_before_any_work(capsys, tmp_path, command):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [(tmp_path, "is a folder"), (a_file / "m.pt", "which is a file")]
+    if command in ("train", "prune"):
+        cases.append((tmp_path / "model.json", "a checkpoint's config is written beside it"))
+    for out, message in cases:
+        # the inputs do not exist: the output is checked first
+        code = main([command, "--checkpoint", str(tmp_path / "none.pt"), "--data", str(tmp_path / "none"),
+                     "--out", str(out)] if command != "train" else
+                    [command, "--data", str(tmp_path / "none"), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (out, err)
+    assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

@@ -184,6 +184,17 @@ def test_hostile_checkpoints_give_one_clear_error(tmp_path):
             load_checkpoint(path)
 
 
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
+    """Everything computed from it would be NaN (prune would write a NaN model, exit 0)."""
+    path = _saved(tmp_path)
+    state = torch.load(path, weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name].view(-1)[0] = float("nan")
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=f"weights {name} hold NaN or infinite values"):
+        load_checkpoint(path)
+
+
 def test_pickled_objects_are_refused(tmp_path):
     path = _saved(tmp_path)
     torch.save({"w": torch.zeros(1), "evil": object()}, path)

@@ -84,7 +84,25 @@ def _cmd_data(args: argparse.Namespace) -> None:
     print(f"dataset written to {args.out}")
 
 
+def _check_output_file(path: Path | str | None, checkpoint: bool = False) -> None:
+    """Refuse, before any work, an output file path that cannot be written: an existing
+    folder, a path under a file, or (``checkpoint``) a name ending in .json, which the
+    network's config beside it (<name>.json) would overwrite."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir() or path.name in ("", ".", ".."):
+        raise ConfigError(f"--out {path} is a folder: give a file name")
+    above = next((parent for parent in path.parents if parent.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"--out {path} lies under {above}, which is a file")
+    if checkpoint and path.suffix == ".json":
+        raise ConfigError(f"--out {path}: a checkpoint's config is written beside it as {path.stem}.json; "
+                          "name the checkpoint e.g. model.pt")
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
+    _check_output_file(args.out, checkpoint=True)
     from usn_offline.data import load_split
     from usn_offline.data.coco import default_input_side
     from usn_offline.models import build_model, count_parameters, model_config_for
@@ -152,6 +170,7 @@ def _geometric_augmentation(args: argparse.Namespace, declared: GeometricAugment
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
+    _check_output_file(args.out)
     from usn_offline.data import load_split
     from usn_offline.train import evaluate_model, evaluation_table, load_checkpoint
     from usn_offline.train.device import resolve_device
@@ -228,6 +247,7 @@ def _load_for_pruning(args: argparse.Namespace):
 
 
 def _cmd_prune(args: argparse.Namespace) -> None:
+    _check_output_file(args.out, checkpoint=True)
     from dataclasses import replace
 
     from usn_offline.prune import prune_model, rounds_table
@@ -304,6 +324,7 @@ def _grid(text: str) -> tuple[int, int]:
 
 
 def _cmd_certify(args: argparse.Namespace) -> None:
+    _check_output_file(args.out)
     from usn_offline.certify import BabConfig, CertifyConfig, RadiusConfig, certify_dataset
     from usn_offline.certify.bounds import BoundOptions
     from usn_offline.certify.report import report_to_dict, summary_table, write_report
@@ -711,6 +732,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except UsnError as exc:
         print(f"usn-offline: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path that is a folder, under a file, unwritable, ...: say which
+        if args.verbose:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"usn-offline: error: {where}{exc.strerror or exc} (-v shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("usn-offline: interrupted", file=sys.stderr)

@@ -100,6 +100,9 @@ def load_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read checkpoint ({first_line(exc)})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:  # every result from it would be NaN, and be written as if it were one
+        raise CheckpointError(f"{path}: weights {broken} hold NaN or infinite values")
     return state
 
 
