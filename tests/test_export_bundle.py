@@ -328,6 +328,8 @@ def test_region_without_a_qualifying_eps_falls_back_to_radius_then_cells_then_fa
 def test_export_says_when_it_falls_back_from_the_requested_box(exported, tmp_path, capsys, caplog):
     doc = json.loads(exported["cert"].read_text())
     doc["summary"]["certified_fraction"] = 0.0  # as if the requested box had missed coverage
+    for image in doc["images"]:
+        image["status"] = "not_certified"
     doc["summary"]["certified_fraction_at_eps"] = {"0.01": 1.0}
     doc["method"]["eps_list"] = [0.01]
     cert = tmp_path / "fallback.json"
