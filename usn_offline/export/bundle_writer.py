@@ -94,14 +94,14 @@ def write_bundle(out: Path | str, model: KeypointNet, info: CheckpointInfo, chec
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         _write_into(tmp, out, model, info, ck_sha, report, region, gap_data, nominal_data, config)
-        Bundle.load(tmp)  # checked as the node will check it, before an earlier bundle is replaced
+        checked = Bundle.load(tmp)  # as the node will check it, before an earlier bundle is replaced
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written bundle is left behind
         raise
     if out.exists():
         shutil.rmtree(out)  # an earlier bundle of ours (check_bundle_target)
     tmp.rename(out)
-    return Bundle.load(out)
+    return dataclasses.replace(checked, root=out)
 
 
 def _json(document: dict, name: str) -> str:

@@ -167,8 +167,7 @@ class StreamSettings:
                 raise ConfigError(f"{path}: parameter {f.name} must be a {kind.__name__}, got {value!r}")
             values[f.name] = kind(value)
         for spec in PARAMETERS:  # the node's ranges and choices, for every parameter the file sets
-            problem = check_value(spec, params[spec.name]) if spec.name in params and (
-                spec.choices is not None or spec.value_range is not None) else None
+            problem = check_value(spec, params[spec.name]) if spec.name in params else None
             if problem is not None:
                 raise ConfigError(f"{path}: {problem}")
         return cls(**values)

@@ -33,7 +33,7 @@ from usn_offline.runtime.backends import create_backend, deployed_bundle
 from usn_offline.runtime.bundle import CERTIFICATE, Bundle
 from usn_offline.runtime.hashing import sha256_file
 from usn_offline.runtime.monitor import MonitorResult, PhotometricMonitor, Reason
-from usn_offline.runtime.node_parameters import PARAMETERS, NodeParameter, unknown_parameters
+from usn_offline.runtime.node_parameters import PARAMETERS, NodeParameter, check_value, unknown_parameters
 from usn_offline.runtime.pipeline import FrameResult, KeypointPipeline, bad_input
 from usn_offline.runtime.proof_process import ProofProcess, ProofProcessError, torch_available
 from usn_offline.runtime.scene_check import make_scene_check
@@ -205,9 +205,10 @@ class KeypointNode(Node):
         p = self._params()
         if not p["bundle_dir"]:
             raise StartupError("parameter bundle_dir is required (the export bundle directory)")
-        for spec in PARAMETERS:
-            if spec.choices is not None and p[spec.name] not in spec.choices:
-                raise StartupError(f"parameter {spec.name}={p[spec.name]!r} must be one of {', '.join(spec.choices)}")
+        for spec in PARAMETERS:  # rclpy checked the ranges as it declared them; the choices are ours
+            problem = check_value(spec, p[spec.name])
+            if problem is not None:
+                raise StartupError(problem)
 
     def _on_set_parameters(self, params) -> SetParametersResult:
         for param in params:
