@@ -14,6 +14,7 @@ import pytest
 
 from usn_offline.certify import CertifyConfig, ParallelConfig, RadiusConfig, certify_dataset
 from usn_offline.certify import engine as engine_module
+from usn_offline.certify.bab import Status
 from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.journal import result_to_json
 from usn_offline.data import load_split
@@ -122,6 +123,71 @@ def test_a_journal_of_another_run_is_refused(trained, tiny_dataset, tmp_path):
     # Without resume it starts afresh.
     certify_dataset(model, test, other, progress=False, parallel=ParallelConfig(journal=journal))
     assert len(journal.read_text().splitlines()) == 3
+
+
+def _edit_entry(journal, index: int, **changes) -> None:
+    lines = journal.read_text().splitlines()
+    for n, line in enumerate(lines[1:], start=1):
+        entry = json.loads(line)
+        if entry["result"]["index"] == index:
+            entry["result"].update(changes)
+            lines[n] = json.dumps(entry)
+    journal.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("claim", ["certified", "falsified", "image"])
+def test_a_journal_entry_its_own_figures_contradict_is_refused(trained, tiny_dataset, tmp_path, claim):
+    """A hand-edited or damaged journal cannot turn an image into a certified (or falsified)
+    one on --resume: the claim is checked against the entry's bounds or counterexample."""
+    model, _ = load_checkpoint(trained)
+    test = load_split(tiny_dataset, "test").subset(slice(0, 2))
+    config = CertifyConfig(box=CONFIG.box, delta=3.0)
+    journal = tmp_path / "run.journal.jsonl"
+    full = certify_dataset(model, test, config, progress=False, parallel=ParallelConfig(journal=journal))
+    result = full.images[0]
+    if claim == "certified":
+        upper = [v + config.delta + 1 for v in result.reference_px]
+        _edit_entry(journal, 0, status="certified", upper_px=upper)
+        match = "says certified, but its bounds are not within delta"
+    elif claim == "falsified":  # the identity (a, b) = (1, 0) moves nothing
+        _edit_entry(journal, 0, status="falsified", counterexample=[1.0, 0.0])
+        match = "says falsified, but its counterexample moves the keypoints .* px, within delta 3 px"
+    else:
+        _edit_entry(journal, 0, file_name="elsewhere.png")
+        match = "not an image of this run"
+    with pytest.raises(CertificationError, match=match):
+        certify_dataset(model, test, config, progress=False, parallel=ParallelConfig(journal=journal, resume=True))
+    # An entry that agrees with itself resumes: the unedited journal of the same run.
+    journal.unlink()
+    certify_dataset(model, test, config, progress=False, parallel=ParallelConfig(journal=journal))
+    resumed = certify_dataset(model, test, config, progress=False,
+                              parallel=ParallelConfig(journal=journal, resume=True))
+    assert _results(resumed) == _results(full)
+
+
+def test_falsified_entries_of_the_journal_resume(trained, tiny_dataset, tmp_path):
+    """The re-run of a real counterexample breaks the property again (same graph, dtype)."""
+    model, _ = load_checkpoint(trained)
+    test = load_split(tiny_dataset, "test").subset(slice(0, 3))
+    config = CertifyConfig(box=PhotometricBox(0.3, 1.7, -0.5, 0.5), delta=0.5)
+    journal = tmp_path / "run.journal.jsonl"
+    full = certify_dataset(model, test, config, progress=False, parallel=ParallelConfig(journal=journal))
+    assert full.count(Status.FALSIFIED) == len(test)
+    resumed = certify_dataset(model, test, config, progress=False,
+                              parallel=ParallelConfig(journal=journal, resume=True))
+    assert _results(resumed) == _results(full)
+
+
+def test_a_journal_of_another_version_of_the_verifier_is_refused(trained, tiny_dataset, tmp_path, monkeypatch):
+    from usn_offline.certify import journal as journal_module
+
+    model, _ = load_checkpoint(trained)
+    test = load_split(tiny_dataset, "test").subset(slice(0, 1))
+    journal = tmp_path / "run.journal.jsonl"
+    certify_dataset(model, test, CONFIG, progress=False, parallel=ParallelConfig(journal=journal))
+    monkeypatch.setattr(journal_module, "__version__", "999")
+    with pytest.raises(CertificationError, match="journal of another run"):
+        certify_dataset(model, test, CONFIG, progress=False, parallel=ParallelConfig(journal=journal, resume=True))
 
 
 def test_a_failing_image_is_named_and_the_others_are_kept(trained, tiny_dataset, tmp_path):

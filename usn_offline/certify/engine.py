@@ -16,6 +16,7 @@ from tqdm import tqdm
 from usn_offline.certify.bab import BabConfig, Status, certify_boxes
 from usn_offline.certify.bounds import PixelMap
 from usn_offline.certify.errors import CertificationError
+from usn_offline.certify.falsify import deviations_at
 from usn_offline.certify.graph import Graph, lower
 from usn_offline.certify.search import RadiusConfig, largest_certified_radius, region_edges, region_map
 from usn_offline.certify.spec import KeypointProperty, Norm, Reference
@@ -160,6 +161,14 @@ class ImageCertifier:
         self.config = resolve_budgets(config, self.graph.device)
         self.device, self.image_hw = device, (h, w)
 
+    def deviation_at(self, image: np.ndarray, reference: torch.Tensor, a: float, b: float) -> float:
+        """The largest keypoint deviation (pixels) from ``reference`` at the concrete (a, b)."""
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, self.dtype)[None, None]
+        prop = KeypointProperty(reference.to(self.device, self.dtype), self.config.delta, self.config.norm)
+        ab = (torch.tensor([a], dtype=self.dtype, device=self.device),
+              torch.tensor([b], dtype=self.dtype, device=self.device))
+        return float(deviations_at(self.graph, x, prop, self.pixels, *ab)[0])
+
     def certify(self, index: int, file_name: str, image: np.ndarray, reference: np.ndarray) -> ImageResult:
         """Certify one (H, W) image against its reference keypoints (pixels, flattened)."""
         config, t0 = self.config, time.perf_counter()
@@ -210,6 +219,8 @@ def certify_dataset(model: torch.nn.Module, dataset: KeypointDataset, config: Ce
     if parallel.journal is not None:
         journal = Journal(parallel.journal, run_fingerprint(model, dataset, refs, config))
         done = journal.open(resume=parallel.resume)
+        if done:
+            _check_resumed(done, model, dataset, refs, config, device)
     todo = [i for i in range(len(dataset)) if i not in done]
     bar = tqdm(total=len(dataset), initial=len(done), desc="certify", unit="img", disable=not progress)
     try:
@@ -237,6 +248,47 @@ def certify_dataset(model: torch.nn.Module, dataset: KeypointDataset, config: Ce
                                seconds=time.perf_counter() - started, region_edges=edges,
                                network_hw=tuple(dataset.image_hw),
                                image_hw=[(int(h), int(w)) for h, w in stored])
+
+
+def _check_resumed(done: dict[int, ImageResult], model: torch.nn.Module, dataset: KeypointDataset,
+                   refs: np.ndarray, config: CertifyConfig, device: torch.device | str) -> None:
+    """Refuse journal entries whose claim their own figures do not bear out, so that an
+    edited or damaged journal cannot turn an image into a certified one: a certified image's
+    bounds must lie within delta of its reference, and a falsified image's counterexample
+    must lie in the box and, run through the model again, break the property."""
+    certifier = None
+    for index, result in sorted(done.items()):
+        where = f"journal entry of image {index}"
+        if not 0 <= index < len(dataset) or result.file_name != dataset.file_names[index]:
+            raise CertificationError(f"{where}: not an image of this run ({result.file_name!r}); remove the "
+                                     "journal or run without --resume")
+        reference = torch.as_tensor(refs[index], dtype=torch.float64)
+        if result.reference_px != [float(v) for v in refs[index]]:
+            raise CertificationError(f"{where}: its reference keypoints are not this run's")
+        prop = KeypointProperty(reference, config.delta, config.norm)
+        if result.status is Status.CERTIFIED:
+            try:
+                lo, hi = (torch.as_tensor(v, dtype=torch.float64) for v in (result.lower_px, result.upper_px))
+            except (TypeError, ValueError) as exc:
+                raise CertificationError(f"{where}: its bounds are not numbers ({exc})") from exc
+            # The bounds are the envelope of every sub-box's; each sub-box was proved within
+            # delta, so every coordinate of the envelope is (for L2 too, per coordinate).
+            envelope = KeypointProperty(reference, config.delta, Norm.LINF)
+            if (lo.shape != reference.shape or hi.shape != reference.shape or not torch.isfinite(lo).all()
+                    or not torch.isfinite(hi).all() or not bool(envelope.verified(lo[None], hi[None]))):
+                raise CertificationError(f"{where}: says certified, but its bounds are not within delta "
+                                         f"{config.delta:g} px of its reference")
+        elif result.status is Status.FALSIFIED:
+            point = result.counterexample
+            if (point is None or len(point) != 2 or not all(isinstance(v, (int, float)) for v in point)
+                    or not config.box.contains(*point)):
+                raise CertificationError(f"{where}: says falsified, but has no counterexample in the box")
+            if certifier is None:
+                certifier = ImageCertifier(model, dataset.image_hw, dataset.num_keypoints, config, device)
+            deviation = certifier.deviation_at(dataset.images[index], reference, float(point[0]), float(point[1]))
+            if not bool(prop.violates(torch.as_tensor(deviation))):
+                raise CertificationError(f"{where}: says falsified, but its counterexample moves the keypoints "
+                                         f"{deviation:.4g} px, within delta {config.delta:g} px")
 
 
 def _certify_here(model, dataset, refs, config, device, todo):

@@ -2,8 +2,8 @@
 that a run killed or cut off (a lost worker, a lost machine) resumes without redoing them.
 
 The first line names the run by a fingerprint of everything a result depends on (model
-weights, images, reference keypoints, certification settings); a journal of another run
-is refused rather than mixed in.
+weights, images, reference keypoints, certification settings, the verifier's own code); a
+journal of another run is refused rather than mixed in.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from usn_offline import __version__
 from usn_offline.certify.bab import Status
 from usn_offline.certify.errors import CertificationError
 
@@ -40,6 +41,13 @@ def run_fingerprint(model: torch.nn.Module, dataset: KeypointDataset, references
     digest.update(np.ascontiguousarray(references, dtype=np.float64).tobytes())
     digest.update("\n".join(dataset.file_names).encode())
     digest.update(repr(config).encode())
+    # A verifier fixed between the cut-off run and its resumption must not inherit the
+    # results of the one before: the code that computes and lowers the bounds counts too.
+    digest.update(__version__.encode())
+    for package in (Path(__file__).parent, Path(__file__).parent.parent / "perturb"):
+        for source in sorted(package.glob("*.py")):
+            digest.update(source.name.encode())
+            digest.update(source.read_bytes())
     return digest.hexdigest()
 
 
