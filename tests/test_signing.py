@@ -113,6 +113,25 @@ def test_unsigned_and_malformed_signatures(signed, keys, tmp_path, exported_bund
     (root / SIGNATURE).write_text("[" * 100000)
     with pytest.raises(BundleError, match="not a valid signature file"):
         verify_manifest(root, [keys["public"]])
+    (root / SIGNATURE).write_text('{"algorithm": "ed25519", "key_id": "x", "signature": "AAAA"}')
+    with pytest.raises(BundleError, match="an Ed25519 signature is 64 bytes, this one 3"):
+        verify_manifest(root, [keys["public"]])
+
+
+def test_verify_without_trusted_keys_names_the_signer_and_refuses_a_malformed_signature(signed, exported_bundle,
+                                                                                        keys, tmp_path, capsys):
+    """Unchecked is said as such; a signature file that is not one is an error even then."""
+    assert main(["verify", "--bundle", str(signed)]) == 0
+    kid = json.loads((signed / SIGNATURE).read_text())["key_id"]
+    assert f"signature not checked (signed with key {kid[:16]}...; pass --trusted-key" in capsys.readouterr().out
+    assert main(["verify", "--bundle", str(exported_bundle)]) == 0
+    assert "signature not checked (unsigned;" in capsys.readouterr().out
+    root = tmp_path / "garbage"
+    shutil.copytree(signed, root)
+    (root / SIGNATURE).write_text("not a signature")
+    assert main(["verify", "--bundle", str(root)]) != 0
+    err = capsys.readouterr().err
+    assert "manifest.sig: not a valid signature file" in err and len(err.strip().splitlines()) == 1
 
 
 def _node(bundle, *params):

@@ -396,15 +396,18 @@ def _cmd_sign(args: argparse.Namespace) -> None:
 
 def _cmd_verify(args: argparse.Namespace) -> None:
     from usn_offline.runtime.bundle import Bundle
-    from usn_offline.runtime.signing import SIGNATURE, verify_manifest
+    from usn_offline.runtime.signing import SIGNATURE, read_signature, verify_manifest
 
     bundle = Bundle.load(args.bundle)
     print(f"{bundle.root}: files, hashes and certificate OK (model {bundle.model_sha256[:12]}...)")
     if args.trusted_key:
         print(f"signature OK: signed by trusted key {verify_manifest(bundle.root, args.trusted_key)[:16]}...")
     else:
-        signed = (bundle.root / SIGNATURE).is_file()
-        print(f"signature not checked ({'signed' if signed else 'unsigned'}; pass --trusted-key to check it)")
+        if (bundle.root / SIGNATURE).is_file():  # a malformed signature file is an error even unchecked
+            signer = f"signed with key {read_signature(bundle.root)[0][:16]}..."
+        else:
+            signer = "unsigned"
+        print(f"signature not checked ({signer}; pass --trusted-key to check it)")
 
 
 def _cmd_build_engine(args: argparse.Namespace) -> None:

@@ -101,6 +101,28 @@ def sign_manifest(bundle_dir: Path | str, private_key_path: Path | str) -> str:
     return kid
 
 
+def read_signature(bundle_dir: Path | str) -> tuple[str, bytes]:
+    """(key id, signature bytes) of ``bundle_dir/manifest.sig``, unchecked; BundleError (one
+    line) for a missing or malformed signature file."""
+    sig_path = Path(bundle_dir) / SIGNATURE
+    try:
+        doc = loads_strict(sig_path.read_text())
+        signature = base64.b64decode(doc["signature"], validate=True)
+        kid, algorithm = doc["key_id"], doc["algorithm"]
+    except OSError as exc:
+        raise BundleError(f"{sig_path}: cannot read it ({exc.strerror or type(exc).__name__})") from exc
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise BundleError(f"{sig_path}: not a valid signature file ({type(exc).__name__})") from exc
+    if not isinstance(kid, str) or not isinstance(algorithm, str):
+        raise BundleError(f"{sig_path}: not a valid signature file (key_id and algorithm must be strings)")
+    if algorithm != ALGORITHM:
+        raise BundleError(f"{sig_path}: algorithm {algorithm!r} is not {ALGORITHM}")
+    if len(signature) != 64:  # every Ed25519 signature is 64 bytes
+        raise BundleError(f"{sig_path}: not a valid signature file (an Ed25519 signature is 64 bytes, "
+                          f"this one {len(signature)})")
+    return kid, signature
+
+
 def verify_manifest(bundle_dir: Path | str, trusted_keys: list[Path | str]) -> str:
     """The id of the trusted key whose signature over ``manifest.json`` checks out;
     BundleError (one line, saying why) for an unsigned bundle, a malformed signature
@@ -110,19 +132,9 @@ def verify_manifest(bundle_dir: Path | str, trusted_keys: list[Path | str]) -> s
         raise ConfigError("no trusted keys given to verify the bundle's signature with")
     keys = {key_id(k): k for k in map(load_public_key, trusted_keys)}
     root = Path(bundle_dir)
-    sig_path = root / SIGNATURE
-    if not sig_path.is_file():
+    if not (root / SIGNATURE).is_file():
         raise BundleError(f"{root}: the bundle is not signed (no {SIGNATURE}) and trusted keys are configured")
-    try:
-        doc = loads_strict(sig_path.read_text())
-        signature = base64.b64decode(doc["signature"], validate=True)
-        kid, algorithm = doc["key_id"], doc["algorithm"]
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise BundleError(f"{sig_path}: not a valid signature file ({type(exc).__name__})") from exc
-    if not isinstance(kid, str) or not isinstance(algorithm, str):
-        raise BundleError(f"{sig_path}: not a valid signature file (key_id and algorithm must be strings)")
-    if algorithm != ALGORITHM:
-        raise BundleError(f"{sig_path}: algorithm {algorithm!r} is not {ALGORITHM}")
+    kid, signature = read_signature(root)
     if kid not in keys:
         raise BundleError(f"{root}: signed by key {str(kid)[:16]}..., which is not among the trusted keys "
                           f"({', '.join(k[:16] + '...' for k in keys)})")
