@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from usn_offline.cli import main
+from usn_offline.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,12 +76,31 @@ def test_unknown_split(capsys, tiny_dataset, tmp_path):
      "expected a number >= 0, got -1.0"),
     (["certify", "--checkpoint", "m.pt", "--data", "d", "--out", "c.json", "--delta", "nan"],
      "expected a finite number, got nan"),
+    # Beyond these a run fails deep inside or allocates without end.
+    (["data", "--out", "x", "--seed", "-1"], "expected a seed in [0, 4294967295], got -1"),
+    (["train", "--data", "d", "--out", "m.pt", "--seed", "4294967296"], "expected a seed in [0, 4294967295]"),
+    (["data", "--out", "x", "--image-size", "1000000"], "expected an integer in [16, 4096], got 1000000"),
+    (["train", "--data", "d", "--out", "m.pt", "--input-size", "100000"], "expected an integer in [8, 1024]"),
+    (["data", "--out", "x", "--max-rotation", "1e308"], "expected a number in [0, 180], got 1e+308"),
+    (["train", "--data", "d", "--out", "m.pt", "--augment-rotation", "-5"], "expected a number in [0, 180]"),
+    (["make-bag", "--data", "d", "--out", "b", "--width", "100000"], "expected an integer in [16, 7680]"),
+    (["make-bag", "--data", "d", "--out", "b", "--fps", "1e-300"], "expected a number in [0.1, 1000], got 1e-300"),
+    (["certify", "--checkpoint", "m.pt", "--data", "d", "--out", "c.json", "--bab-depth", "-1"],
+     "expected an integer in [0, 2147483647], got -1"),
+    (["certify", "--checkpoint", "m.pt", "--data", "d", "--out", "c.json", "--brightness", "-inf", "0"],
+     "expected a finite number, got -inf"),
 ])
 def test_bad_arguments_exit_2(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_negative_numbers_in_e_notation_are_values_not_options():
+    args = build_parser().parse_args(["certify", "--checkpoint", "m.pt", "--data", "d", "--out", "c.json",
+                                      "--brightness", "-3e-2", "3E-2", "--contrast", "0.9", "1.1"])
+    assert args.brightness == [-0.03, 0.03]
 
 
 def test_end_to_end_through_the_console_script(tmp_path):

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +61,35 @@ def _nonnegative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
     return value
+
+
+def _int_in(lo: int, hi: int, what: str = "an integer"):
+    """An argparse type: an integer in [lo, hi] (what beyond it would fail deep inside, or
+    allocate without end: a 10^5-pixel side, a negative seed)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected {what} in [{lo}, {hi}], got {value}")
+        return value
+    return parse
+
+
+def _float_in(lo: float, hi: float):
+    """An argparse type: a number in [lo, hi]."""
+    def parse(text: str) -> float:
+        value = _finite_float(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected a number in [{lo:g}, {hi:g}], got {value:g}")
+        return value
+    return parse
+
+
+_seed = _int_in(0, 2**32 - 1, "a seed")  # what numpy's and torch's generators take
+_nonnegative_int = _int_in(0, 2**31 - 1)
+_rotation = _float_in(0.0, 180.0)  # +- degrees
 
 
 def _fraction(text: str) -> float:
@@ -484,8 +514,19 @@ def _cmd_replay(args: argparse.Namespace) -> None:
     print(f"report written to {args.out}/ ({', '.join(f.name for f in files)})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reads every negative number as a value, e-notation and -inf included:
+    its own pattern takes ``--brightness -0.03 0.03`` but not ``--brightness -3e-2 3e-2``,
+    which it would read as an unknown option."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$",
+                                                   re.IGNORECASE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="usn-offline",
         description="Train, prune, certify and export keypoint networks robust to brightness/contrast.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -497,13 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="landing_pad", choices=["landing_pad", "docking_hexagon"],
                    help="landing_pad: 4 corners, rotation up to 40 deg; docking_hexagon: 6 vertices and the "
                    "centre, any rotation")
-    p.add_argument("--max-rotation", type=_finite_float, metavar="DEG",
+    p.add_argument("--max-rotation", type=_rotation, metavar="DEG",
                    help="in-plane rotation range +-DEG (default: the target's)")
     p.add_argument("--num-train", type=_positive_int, default=8000)
     p.add_argument("--num-val", type=_positive_int, default=500)
     p.add_argument("--num-test", type=_positive_int, default=1000)
-    p.add_argument("--image-size", type=_positive_int, default=64, help="square image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=_int_in(16, 4096), default=64, help="square image side in pixels")
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_data)
 
@@ -513,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="cnn7", choices=["cnn7", "resnet"])
     p.add_argument("--widths", type=_positive_int, nargs="+", help="backbone channel widths")
     p.add_argument("--hidden", type=_positive_int, help="hidden units of the regression head")
-    p.add_argument("--input-size", type=_positive_int,
+    p.add_argument("--input-size", type=_int_in(8, 1024),
                    help="network input side in pixels (default: the training images' side when they are square "
                    "and at most 128 px, else 64; train prints which)")
     _visibility_argument(p)
@@ -523,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=20)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=_positive_float, default=2e-3)
-    p.add_argument("--augment-rotation", type=_finite_float, metavar="DEG",
+    p.add_argument("--augment-rotation", type=_rotation, metavar="DEG",
                    help="turn each training image by up to +-DEG about its centre, keypoints with it (0: off; "
                    "default: what the dataset declares, else off)")
     p.add_argument("--augment-scale", type=_positive_float, nargs=2, metavar=("LO", "HI"),
@@ -535,9 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights and architecture "
                    "(fine-tuning, e.g. with --bound-weight)")
     _bound_loss_arguments(p, "training")
-    p.add_argument("--bound-ramp-epochs", type=int, default=5,
+    p.add_argument("--bound-ramp-epochs", type=_nonnegative_int, default=5,
                    help="epochs over which the bound loss's weight and box ramp up from 0")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -579,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bab-budget", type=_positive_int, default=512,
                    help="max boxes bounded per branch-and-bound call (budgets count work, never seconds: "
                         "the same inputs give the same certificate on an idle or a busy machine)")
-    p.add_argument("--bab-depth", type=int, default=10, help="max splits along one path")
+    p.add_argument("--bab-depth", type=_nonnegative_int, default=10, help="max splits along one path")
     p.add_argument("--radius-search", action="store_true", help="find each image's largest certified eps")
     p.add_argument("--eps-max", type=_positive_float, default=0.4)
     p.add_argument("--radius-strategy", choices=["frontier", "bisection"], default="frontier",
@@ -587,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--radius-budget", type=_positive_int,
                    help="frontier: sub-boxes bounded per image for the whole radius search "
                         "(default 256 on the CPU, 512 on CUDA)")
-    p.add_argument("--radius-steps", type=int, default=4, help="bisection steps after doubling")
+    p.add_argument("--radius-steps", type=_nonnegative_int, default=4, help="bisection steps after doubling")
     p.add_argument("--eps-start", type=_positive_float, default=0.0025, help="first eps of the radius search")
     p.add_argument("--contrast-scale", type=_nonnegative_float, default=1.0, help="eps_c = eps * this")
     p.add_argument("--brightness-scale", type=_nonnegative_float, default=1.0, help="eps_b = eps * this")
@@ -636,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=True, type=Path, help="trained checkpoint to prune")
         p.add_argument("--data", required=True, type=Path, help="dataset folder (train, val; test for compare)")
         p.add_argument("--rounds", type=_positive_int, default=3, help="progressive prune + fine-tune rounds")
-        p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs after each round")
+        p.add_argument("--finetune-epochs", type=_nonnegative_int, default=2,
+                       help="fine-tuning epochs after each round")
         p.add_argument("--lr", type=_positive_float, default=5e-4, help="fine-tuning learning rate")
         p.add_argument("--contrast", type=_finite_float, nargs=2, default=[0.9, 1.1], metavar=("A_LO", "A_HI"),
                        help="perturbation box the USN scores are measured over")
@@ -649,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight of the Wasserstein loss (usn-wd)")
         p.add_argument("--wd-epochs", type=_positive_int, default=1, help="concentration-phase epochs (usn-wd)")
         _bound_loss_arguments(p, "the fine-tuning rounds")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=_seed, default=0)
         p.add_argument("--device", default="auto")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -692,14 +734,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scenarios in order, recipes joined by '+' (e.g. moving+dusk); recipes: "
                         + ", ".join(SCENARIO_RECIPES))
     p.add_argument("--frames", type=_positive_int, default=40, help="frames per scenario")
-    p.add_argument("--width", type=_positive_int, default=640)
-    p.add_argument("--height", type=_positive_int, default=480)
+    p.add_argument("--width", type=_int_in(16, 7680), default=640)
+    p.add_argument("--height", type=_int_in(16, 4320), default=480)
     p.add_argument("--encoding", choices=["rgb8", "bgr8", "mono8"], default="rgb8")
     p.add_argument("--compressed", choices=["png", "jpeg"], help="also write <image topic>/compressed")
     p.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap")
-    p.add_argument("--fps", type=_positive_float, default=30.0)
+    p.add_argument("--fps", type=_float_in(0.1, 1000.0), default=30.0)
     p.add_argument("--image-topic", default="/camera/image_raw")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_make_bag)
 
