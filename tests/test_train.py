@@ -75,6 +75,17 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(splits, tmp_path
             train_model(train, val, model_config, replace(config, epochs=epochs), out, resume=True, progress=False)
     assert out.read_bytes() == before
     assert train_model(train, val, model_config, config, out, resume=True, progress=False).epochs_run == 0
+    # Other settings or data are another run: refused, naming what changed, even when every
+    # epoch is done (it would otherwise say "up to date" about the old run).
+    for other_config, other_train, fragment in (
+            (replace(config, lr=1e-3), train, "lr 0.002 -> 0.001"),
+            (replace(config, seed=5), train, "seed 4 -> 5"),
+            (config, train.subset(slice(0, len(train) - 1)), "training data ")):
+        with pytest.raises(TrainingError, match=f"was trained with other settings \\(.*{fragment}"):
+            train_model(other_train, val, model_config, other_config, out, resume=True, progress=False)
+    assert out.read_bytes() == before
+    assert train_model(train, val, model_config, replace(config, device="auto"), out, resume=True,
+                       progress=False).epochs_run == 0  # the device is not a setting of the run
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_writes_nothing(splits, tmp_path):

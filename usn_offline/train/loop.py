@@ -211,6 +211,42 @@ def train_epoch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, c
     return total / len(order)
 
 
+def _run_settings(model_config: ModelConfig, config: TrainConfig, train_set: KeypointDataset,
+                  init: Path | str | None) -> dict[str, str]:
+    """What a resumed run must share with the run it continues, each as text: the
+    architecture, every training setting but the epoch count (checked on its own, with a
+    hint) and the device, and digests of the training data and the starting weights."""
+    import hashlib
+
+    settings = {f"model.{k}": repr(v) for k, v in asdict(model_config).items()}
+    settings.update({k: repr(v) for k, v in asdict(config).items() if k not in ("epochs", "device")})
+    data = hashlib.sha256(np.ascontiguousarray(train_set.images).tobytes())
+    data.update(np.ascontiguousarray(train_set.keypoints, dtype=np.float64).tobytes())
+    data.update("\n".join(train_set.keypoint_names).encode())
+    settings["training data"] = data.hexdigest()[:16]
+    if init is not None:
+        from usn_offline.runtime.hashing import sha256_file
+
+        settings["init"] = sha256_file(init)[:16]
+    return settings
+
+
+def _check_same_run(out: Path, saved: object, settings: dict[str, str]) -> None:
+    if saved is None:  # written before runs recorded their settings: nothing to compare
+        log.warning("--resume: %s does not record its run's settings (an earlier version wrote it); they "
+                    "are taken to be the same", resume_path(out))
+        return
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{resume_path(out)}: cannot resume (its settings are not a table)")
+    changed = [f"{k} {saved.get(k, 'unset')} -> {settings.get(k, 'unset')}"
+               for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+    if changed:
+        # Continuing with other data, another learning rate or loss would give a model that
+        # neither run describes, under a checkpoint that names only the new settings.
+        raise TrainingError(f"--resume: {out} was trained with other settings ({'; '.join(changed)}): resume "
+                            "with the same ones, or train into a new --out")
+
+
 def train_model(
     train_set: KeypointDataset,
     val_set: KeypointDataset,
@@ -255,6 +291,7 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15)
     start_epoch, history = 0, []
+    settings = _run_settings(model_config, config, train_set, init)
 
     if resume and resume_path(out).is_file():
         try:
@@ -268,6 +305,7 @@ def train_model(
             # midway would not be the run that was asked for.
             raise TrainingError(f"--resume: {out} comes from a run planned for {planned} epochs ({done} done), "
                                 f"not {config.epochs}: resume with --epochs {planned}, or train into a new --out")
+        _check_same_run(out, state.get("settings"), settings)
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -299,7 +337,7 @@ def train_model(
         save_checkpoint(out, model, info)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
-                    "epoch": epoch + 1, "history": history}, resume_path(out))
+                    "epoch": epoch + 1, "history": history, "settings": settings}, resume_path(out))
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, history[-1], val_err)
     bar.close()
