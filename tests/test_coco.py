@@ -30,6 +30,16 @@ def test_round_trip_preserves_images_and_keypoints(tmp_path):
     assert ds.file_names[0] == "train/train_000000.png"
 
 
+def test_rewriting_a_split_smaller_removes_its_own_stale_images_only(tmp_path):
+    _write_small(tmp_path, n=5)
+    theirs = tmp_path / "images" / "train" / "notes.png"
+    theirs.write_bytes(b"the user's")
+    _write_small(tmp_path, n=2, seed=1)
+    left = sorted(p.name for p in (tmp_path / "images" / "train").iterdir())
+    assert left == ["notes.png", "train_000000.png", "train_000001.png"]
+    assert len(load_split(tmp_path, "train")) == 2
+
+
 def test_generated_dataset_loads_every_split(tiny_dataset):
     for split, n in (("train", 96), ("val", 24), ("test", 24)):
         ds = load_split(tiny_dataset, split)

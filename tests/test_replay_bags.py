@@ -131,6 +131,27 @@ def test_bag_config_errors(tmp_path, targets):
         make_bag(out, targets.images, targets.keypoints, load_backgrounds(), BagConfig(), progress=False)
 
 
+@pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_a_failed_or_interrupted_make_bag_leaves_no_half_bag(tmp_path, targets, monkeypatch, failure):
+    from usn_offline.replay import bag_writer
+
+    rendered = []
+    original = bag_writer.render_view
+
+    def failing_on_the_third_frame(*args):
+        rendered.append(1)
+        if len(rendered) == 3:
+            raise failure
+        return original(*args)
+
+    monkeypatch.setattr(bag_writer, "render_view", failing_on_the_third_frame)
+    out = tmp_path / "bag"
+    with pytest.raises(type(failure)):
+        make_bag(out, targets.images, targets.keypoints, load_backgrounds(), BagConfig(frames_per_scenario=2),
+                 progress=False)
+    assert len(rendered) == 3 and not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_truncated_mcap_is_read_up_to_where_it_ends(tmp_path, targets):
     out, summary, _ = _write(tmp_path, targets, scenarios=("static", "dusk"), frames_per_scenario=20)
     cut = tmp_path / "cut"

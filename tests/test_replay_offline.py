@@ -177,6 +177,11 @@ def test_replay_cli_errors(exported_bundle, scenario_bag, tmp_path):
               "--params", str(params))
     assert bad.returncode == 2 and "parameter monitor_z must be a float, got 'fast'" in bad.stderr
     assert np.all([len(p.stderr.strip().splitlines()) == 1 for p in (missing, topic, bad)])
+    assert not (tmp_path / "o").exists()  # the folder it made for a report that never came is gone
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert run("--bag", str(tmp_path / "nope"), "--bundle", str(exported_bundle), "--out", str(mine)).returncode == 2
+    assert mine.is_dir()  # one it did not make stays
 
 
 def _user_bag(path, frames):

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -479,11 +480,23 @@ def _cmd_make_bag(args: argparse.Namespace) -> None:
 
 
 def _cmd_replay(args: argparse.Namespace) -> None:
+    params = args.params or _default_params_file()
+    created = not args.out.exists()
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        _replay_into(args, params)
+    except BaseException:
+        # A run that failed before writing anything (a bad bag, bundle or parameter file)
+        # leaves no empty report folder; one that wrote frames keeps them to look at.
+        if created and not any(f.is_file() and f.stat().st_size for f in args.out.rglob("*")):
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
+
+
+def _replay_into(args: argparse.Namespace, params: Path) -> None:
     from usn_offline.replay.offline import replay_offline
     from usn_offline.replay.report import build_report, summary_rows, text_table, write_report
 
-    params = args.params or _default_params_file()
-    args.out.mkdir(parents=True, exist_ok=True)
     run = replay_offline(args.bag, args.bundle, params, args.image_topic, frames_out=args.out / "frames.jsonl",
                          progress=not args.quiet)
     mode = "offline"

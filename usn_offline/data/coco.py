@@ -106,6 +106,12 @@ def write_split(
                         "skeleton": [list(e) for e in skeleton],
                         **({"augmentation": augmentation} if augmentation is not None else {})}],
     }
+    # Images an earlier, larger write of this split left behind (our own names only: the
+    # folder may hold the user's files too) would sit beside the split as if part of it.
+    written = {Path(entry["file_name"]).name for entry in coco_images}
+    for stale in image_dir.glob(f"{split}_[0-9][0-9][0-9][0-9][0-9][0-9].png"):
+        if stale.name not in written:
+            stale.unlink()
     path = annotation_path(root, split)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc))

@@ -14,6 +14,7 @@ Topics (``/camera/image_raw`` renamable):
 
 from __future__ import annotations
 
+import shutil
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -143,6 +144,15 @@ def make_bag(out: Path | str, targets: np.ndarray, target_keypoints: np.ndarray,
     if len(targets) == 0 or len(backgrounds) == 0:
         raise ConfigError("a bag needs at least one target image and one background photo")
     out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_bag(out, targets, target_keypoints, backgrounds, config, progress)
+    except BaseException:  # an interrupted or failed write leaves no half bag behind
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_bag(out: Path, targets: np.ndarray, target_keypoints: np.ndarray,
+               backgrounds: tuple[np.ndarray, ...], config: BagConfig, progress: bool) -> BagSummary:
     store = replay_typestore()
     Image, Compressed = store.types[IMAGE], store.types[COMPRESSED_IMAGE]
     Truth, Keypoint = store.types[FRAME_TRUTH], store.types["usn_keypoint_msgs/msg/Keypoint2D"]
