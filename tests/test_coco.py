@@ -190,6 +190,20 @@ def test_malformed_annotations_give_one_clear_error(tmp_path, edit, message):
         load_split(tmp_path, "train")
 
 
+def test_a_float_image_with_nan_pixels_is_refused_naming_it(tmp_path):
+    import cv2
+
+    _write_small(tmp_path)
+    doc = json.loads(annotation_path(tmp_path, "train").read_text())
+    image = np.full((32, 32), 0.5, np.float32)
+    image[3, 4] = np.nan
+    assert cv2.imwrite(str(tmp_path / "images" / "train" / "float.tiff"), image)
+    doc["images"][1]["file_name"] = "train/float.tiff"
+    annotation_path(tmp_path, "train").write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match="float.tiff: float image contains NaN or infinite pixels"):
+        load_split(tmp_path, "train")
+
+
 def test_an_image_declaring_a_huge_size_is_refused_before_decoding(tmp_path):
     import struct
     import zlib

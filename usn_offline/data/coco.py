@@ -143,6 +143,8 @@ def _read_image(path: Path) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise DatasetError(f"cannot decode image (corrupt or unsupported format): {path}")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():  # a float TIFF or EXR
+        raise DatasetError(f"{path}: float image contains NaN or infinite pixels")
     return opencv_to_rgb(image)
 
 
