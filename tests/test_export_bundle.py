@@ -4,6 +4,7 @@ of the deployment bundle."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -180,11 +181,20 @@ def _rewrite(root, name, edit):
      "input size 1000000x64 must lie within 1..4096 pixels per side"),
     ("manifest.json", lambda d: d.update(schema_version=None), "manifest.json: unsupported schema_version"),
     ("manifest.json", lambda d: d["files"].pop("certificate.json"), "does not list certificate.json"),
+    # Types are checked, not coerced: true is not 1, "false" is not false, 64.9 is not 64.
+    ("manifest.json", lambda d: d.update(schema_version=True), "manifest.json: unsupported schema_version True"),
+    ("certificate.json", lambda d: d.update(schema_version=True), "unsupported schema_version True"),
+    ("manifest.json", lambda d: d["preprocessing"].update(grayscale="false"),
+     "invalid preprocessing (grayscale must be true (networks read one grey channel), got 'false')"),
+    ("manifest.json", lambda d: d["preprocessing"].update(input_height=64.9),
+     "invalid preprocessing (input_height must be an integer, got 64.9)"),
+    ("certificate.json", lambda d: d["nominal_statistics"].update(num_images=True),
+     "num_images must be a positive integer"),
 ])
 def test_schema_validation(exported, tmp_path, name, edit, message):
     root = _copy(exported, tmp_path)
     _rewrite(root, name, edit)
-    with pytest.raises(BundleError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+    with pytest.raises(BundleError, match=re.escape(message)):
         Bundle.load(root)
 
 

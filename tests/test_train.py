@@ -164,6 +164,16 @@ def test_checkpoint_config_mismatch(tmp_path):
     config_path(path).write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match="unsupported schema_version 99"):
         load_checkpoint(path)
+    doc["schema_version"] = True  # not 1
+    config_path(path).write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="unsupported schema_version True"):
+        load_checkpoint(path)
+    doc["schema_version"] = 1
+    doc["model"]["hidden"] = model_config_for("cnn7", **SMALL).hidden
+    doc["preprocess"]["input_width"] = 64.5
+    config_path(path).write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="invalid value \\(input_width must be an integer, got 64.5\\)"):
+        load_checkpoint(path)
     config_path(path).unlink()
     with pytest.raises(CheckpointError, match="checkpoint config not found"):
         load_checkpoint(path)

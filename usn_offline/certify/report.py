@@ -275,6 +275,6 @@ def load_report(path: Path | str) -> CertificateReport:
     if not path.is_file():
         raise BundleError(f"certificate not found: {path}")
     doc = read_json_object(path, BundleError)
-    if doc.get("schema_version") != REPORT_SCHEMA_VERSION:
+    if type(doc.get("schema_version")) is not int or doc.get("schema_version") != REPORT_SCHEMA_VERSION:
         raise BundleError(f"{path}: not a schema_version {REPORT_SCHEMA_VERSION} certification report")
     return CertificateReport.from_document(doc)

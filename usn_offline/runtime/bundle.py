@@ -162,7 +162,7 @@ def _read_json(root: Path, name: str) -> dict:
 
 
 def _check_version(doc: dict, expected: int, name: str) -> None:
-    if doc.get("schema_version") != expected:
+    if type(doc.get("schema_version")) is not int or doc.get("schema_version") != expected:  # not true
         raise BundleError(f"{name}: unsupported schema_version {doc.get('schema_version')!r} "
                           f"(this tool reads {expected})")
 
@@ -209,7 +209,7 @@ def _nominal(certificate: dict) -> NominalStatistics:
     if values["mean_of_means"] > 1 or values["mean_of_stds"] <= 0:
         raise BundleError(f"{name}: intensities must lie in [0, 1] with a positive mean std")
     count = stats.get("num_images")
-    if not isinstance(count, int) or count < 1:
+    if type(count) is not int or count < 1:
         raise BundleError(f"{name}: num_images must be a positive integer")
     spread = {k: _number(stats, k, name, minimum=0.0) for k in ("low_std", "high_std") if k in stats}
     if len(spread) == 1 or (spread and spread["low_std"] > spread["high_std"]):

@@ -33,11 +33,18 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> PreprocessConfig:
-        return cls(
-            input_height=int(data["input_height"]),
-            input_width=int(data["input_width"]),
-            grayscale=bool(data.get("grayscale", True)),
-        )
+        """Read a manifest's or checkpoint's preprocessing; its types are checked, not
+        coerced (a side of 64.9 or a grayscale of "false" is not what it seems to say)."""
+        sides = {key: data[key] for key in ("input_height", "input_width")}
+        for key, value in sides.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{key} must be an integer, got {value!r}")
+        # Every network here reads one grey channel; a bundle that says otherwise would be
+        # served frames other than the ones it was certified on.
+        if data.get("grayscale", True) is not True:
+            raise ValueError(f"grayscale must be true (networks read one grey channel), got "
+                             f"{data.get('grayscale')!r}")
+        return cls(input_height=sides["input_height"], input_width=sides["input_width"], grayscale=True)
 
 
 def to_gray_float(image: np.ndarray) -> np.ndarray:

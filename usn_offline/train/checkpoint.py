@@ -42,7 +42,7 @@ class CheckpointInfo:
     @classmethod
     def from_dict(cls, data: dict, source: str = "checkpoint config") -> CheckpointInfo:
         version = data.get("schema_version")
-        if version != CHECKPOINT_SCHEMA_VERSION:
+        if type(version) is not int or version != CHECKPOINT_SCHEMA_VERSION:  # not true
             raise CheckpointError(
                 f"{source}: unsupported schema_version {version!r} (expected {CHECKPOINT_SCHEMA_VERSION})")
         for key, kind in (("model", dict), ("preprocess", dict), ("keypoint_names", list)):
