@@ -130,3 +130,23 @@ def test_compressed_size_is_checked_before_decoding():
         assert compressed_size(cut) is None
         with pytest.raises(ImageDecodeError, match="cannot decode compressed image"):
             decode_compressed("png", cut)
+
+
+def test_a_jpeg_whose_frame_header_follows_large_app_segments_decodes():
+    """Three 60 KB APP2 segments (an ICC profile's size) put the frame header ~180 KB in."""
+    import array
+    import struct
+
+    from usn_offline.runtime.image_decode import compressed_size, decode_compressed
+
+    image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8)
+    jpg = cv2.imencode(".jpg", image)[1].tobytes()
+    app2 = b"\xff\xe2" + struct.pack(">H", 60002) + bytes(60000)
+    padded = jpg[:2] + app2 * 3 + jpg[2:]
+    assert padded.index(b"\xff\xc0") > 180_000
+    assert compressed_size(padded) == (40, 30)
+    assert compressed_size(array.array("B", padded)) == (40, 30)  # how rclpy hands over uint8[]
+    np.testing.assert_array_equal(decode_compressed("jpeg", array.array("B", padded)),
+                                  decode_compressed("jpeg", jpg))
+    # Endless empty segments are not scanned to the end.
+    assert compressed_size(jpg[:2] + b"\xff\xe3\x00\x02" * 100_000 + jpg[2:]) is None

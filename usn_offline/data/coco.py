@@ -137,7 +137,7 @@ def _read_image(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DatasetError(f"image file not found: {path}")
     with open(path, "rb") as f:
-        size = compressed_size(f.read(1 << 16))
+        size = compressed_size(f.read(1 << 24))  # a JPEG's APPn segments may run past 64 KiB
     if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
         raise DatasetError(f"{path}: declares {size[0]}x{size[1]} pixels, over the limit of {MAX_IMAGE_PIXELS}")
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)

@@ -73,7 +73,9 @@ def decode_compressed(format_: str, data: bytes | bytearray | memoryview, max_pi
         raise ImageDecodeError(f"empty compressed image (format '{format_}')")
     # The size a PNG or JPEG declares is checked before decoding: a small file can declare
     # a huge image (a 214 KB PNG of 15000x15000 took 2 s and 441 MB to decode).
-    size = compressed_size(bytes(data[:1 << 16]) if len(data) > 1 << 16 else bytes(data))
+    # The whole payload: a JPEG's frame header may follow 64 KiB and more of EXIF, ICC and
+    # other APPn segments, and the scan jumps from segment to segment.
+    size = compressed_size(data)
     if size is None:
         raise ImageDecodeError(f"cannot decode compressed image (format '{format_}', {len(data)} bytes): "
                                "not a PNG or JPEG with a readable header")
@@ -93,20 +95,25 @@ def decode_compressed(format_: str, data: bytes | bytearray | memoryview, max_pi
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (C0-CF except DHT C4, JPG C8 and DAC CC) carry the size.
 _JPEG_SOF = {m for m in range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
+_JPEG_MAX_SEGMENTS = 4096
 
 
-def compressed_size(head: bytes) -> tuple[int, int] | None:
-    """(width, height) a PNG or JPEG declares in its header (read from the first 64 KiB),
-    or None when ``head`` is neither or its header is cut or malformed."""
-    if head.startswith(_PNG_SIGNATURE):
-        if len(head) < 24 or head[12:16] != b"IHDR":
+def compressed_size(head: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+    """(width, height) a PNG or JPEG declares in its header, or None when ``head`` (the
+    file, or as much of its start as holds the header; any bytes-like object, read without
+    a copy) is neither or its header is cut or malformed."""
+    head = memoryview(head).cast("B")
+    if bytes(head[:8]) == _PNG_SIGNATURE:
+        if len(head) < 24 or bytes(head[12:16]) != b"IHDR":
             return None
         return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    if not head.startswith(b"\xff\xd8"):
+    if bytes(head[:2]) != b"\xff\xd8":
         return None
     i = 2
-    while i + 4 <= len(head):
-        if head[i] != 0xFF:
+    # Real JPEGs put a few dozen segments before the frame header; a payload of thousands
+    # of empty segments or fill bytes is not worth scanning to the end.
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        if i + 4 > len(head) or head[i] != 0xFF:
             return None
         marker = head[i + 1]
         if marker == 0xFF:  # fill byte
