@@ -481,6 +481,28 @@ def test_a_frame_that_no_lighting_in_the_range_gives_is_not_certified(tmp_path):
     assert "no nominal image in [0, 1] gives this frame" in proof.detail
 
 
+def test_a_float_frame_outside_zero_to_one_is_not_certified(tmp_path):
+    """No clip(a X0 + b, 0, 1) has a pixel at -1000 or 1e6: the frame is outside the stated
+    model (garbage sensor data), not a frame whose clipped pixels hide nominal values."""
+    model = random_model("cnn7", 8)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model.float(), (torch.zeros(1, 1, 16, 16),), str(path), dynamo=False, opset_version=17)
+    config = PreprocessConfig(input_height=16, input_width=16)
+    certifier = FrameCertifier.from_onnx(path, config, FrameProofConfig(PhotometricBox(0.9, 1.1, -0.1, 0.1), 1e3))
+    frame = np.random.default_rng(3).uniform(0.2, 0.8, (32, 32)).astype(np.float32)
+    served = np.full(4, 0.1)
+    assert certifier.prove(frame, served).certified  # delta 1000 px: anything proves
+    for value, shown in ((-1000.0, "from -1000 to"), (1e6, "to 1e+06")):
+        odd = frame.copy()
+        odd[:3, 0] = value
+        proof = certifier.prove(odd, served)
+        assert proof.status is Status.NOT_CERTIFIED and proof.boxes == 0, value
+        assert shown in proof.detail and "outside [0, 1]" in proof.detail
+    exact = frame.copy()
+    exact[0, :2] = (0.0, 1.0)  # the ends themselves are clipped pixels, not outside
+    assert certifier.prove(exact, served).certified
+
+
 def test_a_repeated_frame_gets_its_proof_again(exported_bundle):
     """A still camera sends the same frame again and again: its proof is reused (by
     content), and a different frame or different keypoints are proved afresh."""

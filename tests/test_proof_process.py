@@ -93,6 +93,26 @@ def test_a_stopped_proof_process_flags_frames_and_serving_goes_on(exported_bundl
     prover.close()
 
 
+def test_a_request_cut_off_before_its_reply_ends_the_prover_rather_than_answer_another_frame(exported_bundle):
+    """A proof interrupted while waiting for its reply (the reply still on its way): the next
+    frame would read that reply as its own. The connection is closed instead: later proofs
+    fail (NOT_PROVED), none is answered with another frame's proof."""
+    prover = ProofProcess(Bundle.load(exported_bundle), 4, LIGHTING)
+    frames = _frames()
+    receive = prover._conn.recv
+
+    def interrupted():
+        prover._conn.recv = receive
+        raise KeyboardInterrupt
+
+    prover._conn.recv = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        prover.prove(frames[0], np.zeros(8))
+    with pytest.raises(ProofProcessError, match="has stopped"):
+        prover.prove(frames[1], np.zeros(8))
+    prover.close()
+
+
 def test_the_proof_process_ends_when_closed(exported_bundle):
     prover = ProofProcess(Bundle.load(exported_bundle), 4, LIGHTING)
     if hasattr(os, "SCHED_IDLE"):  # Linux: it takes only CPU time nothing else wants

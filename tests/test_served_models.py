@@ -133,3 +133,29 @@ def test_external_weights_do_not_load_and_the_served_bytes_are_the_hashed_ones(e
     assert backend.model_sha256 == bundle.model_sha256
     with pytest.raises(BundleError, match="the file changed after the bundle was checked"):
         OnnxRuntimeBackend(served / "model.onnx", expected_sha256="0" * 64)
+
+
+def _other_checkpoint(exported_bundle, tmp_path):
+    """The bundle's checkpoint with one weight changed: another network."""
+    import torch
+
+    from usn_offline.train import load_checkpoint, save_checkpoint
+
+    model, info = load_checkpoint(exported_bundle.parent / "m.pt")
+    with torch.no_grad():
+        next(model.parameters()).flatten()[0] += 0.5
+    return save_checkpoint(tmp_path / "other.pt", model, info)
+
+
+def test_backend_torch_serves_only_the_certified_checkpoint(exported_bundle, tmp_path):
+    """backend torch used to serve any checkpoint as if certified, with the ONNX Runtime gap:
+    now the checkpoint must be the one the certificate names, and its own gap is measured."""
+    pytest.importorskip("torch", reason="backend torch needs torch")
+    bundle = Bundle.load(exported_bundle)
+    other = _other_checkpoint(exported_bundle, tmp_path)
+    with pytest.raises(BundleError, match="is not the checkpoint the certificate was issued for"):
+        create_backend("torch", bundle, checkpoint_path=other)
+    served = create_backend("torch", bundle, checkpoint_path=exported_bundle.parent / "m.pt")
+    assert 0 <= served.deployment_gap_px < 1e-3  # the same network in float32
+    flagged = create_backend("torch", bundle, checkpoint_path=other, any_checkpoint=True)
+    assert flagged.deployment_gap_px > served.deployment_gap_px  # measured, not the bundle's

@@ -410,6 +410,10 @@ _IMPOSSIBLE = ("not proved: no nominal image in [0, 1] gives this frame under a 
                "(its darkest and brightest pixels and the range's brightness rule every one out)")
 
 
+_OUTSIDE_UNIT = ("not proved: float pixels from {low:.4g} to {high:.4g}, outside [0, 1]: the frame is not "
+                 "clip(a x + b, 0, 1) of any nominal image")
+
+
 class FrameCertifier:
     """Proves per frame that the served keypoints hold under the lighting range."""
 
@@ -484,6 +488,11 @@ class FrameCertifier:
 
     def _prove(self, frame: np.ndarray, keypoints_normalised: np.ndarray) -> FrameProof:
         graph = self.graph
+        if frame.dtype.kind == "f":
+            light = _light_channels(frame)
+            low, high = float(light.min()), float(light.max())
+            if low < 0 or high > 1:  # no clip(a X0 + b, 0, 1) is: the stated model fails, not the network
+                return FrameProof(Status.NOT_CERTIFIED, math.inf, 0, _OUTSIDE_UNIT.format(low=low, high=high))
         sets = FramePixelSets.of_frame(frame, self.preprocess, self.config.lighting, self.config.camera_rounding)
         root = sets.for_boxes(Boxes.from_boxes([self.inverse], graph.dtype, graph.device))
         ref, pixels, prop = self._property(keypoints_normalised)

@@ -99,12 +99,22 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, checkpoint_path: Path | str, device: str = "auto") -> None:
+    def __init__(self, checkpoint_path: Path | str, device: str = "auto", expected_sha256: str | None = None
+                 ) -> None:
+        """``expected_sha256``: the checkpoint's hash as the certificate records it (None: any
+        checkpoint, served uncertified by the caller's policy)."""
+        from usn_offline.runtime.hashing import sha256_file
         from usn_offline.train.checkpoint import load_checkpoint
         from usn_offline.train.device import resolve_device
 
+        if expected_sha256 is not None and sha256_file(checkpoint_path) != expected_sha256:
+            raise BundleError(f"checkpoint_path {checkpoint_path} is not the checkpoint the certificate was issued "
+                              "for (SHA-256 mismatch)")
         self.device = resolve_device(device)
         self.model, _ = load_checkpoint(checkpoint_path, self.device)
+        # Set by create_backend: torch on this machine (TF32 on a GPU, another BLAS) is
+        # measured against the bundle's model like an engine built here.
+        self.deployment_gap_px: float | None = None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -215,17 +225,26 @@ def check_model_shapes(bundle: Bundle, input_shape: tuple, output_shape: tuple, 
 
 def create_backend(kind: str, bundle, model_path: Path | str | None = None, engine_path: Path | str | None = None,
                    force_engine_update: bool = False, fp16: bool = False,
-                   checkpoint_path: Path | str | None = None, expected_sha256: str | None = None):
+                   checkpoint_path: Path | str | None = None, expected_sha256: str | None = None,
+                   any_checkpoint: bool = False):
     """``auto``: TensorRT when it and a GPU are present, else ONNX Runtime (CUDA provider
     when available, else CPU). ``expected_sha256``: the hash the served ONNX model must have
-    (default: the bundle's, when ``model_path`` is the bundle's model)."""
+    (default: the bundle's, when ``model_path`` is the bundle's model). ``torch`` serves
+    ``checkpoint_path``, which must be the checkpoint the certificate names unless
+    ``any_checkpoint`` (the caller then flags every frame), its gap to the bundle's model
+    measured here."""
     model_path = model_path or bundle.onnx_path
     if expected_sha256 is None and Path(model_path) == Path(bundle.onnx_path):
         expected_sha256 = bundle.model_sha256
     if kind == "torch":
         if not checkpoint_path:
             raise BundleError("backend torch needs checkpoint_path (the bundle holds no torch model)")
-        return TorchBackend(checkpoint_path)
+        recorded = bundle.certificate.get("checkpoint_sha256")
+        if not any_checkpoint and not isinstance(recorded, str):
+            raise BundleError("backend torch: the certificate names no checkpoint to check checkpoint_path against")
+        backend = TorchBackend(checkpoint_path, expected_sha256=None if any_checkpoint else recorded)
+        backend.deployment_gap_px = engine_gap_px(bundle, backend.infer)
+        return backend
     if kind in ("tensorrt", "auto"):
         # Without the tensorrt package, do not touch the TensorRT code at all: its builder
         # lives with the (torch) export stage, which a robot without torch cannot import.

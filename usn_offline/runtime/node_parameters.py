@@ -36,7 +36,8 @@ PARAMETERS: tuple[NodeParameter, ...] = (
     NodeParameter("engine_file_path", "", "TensorRT engine to use or build (default: cache)"),
     NodeParameter("force_engine_update", False, "rebuild the TensorRT engine even if cached"),
     NodeParameter("enable_fp16", False, "build the TensorRT engine in FP16"),
-    NodeParameter("checkpoint_path", "", "torch checkpoint for backend=torch"),
+    NodeParameter("checkpoint_path", "", "torch checkpoint for backend=torch (hash-checked against the "
+                  "certificate's)"),
     NodeParameter("input_qos", "SENSOR_DATA", f"image subscription QoS: {', '.join(QOS_CHOICES)}",
                   choices=QOS_CHOICES),
     NodeParameter("input_transport", "raw", "raw: sensor_msgs/Image on 'image'; compressed: "

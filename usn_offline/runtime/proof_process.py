@@ -95,6 +95,12 @@ class ProofProcess:
                 reply = self._conn.recv()
             except (EOFError, OSError, ValueError):  # ValueError: the connection was closed
                 raise ProofProcessError(f"the proof process has stopped (exit code {self._process.poll()})") from None
+            except BaseException:
+                # Cut off between request and reply (an interrupt, a frame that would not
+                # send): the next reply would belong to this frame, so no later frame may
+                # read it. Closing ends the child; every later proof fails, none is stale.
+                self._conn.close()
+                raise
         if reply[0] == "error":
             raise ProofProcessError(reply[1])
         _, certified, deviation, detail = reply

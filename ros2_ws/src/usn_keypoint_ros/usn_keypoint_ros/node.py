@@ -92,12 +92,23 @@ class KeypointNode(Node):
                                        "mismatch); set on_certificate_mismatch:=flag to serve uncertified")
                 self.get_logger().error("model does not match the certificate: every frame is flagged")
                 matches, mismatch, expected_sha256 = False, "certificate does not match the model", None
+        any_checkpoint = False
+        if p["backend"] == "torch" and p["checkpoint_path"]:
+            checkpoint = p["checkpoint_path"]
+            if not Path(checkpoint).is_file():
+                raise StartupError(f"checkpoint_path {checkpoint}: no such file")
+            if sha256_file(checkpoint) != self.bundle.certificate.get("checkpoint_sha256"):
+                if p["on_certificate_mismatch"] == "fail":
+                    raise StartupError(f"{checkpoint} is not the checkpoint the certificate was issued for (SHA-256 "
+                                       "mismatch); set on_certificate_mismatch:=flag to serve uncertified")
+                self.get_logger().error("checkpoint does not match the certificate: every frame is flagged")
+                matches, mismatch, any_checkpoint = False, "certificate does not match the model", True
         try:
             self.backend = create_backend(p["backend"], self.bundle, model_path=model_path,
                                           engine_path=p["engine_file_path"] or None,
                                           force_engine_update=p["force_engine_update"], fp16=p["enable_fp16"],
                                           checkpoint_path=p["checkpoint_path"] or None,
-                                          expected_sha256=expected_sha256)
+                                          expected_sha256=expected_sha256, any_checkpoint=any_checkpoint)
         except UsnError as exc:
             raise StartupError(str(exc)) from exc
         self.bundle = deployed_bundle(self.bundle, self.backend)  # an engine built here: its own gap
@@ -112,6 +123,15 @@ class KeypointNode(Node):
                                      tuple(float(v) for v in p["scene_std_range"]))
         except UsnError as exc:
             raise StartupError(str(exc)) from exc
+        first = self.bundle.region[0]
+        if p["frame_proof"] and (box.a_lo > first.a_lo or box.a_hi < first.a_hi or box.b_lo > first.b_lo
+                                 or box.b_hi < first.b_hi):
+            # A narrower range is a weaker promise (each status states it in lighting_range):
+            # say so once, where an operator reads, rather than only in every message.
+            self.get_logger().warning(
+                f"frame proofs cover lighting a in [{box.a_lo:g}, {box.a_hi:g}], b in [{box.b_lo:g}, {box.b_hi:g}] "
+                f"(frame_proof_lighting), narrower than the certificate's a in [{first.a_lo:g}, {first.a_hi:g}], "
+                f"b in [{first.b_lo:g}, {first.b_hi:g}]")
         if scene is not None:
             self.get_logger().info(f"scene check: frames whose contrast no lighting a in [{box.a_lo:g}, {box.a_hi:g}], "
                                    f"b in [{box.b_lo:g}, {box.b_hi:g}] can give from a scene of "
@@ -262,9 +282,16 @@ class KeypointNode(Node):
                 # Free before publishing: a lock-step sender's next frame may follow the
                 # status within microseconds and must find the prover idle.
                 self._proof_busy = False
-            self._publish_decision(msg, result, started)
-        except Exception as exc:  # shutting down, or a bug: never silently
+        except Exception as exc:  # a bug: the frame still gets its (uncertified) status
             self.get_logger().error(f"frame proof failed: {type(exc).__name__}: {exc}")
+            result.pending = None
+            result.status.reasons = [Reason.NOT_PROVED] + ([] if self.pipeline.certificate_matches
+                                                           else [Reason.CERTIFICATE_MISMATCH])
+            result.status.detail = f"internal error while proving: {type(exc).__name__}: {exc}"
+        try:
+            self._publish_decision(msg, result, started)
+        except Exception as exc:  # shutting down
+            self.get_logger().error(f"no status for the frame: {type(exc).__name__}: {exc}")
 
     def _publish_decision(self, msg: Image | CompressedImage, result: FrameResult, started: float) -> None:
         with self._stats_lock:
