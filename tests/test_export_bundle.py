@@ -105,6 +105,22 @@ def test_onnx_file_is_static_checked_and_carries_metadata(exported):
     assert json.loads(meta["preprocessing"])["input_height"] == 64
 
 
+def test_the_deployment_gap_counts_float32_rounding(tiny_checkpoint, tiny_dataset):
+    """The certificate bounds the network in float64; the very same network run in float32
+    (as every backend runs it) is measured against that, so its rounding is in the gap."""
+    from usn_offline.export.bundle_writer import deployment_gap_px
+
+    model, _ = load_checkpoint(tiny_checkpoint)
+    test = load_split(tiny_dataset, "test")
+
+    def float32_torch(x):
+        with torch.no_grad():
+            return model.float()(torch.from_numpy(x)).numpy()
+
+    gap = deployment_gap_px(model, float32_torch, test, 8)
+    assert 0 < gap < 1e-3
+
+
 def test_bundle_contents(exported):
     bundle = Bundle.load(exported["bundle"].root)
     assert bundle.keypoint_names[0] == "top_left"
