@@ -73,3 +73,16 @@ def test_our_crown_is_never_looser_than_auto_lirpa_on_the_trained_model(exported
     for image in data.images:
         _check(graph, torch.from_numpy(image).double()[None, None], pixels,
                [PhotometricBox.symmetric(0.01, 0.01), PhotometricBox.symmetric(0.03, 0.03)])
+
+
+def test_the_box_auto_lirpa_bounds_contains_ours_after_float32_rounding():
+    """Box corners go to auto_LiRPA in float32, rounded outwards: to nearest, half of them
+    moved inwards and its bounds covered a box slightly smaller than the one asked about."""
+    from usn_offline.certify.lirpa import _float32_outward
+
+    values = torch.from_numpy(np.random.default_rng(0).uniform(-2, 2, (1000, 2)))
+    lower, upper = _float32_outward(values, down=True), _float32_outward(values, down=False)
+    assert lower.dtype == upper.dtype == torch.float32
+    assert (lower.double() <= values).all() and (upper.double() >= values).all()
+    assert (values.float().double() > values).any()  # to nearest would have moved some lower corners in
+    assert ((upper.double() - lower.double()) <= 2 * 2.0 ** -22).all()  # one float32 step each way at most

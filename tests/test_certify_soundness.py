@@ -239,3 +239,44 @@ def test_auto_intermediate_bounds_are_crown_on_residual_networks(family):
     assert same
     if family == "resnet":  # and CROWN is the tighter of the two there
         assert bool(((crown[1] - crown[0]) <= (forward[1] - forward[0]) + 1e-9).all())
+
+
+def _cancelling_network(scale: float) -> nn.Module:
+    """Two hidden units of ~scale/2 whose difference (0.3) is every output: the output is
+    small, the sums behind it are not (from an adversarial review)."""
+    torch.manual_seed(0)
+    n = 8
+    model = nn.Sequential(nn.Flatten(), nn.Linear(n * n, 2), nn.ReLU(), nn.Linear(2, 4)).double().eval()
+    with torch.no_grad():
+        w = torch.rand(n * n, dtype=torch.float64) / (n * n)
+        model[1].weight[0] = scale * w
+        model[1].weight[1] = scale * w
+        model[1].bias[:] = torch.tensor([scale * 0.5 + 0.3, scale * 0.5], dtype=torch.float64)
+        model[3].weight.zero_()
+        model[3].bias.zero_()
+        model[3].weight[:, 0], model[3].weight[:, 1] = 1.0, -1.0
+    return model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_large_hidden_values_that_cancel_are_bounded_soundly(method):
+    """Hidden values ~5e9 lose ~6e-6 px to float64 rounding: a margin relative to the output
+    alone (1e-9 of ~5 px) missed it, and a box where every point breaks delta = 1e-5 px came
+    out certified. The exact output (rational arithmetic) lies within the bounds."""
+    from fractions import Fraction
+
+    model = _cancelling_network(1e10)
+    graph = lower(model, (1, 8, 8))
+    pixels = PixelMap.for_image(2, 8, 8)
+    image = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.8 + 0.1
+    point, other = PhotometricBox(1.0, 1.0, 0.0, 0.0), PhotometricBox(0.999, 1.001, -0.001, 0.001)
+    x = [Fraction(v) for v in image.flatten().tolist()]  # clip(1 x + 0) = x
+    hidden = [max(sum(Fraction(wi) * xi for wi, xi in zip(row, x, strict=True)) + Fraction(bi), Fraction(0))
+              for row, bi in zip(model[1].weight.tolist(), model[1].bias.tolist(), strict=True)]
+    scale, offset = (float(t[0]) for t in (pixels.scale, pixels.offset))
+    exact = float((hidden[0] - hidden[1]) * Fraction(scale) + Fraction(offset))
+    lo, hi = output_bounds(graph, image, Boxes.from_boxes([point, other]), pixels, method)
+    assert lo[0, 0] <= exact <= hi[0, 0], (lo[0, 0].item(), exact, hi[0, 0].item())
+    prop = KeypointProperty(torch.full((4,), exact + 1.5e-5, dtype=torch.float64), 1e-5)  # broken by 5e-6 px
+    outcome = certify_boxes(graph, image, prop, pixels, [point, other], BabConfig(max_boxes=16, batch_size=2))[0]
+    assert outcome.status is not Status.CERTIFIED

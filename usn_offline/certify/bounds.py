@@ -17,7 +17,7 @@ from usn_offline.certify.crown import (
     tighten_relu_inputs,
 )
 from usn_offline.certify.errors import CertificationError
-from usn_offline.certify.forward import ForwardBounds, propagate
+from usn_offline.certify.forward import ForwardBounds, propagate, rounding_error
 from usn_offline.certify.graph import Graph
 from usn_offline.certify.lirpa import lirpa_output_bounds
 from usn_offline.certify.standardise import bound_inputs
@@ -87,8 +87,15 @@ class PixelMap:
         return y * self.scale + self.offset
 
 
-def _with_margin(lo: torch.Tensor, hi: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return lo - margin * (1 + lo.abs()), hi + margin * (1 + hi.abs())
+# The bound computations (interval centre and radius, forward linear bounds, the backward
+# pass's products) each round sums of the same sizes as the network itself; this many
+# times the network's own rounding bound (forward.rounding_error) covers them.
+ROUNDING_FACTOR = 4.0
+
+
+def _with_margin(lo: torch.Tensor, hi: torch.Tensor, margin: float, rounding: torch.Tensor | float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return lo - margin * (1 + lo.abs()) - rounding, hi + margin * (1 + hi.abs()) + rounding
 
 
 ReluBounds = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -143,7 +150,14 @@ def output_bounds(graph: Graph, images: torch.Tensor, boxes: Boxes, pixels: Pixe
                         keep_linear=() if cut is None else (cut,), relu_bounds=prior, save_at=stops)
     if learned is not None:
         learned.update({r: fwd.relu_input[r] for r in relus_needing_backward(graph)})
-    lo, hi = _with_margin(pixels(fwd.out_lo), pixels(fwd.out_hi), margin)
+    rounding: torch.Tensor | float = 0.0
+    if graph.dtype == torch.float64:
+        # float32 keeps its relative margin alone: its worst-case rounding bound is too wide
+        # to prove anything (float32 bounds only screen boxes, or certify with --dtype
+        # float32, whose margin docs/CERTIFICATION.md states as empirical).
+        with torch.no_grad():
+            rounding = ROUNDING_FACTOR * rounding_error(graph, images, boxes, fwd.relu_input) * pixels.scale.abs()
+    lo, hi = _with_margin(pixels(fwd.out_lo), pixels(fwd.out_hi), margin, rounding)
     if method is Method.IBP:
         return lo, hi
     k2 = pixels.scale.shape[0]
@@ -181,7 +195,8 @@ def output_bounds(graph: Graph, images: torch.Tensor, boxes: Boxes, pixels: Pixe
         if method is Method.ALPHA_CROWN:
             with torch.enable_grad():
                 bound = alpha_crown_lower(graph, sub_fwd, sub_images, sub_boxes, rows, steps=options.alpha_steps)
-        c_lo, c_hi = _with_margin(bound[:, :k2] + pixels.offset, -bound[:, k2:] + pixels.offset, margin)
+        c_lo, c_hi = _with_margin(bound[:, :k2] + pixels.offset, -bound[:, k2:] + pixels.offset, margin,
+                                  rounding if isinstance(rounding, float) else rounding[todo])
         # Forward and backward bounds are both sound: keep the tighter of each.
         lo[todo] = torch.maximum(lo[todo], c_lo.detach())
         hi[todo] = torch.minimum(hi[todo], c_hi.detach())

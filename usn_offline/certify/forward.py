@@ -14,7 +14,7 @@ import torch
 from usn_offline.certify.boxes import Boxes, linear_max, linear_min
 from usn_offline.certify.errors import CertificationError
 from usn_offline.certify.graph import Graph
-from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp, extra_terms, input_terms
+from usn_offline.certify.ops import AddOp, AffineOp, ReluOp, SemanticInputOp, extra_terms, fan_in, input_terms
 
 
 @dataclass
@@ -82,6 +82,93 @@ def _batched(op: AffineOp, fn: torch.Tensor, use_abs: bool) -> torch.Tensor:
     return out.reshape(b, k, *out.shape[1:])
 
 
+def input_interval(images: torch.Tensor, boxes: Boxes, channels: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Interval bounds (B, C, H, W) of the network input z = a x + b m + c (+ extra terms)
+    over each box, and its terms (x, m, c_lo, c_hi, extra planes), m and c filled in for a
+    plain image."""
+    # A plain image has x >= 0 (and m = 1), so the extremes of a*x + b sit at the
+    # corners (a_lo, b_lo) and (a_hi, b_hi).
+    x, m, c_lo, c_hi = input_terms(images, channels)
+    v = (-1,) + (1,) * (images.dim() - 1)
+    if m is None:
+        lo = x * boxes.a_lo.view(v) + boxes.b_lo.view(v)
+        hi = x * boxes.a_hi.view(v) + boxes.b_hi.view(v)
+        m, c_lo = torch.ones_like(x), torch.zeros_like(x)
+        c_hi = c_lo
+    else:  # a pixel set: x may be signed (a standardised set), so both ends are compared
+        xa_lo, xa_hi = x * boxes.a_lo.view(v), x * boxes.a_hi.view(v)
+        mb_lo, mb_hi = m * boxes.b_lo.view(v), m * boxes.b_hi.view(v)
+        lo = torch.minimum(xa_lo, xa_hi) + torch.minimum(mb_lo, mb_hi) + c_lo
+        hi = torch.maximum(xa_lo, xa_hi) + torch.maximum(mb_lo, mb_hi) + c_hi
+    extras = extra_terms(images, channels)
+    if len(extras) != boxes.num_extra:
+        raise CertificationError(f"the input set has {len(extras)} extra planes, its boxes "
+                                 f"{boxes.num_extra} extra parameters")
+    for k, plane in enumerate(extras):
+        e_lo, e_hi = plane * boxes.extra_lo[:, k].view(v), plane * boxes.extra_hi[:, k].view(v)
+        lo = lo + torch.minimum(e_lo, e_hi)
+        hi = hi + torch.maximum(e_lo, e_hi)
+    return lo, hi, (x, m, c_lo, c_hi, extras)
+
+
+def rounding_error(graph: Graph, images: torch.Tensor, boxes: Boxes,
+                   relu_input: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """(B, *output shape): a bound on how far floating-point rounding can move each output
+    of the network, over each box, as the bound computations meet it.
+
+    Each affine layer computes sums of ``fan-in`` products, whose rounding is at most
+    gamma(fan-in) = n u / (1 - n u) times the sum of their magnitudes (|W| |x| + |bias|,
+    Higham's bound); that error travels on through |W| of the later layers, and stops at a
+    ReLU that is off over the whole box. Magnitudes come from the sound interval bounds of
+    every ReLU's input (``relu_input``, from :func:`propagate`), so they are those of the
+    box, not of the weights alone. A relative margin on the output alone misses the case
+    where large hidden values cancel into a small output (hidden ~5e9: 6e-6 px lost,
+    certified with delta 1e-5 px while every point of the box broke it)."""
+    u = torch.finfo(graph.dtype).eps / 2
+    n = len(boxes)
+    images = images.expand(n, *images.shape[1:]) if images.shape[0] == 1 else images
+    # A bound on rounding need not be exact itself: computed in float32 (half the cost) it
+    # is off by at most (layers x fan-in x 6e-8) relative, as all its terms are positive,
+    # which the 1 % slack covers; the factor its user applies (bounds.ROUNDING_FACTOR) is
+    # on top of that.
+    approx = graph.astype(torch.float32)
+    images = images.float()
+    boxes = Boxes(*(None if t is None else t.float()
+                    for t in (boxes.a_lo, boxes.a_hi, boxes.b_lo, boxes.b_hi, boxes.extra_lo, boxes.extra_hi)))
+    relu_input = {r: (lo.float(), hi.float()) for r, (lo, hi) in relu_input.items()}
+    graph, slack = approx, 1.01
+    mag: list[torch.Tensor | None] = [None] * len(graph.nodes)
+    err: list[torch.Tensor | None] = [None] * len(graph.nodes)
+    remaining = [len(users) for users in graph.users]
+    for i, node in enumerate(graph.nodes):
+        op = node.op
+        if isinstance(op, SemanticInputOp):
+            lo, hi, _ = input_interval(images, boxes, op.out_shape[0])
+            mag[i] = torch.maximum(lo.abs(), hi.abs())
+            err[i] = 8 * u * mag[i]  # a x + b m + c and the extra terms: a few roundings each
+        elif isinstance(op, AffineOp):
+            j = node.inputs[0]
+            reach = op.apply_abs(mag[j]) + graph.bias_map(i).abs()
+            terms = fan_in(op) + 1
+            mag[i] = reach
+            err[i] = op.apply_abs(err[j]) + (terms * u / (1 - terms * u)) * reach
+        elif isinstance(op, ReluOp):
+            j = node.inputs[0]
+            r_hi = relu_input[i][1] + err[j]  # where even the rounded value may be positive
+            mag[i] = torch.minimum(mag[j], r_hi.clamp(min=0))
+            err[i] = torch.where(r_hi > 0, err[j], torch.zeros_like(err[j]))
+        elif isinstance(op, AddOp):
+            mag[i] = sum(abs(c) * mag[j] for c, j in zip(op.coeffs, node.inputs, strict=True))
+            err[i] = (sum(abs(c) * err[j] for c, j in zip(op.coeffs, node.inputs, strict=True))
+                      + 2 * len(op.coeffs) * u * mag[i])
+        for j in node.inputs:  # free what no later node reads
+            remaining[j] -= 1
+            if remaining[j] == 0 and j != graph.output:
+                mag[j] = err[j] = None
+    return err[graph.output].double() * slack
+
+
 def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = True,
               intersect_ibp: bool = True, keep_linear: tuple[int, ...] = (),
               relu_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -114,7 +201,6 @@ def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = T
         remaining, relu_input, kept = list(resume.remaining), dict(resume.relu_input), dict(resume.kept)
         first = resume.at
     states = {}
-    nd = len(graph.input_shape)
 
     for i in range(first, len(graph.nodes)):
         node, op = graph.nodes[i], graph.nodes[i].op
@@ -122,28 +208,7 @@ def propagate(graph: Graph, images: torch.Tensor, boxes: Boxes, linear: bool = T
             states[i] = PassState(i, list(lo), list(hi), list(low), list(up), list(remaining), dict(relu_input),
                                   dict(kept))
         if isinstance(op, SemanticInputOp):
-            # A plain image has x >= 0 (and m = 1), so the extremes of a*x + b sit at the
-            # corners (a_lo, b_lo) and (a_hi, b_hi).
-            x, m, c_lo, c_hi = input_terms(images, op.out_shape[0])
-            v = (-1,) + (1,) * nd
-            if m is None:
-                lo[i] = x * boxes.a_lo.view(v) + boxes.b_lo.view(v)
-                hi[i] = x * boxes.a_hi.view(v) + boxes.b_hi.view(v)
-                m, c_lo = torch.ones_like(x), torch.zeros_like(x)
-                c_hi = c_lo
-            else:  # a pixel set: x may be signed (a standardised set), so both ends are compared
-                xa_lo, xa_hi = x * boxes.a_lo.view(v), x * boxes.a_hi.view(v)
-                mb_lo, mb_hi = m * boxes.b_lo.view(v), m * boxes.b_hi.view(v)
-                lo[i] = torch.minimum(xa_lo, xa_hi) + torch.minimum(mb_lo, mb_hi) + c_lo
-                hi[i] = torch.maximum(xa_lo, xa_hi) + torch.maximum(mb_lo, mb_hi) + c_hi
-            extras = extra_terms(images, op.out_shape[0])
-            if len(extras) != boxes.num_extra:
-                raise CertificationError(f"the input set has {len(extras)} extra planes, its boxes "
-                                         f"{boxes.num_extra} extra parameters")
-            for k, plane in enumerate(extras):
-                e_lo, e_hi = plane * boxes.extra_lo[:, k].view(v), plane * boxes.extra_hi[:, k].view(v)
-                lo[i] = lo[i] + torch.minimum(e_lo, e_hi)
-                hi[i] = hi[i] + torch.maximum(e_lo, e_hi)
+            lo[i], hi[i], (x, m, c_lo, c_hi, extras) = input_interval(images, boxes, op.out_shape[0])
             if linear:
                 low[i] = torch.stack([x, m, c_lo, *extras], dim=1)
                 up[i] = torch.stack([x, m, c_hi, *extras], dim=1)

@@ -6,7 +6,10 @@ torch module whose input is the two photometric parameters (a, b), through a Lin
 layer with the image and ones as its two columns (its default "patches" convolution mode
 then runs CROWN on CNN7-sized networks), then the clip and the network. It computes in
 float32, so every bound is widened by a stated margin for rounding
-(:data:`LIRPA_MARGIN`, relative to 1 + |bound|, in pixels).
+(:data:`LIRPA_MARGIN`, relative to 1 + |bound|, in pixels): an empirical one, which holds
+for hidden values up to ~1e5 and not beyond (an adversarial review found a network with
+hidden values ~1e6 whose outputs left it by 3e-3 px); our own float64 bounds carry a
+rounding bound that grows with the hidden values (:func:`~usn_offline.certify.forward.rounding_error`).
 """
 
 from __future__ import annotations
@@ -124,6 +127,17 @@ class GraphModule(nn.Module):
         return values[self.graph.output]
 
 
+def _float32_outward(values: torch.Tensor, down: bool) -> torch.Tensor:
+    """``values`` in float32 on the CPU, rounded away from the box: to nearest would move a
+    corner inwards half the time, and the box auto_LiRPA bounds would miss a sliver of ours."""
+    rounded = values.float().cpu()
+    back = rounded.double()
+    target = values.detach().double().cpu()
+    inward = back > target if down else back < target
+    step = torch.full_like(rounded, -torch.inf if down else torch.inf)
+    return torch.where(inward, torch.nextafter(rounded, step), rounded)
+
+
 def lirpa_output_bounds(graph: Graph, image: torch.Tensor, boxes: Boxes, scale: torch.Tensor,
                         offset: torch.Tensor, method: str = "crown") -> tuple[torch.Tensor, torch.Tensor]:
     """auto_LiRPA's bounds (B, 2K) of every keypoint coordinate in pixels (px = scale * y +
@@ -141,8 +155,8 @@ def lirpa_output_bounds(graph: Graph, image: torch.Tensor, boxes: Boxes, scale: 
     cache = graph.__dict__.setdefault("_lirpa_cache", {})
     key = image.detach().to(torch.float64).cpu()
     bounded = cache.get("module") if "image" in cache and torch.equal(cache["image"], key) else None
-    lower_ab = torch.stack([boxes.a_lo, boxes.b_lo], dim=1).float().cpu()
-    upper_ab = torch.stack([boxes.a_hi, boxes.b_hi], dim=1).float().cpu()
+    lower_ab = _float32_outward(torch.stack([boxes.a_lo, boxes.b_lo], dim=1), down=True)
+    upper_ab = _float32_outward(torch.stack([boxes.a_hi, boxes.b_hi], dim=1), down=False)
     centre = (lower_ab + upper_ab) / 2
     if bounded is None:
         bounded = BoundedModule(GraphModule(graph, key), centre, verbose=False)

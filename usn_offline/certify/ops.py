@@ -199,6 +199,15 @@ class SemanticInputOp:
 InputTerms = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
+def fan_in(op: AffineOp) -> int:
+    """How many products each output of an affine op sums (its rounding grows with it)."""
+    if isinstance(op, (Conv2dOp, LinearOp)):
+        return int(op.weight[0].numel())
+    if isinstance(op, AvgPool2dOp):
+        return int(math.prod(op.kernel))
+    return 1
+
+
 def input_terms(images: torch.Tensor, channels: int) -> InputTerms:
     """(x, m, c_lo, c_hi) of a batch of network inputs (B, C', H, W).
 
