@@ -113,3 +113,32 @@ def test_a_layer_that_is_not_what_its_type_says_is_refused():
     model[0].register_forward_hook(lambda module, inputs, output: 2.0 * output)
     with pytest.raises(CertificationError, match="does not compute what the model computes"):
         lower(model.eval(), (1, SIZE, SIZE))
+
+
+def test_a_submodule_left_in_training_mode_is_refused():
+    """The top module in eval mode, a BatchNorm inside it not: its batch statistics are not
+    what the lowering (running statistics) certifies."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(2 * SIZE * SIZE, 2)).eval()
+    model[1].train()
+    with pytest.raises(CertificationError, match="put the model in eval mode .*: 1 is training"):
+        lower(model, (1, SIZE, SIZE))
+
+
+class _ResidualInPlace(nn.Module):
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.conv, self.relu, self.functional = nn.Conv2d(1, 1, 3, padding=1), nn.ReLU(inplace=True), functional
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 2))
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(h + (torch.nn.functional.relu(h, inplace=True) if self.functional else self.relu(h)))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_an_in_place_relu_is_refused(functional):
+    """torch computes 2 relu(h) here (relu_ overwrote h before the add reads it), the graph
+    h + relu(h): equal wherever h > 0, so a few test inputs may not tell them apart."""
+    with pytest.raises(CertificationError, match="in-place ReLU"):
+        lower(_ResidualInPlace(functional).eval(), (1, SIZE, SIZE))

@@ -211,6 +211,8 @@ class _Lowering:
             out = (mod.out_features,)
             return self.add(LinearOp(self.t(mod.weight), self.t(mod.bias), shape, out), [src], out, name)
         if isinstance(mod, nn.ReLU):
+            if mod.inplace:
+                raise CertificationError(_INPLACE.format(name=name))
             return self.add(ReluOp(shape), [src], shape, name)
         if isinstance(mod, nn.Flatten):
             if mod.start_dim != 1 or mod.end_dim != -1:
@@ -285,8 +287,10 @@ def lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool = True,
 
 def _lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool, dtype: torch.dtype, device: torch.device,
            differentiable: bool) -> Graph:
-    if model.training:
-        raise CertificationError("put the model in eval mode before certification (BatchNorm statistics)")
+    training = [name or "the model" for name, module in model.named_modules() if module.training]
+    if training:  # a submodule left in training mode too: the check below runs an eval() copy
+        raise CertificationError(f"put the model in eval mode before certification (BatchNorm statistics): "
+                                 f"{', '.join(training[:3])} {'is' if len(training) == 1 else 'are'} training")
     try:
         traced = torch.fx.symbolic_trace(model)
     except Exception as exc:
@@ -329,6 +333,8 @@ def _lower(model: nn.Module, input_shape: tuple[int, ...], clip: bool, dtype: to
                 raise CertificationError(f"{node.name}: residual add of different shapes")
             env[node.name] = low.add(AddOp((1.0, 1.0), shape), srcs, shape, node.name)
         elif node.op == "call_function" and node.target in (torch.relu, torch.nn.functional.relu):
+            if node.kwargs.get("inplace") or (len(node.args) > 1 and node.args[1] is True):
+                raise CertificationError(_INPLACE.format(name=node.name))
             env[node.name] = low.add(ReluOp(low.nodes[srcs[0]].shape), srcs[:1], low.nodes[srcs[0]].shape,
                                      node.name)
         elif (node.op == "call_function" and node.target is torch.flatten) or (
@@ -377,6 +383,13 @@ def _fold_batchnorm_affine(conv: Conv2dOp, bn: ChannelAffineOp) -> Conv2dOp:
     weight = conv.weight * bn.scale.view(-1, 1, 1, 1)
     bias = (conv.bias if conv.bias is not None else torch.zeros_like(bn.scale)) * bn.scale + bn.shift
     return Conv2dOp(weight, bias, conv.stride, conv.padding, conv.in_shape, conv.out_shape)
+
+
+# An in-place ReLU overwrites its input, which a residual path may read afterwards: torch
+# then adds relu(h) where the graph would add h, and at a = 1 the check below sees the
+# difference only where h < 0 on its few inputs.
+_INPLACE = ("{name}: in-place ReLU (inplace=True) is not supported: it overwrites a value other layers may "
+            "read; build the model with inplace=False")
 
 
 def _check_equal(graph: Graph, model: nn.Module, input_shape: tuple[int, ...], samples: int = 4) -> None:
