@@ -159,3 +159,20 @@ def test_backend_torch_serves_only_the_certified_checkpoint(exported_bundle, tmp
     assert 0 <= served.deployment_gap_px < 1e-3  # the same network in float32
     flagged = create_backend("torch", bundle, checkpoint_path=other, any_checkpoint=True)
     assert flagged.deployment_gap_px > served.deployment_gap_px  # measured, not the bundle's
+
+
+def test_engines_are_compared_on_scene_like_inputs_too():
+    """An engine's gap was measured on uniform noise alone; real frames are smooth regions,
+    edges and clipped pixels, where a reduced-precision engine may deviate otherwise."""
+    from usn_offline.runtime.backends import gap_probe_images
+
+    images = gap_probe_images(48, 64, 64)
+    assert images.shape == (64, 1, 48, 64) and images.dtype == np.float32
+    assert images.min() >= 0 and images.max() <= 1
+    noise, scenes = images[:32], images[32:]
+    clipped = lambda x: float(((x == 0) | (x == 1)).mean())  # noqa: E731
+    assert clipped(noise) < 0.01 and clipped(scenes) > 0.05
+    # Scene-like: neighbouring pixels mostly close (flat regions, a gradient), unlike noise.
+    step = lambda x: float(np.abs(np.diff(x, axis=-1)).mean())  # noqa: E731
+    assert step(scenes) < 0.15 < step(noise)
+    np.testing.assert_array_equal(images, gap_probe_images(48, 64, 64))  # the same inputs every start

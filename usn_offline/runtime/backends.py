@@ -129,12 +129,30 @@ def engine_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "usn_keypoints"
 
 
+def gap_probe_images(height: int, width: int, count: int) -> np.ndarray:
+    """(count, 1, H, W) float32 inputs an engine is compared on: half uniform noise, half
+    scene-like (flat regions of several sizes with edges between them, a gradient, and
+    pixels clipped to 0 and 1 as over- and underexposed parts of a frame are), so that a
+    reduced-precision engine meets the smooth inputs of real frames too, not noise alone."""
+    rng = np.random.default_rng(0)
+    noise = rng.random((count - count // 2, 1, height, width), dtype=np.float32)
+    scenes = []
+    for k in range(count // 2):
+        cell = (2, 4, 8, 16)[k % 4]
+        blocks = rng.random((-(-height // cell), -(-width // cell)))
+        flat = np.kron(blocks, np.ones((cell, cell)))[:height, :width]
+        ramp = np.linspace(-0.3, 0.3, width)[None, :] * rng.uniform(-1, 1)
+        scene = np.clip(1.4 * (flat + ramp) - 0.2, 0.0, 1.0)  # ~15 % of the pixels clipped
+        scenes.append(scene.astype(np.float32)[None])
+    return np.concatenate([noise, np.stack(scenes)]) if scenes else noise
+
+
 def engine_gap_px(bundle, infer, count: int = 64) -> float:
     """Deviation of an engine (``infer``) from the torch model, bounded without torch on the
     target: gap(ONNX Runtime vs torch, recorded at export) + max |engine - ONNX Runtime| on
-    random images."""
+    :func:`gap_probe_images`."""
     h, w = bundle.preprocess.input_height, bundle.preprocess.input_width
-    x = np.random.default_rng(0).random((count, 1, h, w), dtype=np.float32)
+    x = gap_probe_images(h, w, count)
     ort_out = OnnxRuntimeBackend(bundle.onnx_path).infer(x).reshape(count, -1, 2)
     engine_out = np.asarray(infer(x)).reshape(count, -1, 2)
     diff = np.abs(normalised_to_pixels(engine_out, h, w) - normalised_to_pixels(ort_out, h, w)).max()
