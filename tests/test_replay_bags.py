@@ -167,6 +167,25 @@ def test_truncated_mcap_is_read_up_to_where_it_ends(tmp_path, targets):
     assert [m.data for m in images] == [m.data for m in full if isinstance(m, BagImage)][:len(images)]
 
 
+@pytest.mark.parametrize("cut", [False, True])
+def test_an_mcap_without_metadata_is_read_from_the_file(tmp_path, targets, cut):
+    """A recording killed before rosbag2 closed it has no metadata.yaml (and maybe a cut
+    MCAP): the folder, or the .mcap given alone, is still read, as far as it goes."""
+    out, summary, _ = _write(tmp_path, targets, scenarios=("static", "dusk"), frames_per_scenario=5)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    mcap = shutil.copy(next(out.glob("*.mcap")), bare)
+    if cut:
+        os.truncate(mcap, os.path.getsize(mcap) * 2 // 3)
+    _, full = _read_all(out)
+    for path in (bare, mcap):
+        reader, messages = _read_all(path)
+        images = [m for m in messages if isinstance(m, BagImage)]
+        assert reader.truncated == cut and (0 < len(images) < summary.frames if cut else len(images) == summary.frames)
+        assert reader.image_count == len(images) and reader.has_truth
+        assert [m.data for m in images] == [m.data for m in full if isinstance(m, BagImage)][:len(images)]
+
+
 def test_corrupt_bag_fails_with_a_one_line_error(tmp_path, targets):
     out, _, _ = _write(tmp_path, targets, scenarios=("static",), frames_per_scenario=3, storage="sqlite3")
     db = next(out.glob("*.db3"))

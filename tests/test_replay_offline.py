@@ -256,3 +256,111 @@ def test_scene_check_on_the_bag_is_sound_and_catches_the_tunnel(offline_run, sce
             if 0.35 * float(nominal.std()) + 0.035 < bundle.region[0].a_lo * low:
                 assert flagged, record
     assert tunnel_dark > 0
+
+
+def _rewrite(src: Path, dst: Path, edit) -> None:
+    """A copy of bag ``src`` at ``dst`` with ``edit(store, messages)`` applied to its
+    (topic, type, log time, raw) messages, as a recorder with other habits would write it."""
+    from rosbags.rosbag2 import Reader, Writer
+
+    from usn_offline.replay.typestore import replay_typestore
+
+    store = replay_typestore()
+    with Reader(src) as reader:
+        messages = [(c.topic, c.msgtype, t, raw) for c, t, raw in reader.messages()]
+    with Writer(dst, version=9) as writer:
+        connections = {}
+        for topic, kind, t, raw in sorted(edit(store, messages), key=lambda m: m[2]):
+            if topic not in connections:
+                connections[topic] = writer.add_connection(topic, kind, typestore=store)
+            writer.write(connections[topic], t, raw)
+
+
+@pytest.fixture(scope="module")
+def small_replay(tiny_dataset, exported_bundle, tmp_path_factory):
+    """A 12-frame bag, its replay (no per-frame proofs: pairing and counting only), and the
+    parameters used."""
+    root = tmp_path_factory.mktemp("small_replay")
+    targets = load_split(tiny_dataset, "test")
+    bag = root / "bag"
+    make_bag(bag, targets.images, targets.keypoints, load_backgrounds(),
+             BagConfig(scenarios=("static", "dusk"), frames_per_scenario=6, width=160, height=120), progress=False)
+    params = root / "params.yaml"
+    params.write_text("usn_keypoint_node:\n  ros__parameters:\n    frame_proof: false\n")
+    return bag, replay_offline(bag, exported_bundle, params, progress=False), params
+
+
+def _same_frames(got, want) -> None:
+    assert [r.index for r in got.records] == list(range(len(want.records)))
+    for g, w in zip(got.records, want.records, strict=True):
+        assert (g.scenario, g.keypoints, g.error_px, g.true_contrast) == (w.scenario, w.keypoints, w.error_px,
+                                                                         w.true_contrast), g.index
+
+
+def test_frames_sharing_a_stamp_with_their_truth_logged_later_are_all_replayed(small_replay, exported_bundle,
+                                                                               tmp_path):
+    """A driver that stamps two frames alike, a recorder that logs the truth half a second
+    late: each image used to overwrite the other waiting under their stamp (half the
+    frames gone without a word, the rest misnumbered). Pairs are now matched in log order."""
+    bag, plain, params = small_replay
+    times = sorted({t for _, _, t, _ in _messages(bag)})
+
+    def shared_stamps_late_truth(store, messages):
+        out = []
+        for topic, kind, t, raw in messages:
+            if kind != "rosgraph_msgs/msg/Clock":
+                msg = store.deserialize_cdr(raw, kind)
+                i = times.index(t)
+                stamp = times[i - i % 2]
+                msg.header.stamp.sec, msg.header.stamp.nanosec = stamp // 10**9, stamp % 10**9
+                raw = store.serialize_cdr(msg, kind)
+                t += 500_000_000 if kind.endswith("FrameTruth") else 0
+            out.append((topic, kind, t, raw))
+        return out
+
+    variant = tmp_path / "variant"
+    _rewrite(bag, variant, shared_stamps_late_truth)
+    run = replay_offline(variant, exported_bundle, params, progress=False)
+    assert run.frames_in_bag == len(run.records) == len(plain.records) == 12 and run.truth_without_image == 0
+    _same_frames(run, plain)
+
+
+def _messages(bag: Path) -> list:
+    from rosbags.rosbag2 import Reader
+
+    with Reader(bag) as reader:
+        return [(c.topic, c.msgtype, t, raw) for c, t, raw in reader.messages()]
+
+
+def test_an_unknown_truth_keypoint_leaves_the_others_measured_and_the_report_strict_json(small_replay,
+                                                                                       exported_bundle, tmp_path):
+    """One NaN truth keypoint (an occluded point) made every mean error it entered NaN, shown
+    as "no data", and report.json held a bare NaN that strict JSON parsers refuse."""
+    bag, plain, params = small_replay
+    frame = sorted(t for _, kind, t, _ in _messages(bag) if kind.endswith("FrameTruth"))[3]
+
+    def occluded(store, messages):
+        out = []
+        for topic, kind, t, raw in messages:
+            if kind.endswith("FrameTruth") and t == frame:
+                msg = store.deserialize_cdr(raw, kind)
+                msg.keypoints[0].x = float("nan")
+                raw = store.serialize_cdr(msg, kind)
+            out.append((topic, kind, t, raw))
+        return out
+
+    variant = tmp_path / "variant"
+    _rewrite(bag, variant, occluded)
+    run = replay_offline(variant, exported_bundle, params, progress=False)
+    errors = [r.error_px for r in run.records]
+    assert all(e is not None and np.isfinite(e) for e in errors)
+    assert errors[:3] + errors[4:] == [r.error_px for r in plain.records][:3] + [r.error_px for r in
+                                                                                 plain.records][4:]
+    out = tmp_path / "report"
+    write_report(out, build_report(run, variant, run.bundle, params, "offline"), run, plots=False)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    doc = json.loads((out / "report.json").read_text(), parse_constant=refuse)
+    assert np.isfinite(doc["overall"]["mean_error_px"])

@@ -80,6 +80,18 @@ def read_json_object(path: Path, error: type[UsnError], label: str | None = None
     return doc
 
 
+def finite_only(doc: object) -> object:
+    """``doc`` with every NaN or infinite float replaced by None (null): JSON has no NaN, and
+    strict parsers refuse the bare NaN Python's json writes by default."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: finite_only(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [finite_only(v) for v in doc]
+    return doc
+
+
 def write_json_atomic(path: Path | str, doc: object, indent: int = 1) -> Path:
     """Write ``doc`` as JSON so that ``path`` holds the old or the new content, never half
     of it (a ``.partial`` file renamed over it)."""

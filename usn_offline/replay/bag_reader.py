@@ -63,8 +63,9 @@ class BagReader:
     lists the candidates when there are several or the named one is missing.
 
     An MCAP bag that ends early (a recording killed before rosbag2 wrote the file's
-    summary) cannot be opened by ``rosbags``; it is read front to back with the ``mcap``
-    library instead, up to where it ends (``truncated`` tells, ``problem`` says where).
+    summary) or has no metadata.yaml cannot be opened by ``rosbags``; it is read front to
+    back with the ``mcap`` library instead, up to where it ends (``truncated`` tells,
+    ``problem`` says where).
     """
 
     def __init__(self, path: Path | str, image_topic: str | None = None) -> None:
@@ -76,12 +77,15 @@ class BagReader:
         # A rosbag2 bag is a folder (whatever its name: AnyReader would take a folder named
         # *.bag for ROS 1); a *.bag file is a ROS 1 bag, which AnyReader reads.
         ros1 = folder.is_file() and folder.suffix == ".bag"
-        self._reader: AnyReader | Reader2 | None = (AnyReader([folder], default_typestore=self.store) if ros1
-                                                    else Reader2(folder) if folder.is_dir() else None)
+        self._reader: AnyReader | Reader2 | None = None
         self._mcap: Path | None = None
         self.truncated = False
         self.problem: str | None = None
         try:
+            # Inside the try: a folder without metadata.yaml (rosbag2 writes it when a
+            # recording closes, so a killed one has none) is read from its MCAP file below.
+            self._reader = (AnyReader([folder], default_typestore=self.store) if ros1
+                            else Reader2(folder) if folder.is_dir() else None)
             if self._reader is None:
                 raise ReplayError("not a rosbag2 folder, an .mcap/.db3 file or a ROS 1 .bag file")
             self._reader.open()
@@ -90,10 +94,10 @@ class BagReader:
             self._reader = None
             self._mcap = _single_mcap(folder)
             counts, problem = _scan_mcap(self._mcap) if self._mcap else ({}, None)
-            if not counts or problem is None:  # not an MCAP that ends early: the original error stands
+            if not counts:  # no MCAP, or nothing in it: the original error stands
                 raise ReplayError(f"{self.path}: cannot open as a rosbag2 bag ({type(exc).__name__}: {exc})"
                                   + (f"; no message could be recovered ({problem})" if problem else "")) from exc
-            self.truncated, self.problem = True, problem
+            self.truncated, self.problem = problem is not None, problem
         self.topics = {topic: kind for topic, (kind, _) in counts.items()}
         images = sorted(t for t, kind in self.topics.items() if kind in IMAGE_TYPES)
         listing = ", ".join(f"{t} ({k})" for t, k in sorted(self.topics.items())) or "none"

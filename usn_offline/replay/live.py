@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from usn_offline.errors import ConfigError, ReplayError
+from usn_offline.jsonio import finite_only
 from usn_offline.replay.bag_reader import BagImage, BagReader
 from usn_offline.replay.offline import ReplayRun
 from usn_offline.replay.typestore import CERTIFICATION_STATUS, KEYPOINT_ARRAY, replay_typestore
@@ -222,7 +223,8 @@ def replay_live(bag: Path | str, bundle_dir: Path | str, params_file: Path | str
     run = LiveRun([frames[s] for s in order], seconds, stderr, extra, record_path)
     with (out / "live_frames.jsonl").open("w") as sink:
         for f in run.frames:
-            sink.write(json.dumps({k: v for k, v in f.__dict__.items() if k != "sent_at"}) + "\n")
+            sink.write(json.dumps(finite_only({k: v for k, v in f.__dict__.items() if k != "sent_at"}),
+                                  allow_nan=False) + "\n")
     return run
 
 

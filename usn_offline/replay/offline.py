@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from usn_offline.errors import ReplayError
+from usn_offline.jsonio import finite_only
 from usn_offline.perturb import PhotometricBox
 from usn_offline.replay.bag_reader import BagImage, BagReader, BagTruth
 from usn_offline.replay.records import FrameRecord, add_truth, frame_record
@@ -73,6 +75,15 @@ def _verifier(bundle: Bundle, settings: StreamSettings):
     return make_verifier(bundle, settings.frame_proof, settings.frame_proof_max_boxes, settings.frame_proof_lighting)
 
 
+def _take(waiting: dict, stamp_ns: int):
+    """The first of what waits under ``stamp_ns`` (removing the stamp once none is left)."""
+    queue = waiting[stamp_ns]
+    item = queue.popleft()
+    if not queue:
+        del waiting[stamp_ns]
+    return item
+
+
 def replay_offline(bag: Path | str, bundle_dir: Path | str, params_file: Path | str, image_topic: str | None = None,
                    frames_out: Path | None = None, progress: bool = True) -> ReplayRun:
     """Replay ``bag`` through the runtime the node runs, with the node's ``params_file``.
@@ -84,6 +95,7 @@ def replay_offline(bag: Path | str, bundle_dir: Path | str, params_file: Path | 
     bundle = Bundle.load(bundle_dir)
     settings = StreamSettings.from_params_file(params_file)
     stream = settings.open(bundle, verifier=_verifier(bundle, settings))
+    bundle = stream.pipeline.bundle  # as served: the backend's own gap in delta + gap, as on the robot
     nominal = NominalKeypoints(KeypointPipeline(bundle, stream.pipeline.backend, stream.pipeline.monitor,
                                                 max_pixels=settings.max_image_pixels))
     started = time.perf_counter()
@@ -93,8 +105,11 @@ def replay_offline(bag: Path | str, bundle_dir: Path | str, params_file: Path | 
                         covered=covered)
         if reader.truncated:
             run.complete, run.problem = False, reader.problem
-        images: dict[int, FrameRecord] = {}  # waiting for their ground truth
-        truths: dict[int, BagTruth] = {}  # waiting for their image
+        # Waiting for their ground truth / their image, by header stamp; several frames may
+        # share a stamp (a driver that does not advance it), paired in the order logged.
+        images: dict[int, deque[FrameRecord]] = defaultdict(deque)
+        truths: dict[int, deque[BagTruth]] = defaultdict(deque)
+        count = 0  # images read so far: each record's index is its place in the bag
         sink = frames_out.open("w") if frames_out else None
         bar = tqdm(total=reader.image_count, desc="replay", unit="frame", disable=not progress)
 
@@ -103,32 +118,33 @@ def replay_offline(bag: Path | str, bundle_dir: Path | str, params_file: Path | 
                 add_truth(record, truth, nominal(truth) if not truth.malformed else None, bundle, covered)
             run.records.append(record)
             if sink:
-                sink.write(json.dumps(record.to_dict()) + "\n")
+                sink.write(json.dumps(finite_only(record.to_dict()), allow_nan=False) + "\n")
 
         try:
             for message in reader.messages():
                 if isinstance(message, BagTruth):
-                    if message.stamp_ns in images:
-                        finish(images.pop(message.stamp_ns), message)
+                    if images.get(message.stamp_ns):
+                        finish(_take(images, message.stamp_ns), message)
                     else:
-                        truths[message.stamp_ns] = message
+                        truths[message.stamp_ns].append(message)
                     continue
                 result = process_image(stream, message)
-                record = frame_record(len(run.records) + len(images), message.stamp_ns, result,
-                                      result.seconds["total"])
+                record = frame_record(count, message.stamp_ns, result, result.seconds["total"])
+                count += 1
                 bar.update()
-                if message.stamp_ns in truths:
-                    finish(record, truths.pop(message.stamp_ns))
+                if truths.get(message.stamp_ns):
+                    finish(record, _take(truths, message.stamp_ns))
                 elif reader.has_truth:
-                    images[message.stamp_ns] = record
+                    images[message.stamp_ns].append(record)
                 else:
                     finish(record, None)
         except ReplayError as exc:
             run.complete, run.problem = False, str(exc)
         finally:
-            for record in images.values():  # an image whose truth never came: judged without it
+            # Images whose truth never came: judged without it, in bag order.
+            for record in sorted((r for queue in images.values() for r in queue), key=lambda r: r.index):
                 finish(record, None)
-            run.truth_without_image = len(truths)
+            run.truth_without_image = sum(len(queue) for queue in truths.values())
             bar.close()
             if sink:
                 sink.close()

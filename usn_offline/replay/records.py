@@ -109,7 +109,12 @@ def add_truth(record: FrameRecord, truth: BagTruth, nominal_keypoints: np.ndarra
         return
     keypoints = np.asarray(record.keypoints)
     if len(truth.keypoints) == len(keypoints):
-        record.error_px = float(np.linalg.norm(keypoints - truth.keypoints, axis=1).mean())
+        # A keypoint the truth leaves unknown (NaN, as for an occluded point) is left out of
+        # the frame's error rather than turning every mean it enters into NaN.
+        known = np.isfinite(np.asarray(truth.keypoints, np.float64)).all(axis=1)
+        if known.any():
+            record.error_px = float(np.linalg.norm(keypoints[known] - np.asarray(truth.keypoints)[known],
+                                                   axis=1).mean())
     if nominal_keypoints is not None:
         record.deviation_px, record.deviation_ratio = deviation(keypoints, nominal_keypoints,
                                                                 (record.height, record.width), bundle)

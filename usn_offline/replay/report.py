@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from usn_offline import __version__
+from usn_offline.jsonio import finite_only
 from usn_offline.replay.offline import ReplayRun
 from usn_offline.replay.records import by_scenario, confusion, summarise
 from usn_offline.runtime.bundle import CERTIFICATE, Bundle
@@ -98,7 +99,7 @@ def write_report(out: Path | str, report: dict, run: ReplayRun, plots: bool = Tr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.json", out / "summary.md"]
-    files[0].write_text(json.dumps(report, indent=1))
+    files[0].write_text(json.dumps(finite_only(report), indent=1, allow_nan=False))
     pictures = []
     if plots and run.records:
         from usn_offline.replay.plots import write_plots
