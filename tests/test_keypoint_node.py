@@ -20,7 +20,7 @@ rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2) is not installed")
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
-from ros_helpers import spin_until, stop  # noqa: E402
+from ros_helpers import log_until, spin_until, stop  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from usn_keypoint_msgs.msg import CertificationStatus, KeypointArray  # noqa: E402
 
@@ -345,29 +345,17 @@ def test_backend_torch_refuses_or_flags_a_checkpoint_the_certificate_does_not_na
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "is not the checkpoint the certificate was issued for" in proc.stderr.strip().splitlines()[-1]
-    log = _start_log([*args, "-p", "on_certificate_mismatch:=flag"], tmp_path / "node.log", "backend: torch")
+    log = log_until([*args, "-p", "on_certificate_mismatch:=flag"], tmp_path / "node.log", "backend: torch")
     assert "checkpoint does not match the certificate: every frame is flagged" in log and "backend: torch" in log
-
-
-def _start_log(args: list[str], path: Path, wait_for: str) -> str:
-    """Start the node, wait until its log shows ``wait_for`` (or 120 s), stop it: its log."""
-    with open(path, "wb") as err:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and wait_for not in path.read_text():
-            time.sleep(0.2)
-        proc.terminate()
-        proc.wait(timeout=30)
-    return path.read_text()
 
 
 def test_a_proof_range_narrower_than_the_certificate_is_said_at_start(exported_bundle, tmp_path):
     args = [sys.executable, "-m", "usn_keypoint_ros.node", "--ros-args", "--params-file", str(PARAMS),
             "-p", f"bundle_dir:={exported_bundle}", "-p", f"frame_proof_lighting:={list(LIGHTING)}"]
-    log = _start_log(args, tmp_path / "node.log", "scene check:")  # logged after the range is checked
+    log = log_until(args, tmp_path / "node.log", "scene check:")  # logged after the range is checked
     assert ("frame proofs cover lighting a in [0.97, 1.03], b in [-0.03, 0.03] (frame_proof_lighting), narrower "
             "than the certificate's a in [0.9, 1.1], b in [-0.1, 0.1]") in log
-    log = _start_log(args[:-2], tmp_path / "node.log", "scene check:")  # the certificate's own box
+    log = log_until(args[:-2], tmp_path / "node.log", "scene check:")  # the certificate's own box
     assert "narrower than the certificate's" not in log and "scene check:" in log
 
 

@@ -153,22 +153,13 @@ def test_the_node_refuses_a_bundle_not_signed_by_a_trusted_key(signed, keys, tmp
 
 def _started_log(bundle, *params, wait_for: str) -> str:
     """Start the node, wait until its log shows ``wait_for`` (or 60 s), stop it; its log."""
-    import os
-    import time
+    from ros_helpers import log_until
 
     args = [sys.executable, "-m", "usn_keypoint_ros.node", "--ros-args", "-p", f"bundle_dir:={bundle}",
             "-p", "frame_proof:=false"]
     for p in params:
         args += ["-p", p]
-    err_path = bundle.parent / "node.log"
-    with open(err_path, "wb") as err:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, env=dict(os.environ))
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None and wait_for not in err_path.read_text():
-            time.sleep(0.2)
-        proc.terminate()
-        proc.wait(timeout=20)
-    return err_path.read_text()
+    return log_until(args, bundle.parent / "node.log", wait_for, timeout=60)
 
 
 def test_the_node_serves_a_trusted_bundle_and_flags_an_untrusted_one_by_policy(signed, keys, tmp_path):
