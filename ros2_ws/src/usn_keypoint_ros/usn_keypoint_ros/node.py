@@ -84,25 +84,12 @@ class KeypointNode(Node):
         model_path, expected_sha256 = self.bundle.onnx_path, self.bundle.model_sha256
         if p["model_file_path"]:
             model_path = p["model_file_path"]
-            if not Path(model_path).is_file():
-                raise StartupError(f"model_file_path {model_path}: no such file")
-            if sha256_file(model_path) != self.bundle.model_sha256:
-                if p["on_certificate_mismatch"] == "fail":
-                    raise StartupError(f"{model_path} is not the model the certificate was issued for (SHA-256 "
-                                       "mismatch); set on_certificate_mismatch:=flag to serve uncertified")
-                self.get_logger().error("model does not match the certificate: every frame is flagged")
+            if not self._certified_file(p, "model_file_path", "model", self.bundle.model_sha256):
                 matches, mismatch, expected_sha256 = False, "certificate does not match the model", None
         any_checkpoint = False
-        if p["backend"] == "torch" and p["checkpoint_path"]:
-            checkpoint = p["checkpoint_path"]
-            if not Path(checkpoint).is_file():
-                raise StartupError(f"checkpoint_path {checkpoint}: no such file")
-            if sha256_file(checkpoint) != self.bundle.certificate.get("checkpoint_sha256"):
-                if p["on_certificate_mismatch"] == "fail":
-                    raise StartupError(f"{checkpoint} is not the checkpoint the certificate was issued for (SHA-256 "
-                                       "mismatch); set on_certificate_mismatch:=flag to serve uncertified")
-                self.get_logger().error("checkpoint does not match the certificate: every frame is flagged")
-                matches, mismatch, any_checkpoint = False, "certificate does not match the model", True
+        if p["backend"] == "torch" and p["checkpoint_path"] and not self._certified_file(
+                p, "checkpoint_path", "checkpoint", self.bundle.certificate.get("checkpoint_sha256")):
+            matches, mismatch, any_checkpoint = False, "certificate does not match the model", True
         try:
             self.backend = create_backend(p["backend"], self.bundle, model_path=model_path,
                                           engine_path=p["engine_file_path"] or None,
@@ -182,6 +169,21 @@ class KeypointNode(Node):
 
     def _params(self) -> dict:
         return {spec.name: self._value(spec.name) for spec in PARAMETERS}
+
+    def _certified_file(self, p: dict, parameter: str, what: str, recorded: str | None) -> bool:
+        """Whether the file a parameter names to serve is the one the certificate was issued
+        for (SHA-256); when it is not: refuse to start, or (on_certificate_mismatch flag)
+        say that every frame is flagged."""
+        path = p[parameter]
+        if not Path(path).is_file():
+            raise StartupError(f"{parameter} {path}: no such file")
+        if sha256_file(path) == recorded:
+            return True
+        if p["on_certificate_mismatch"] == "fail":
+            raise StartupError(f"{path} is not the {what} the certificate was issued for (SHA-256 mismatch); set "
+                               "on_certificate_mismatch:=flag to serve uncertified")
+        self.get_logger().error(f"{what} does not match the certificate: every frame is flagged")
+        return False
 
     def _signature_trusted(self, p: dict) -> bool:
         """With trusted_keys: is the bundle signed by one of them? (fail policy: refuse)."""
